@@ -1,0 +1,14 @@
+"""lowrank_optim: memory-efficient low-rank optimizers for PyTorch."""
+from ._base import LowRankOptimizer
+from ._groups import param_groups
+from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .hooks import register_hooks
+from .projector import Projector
+from .refresh import Exponential, FixedGap, LazyCosine
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LowRankOptimizer", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor",
+    "param_groups", "register_hooks", "Projector", "FixedGap", "LazyCosine", "Exponential",
+]

@@ -1,0 +1,260 @@
+"""The base optimizer every method of the package derives from.
+
+``LowRankOptimizer`` is a ``torch.optim.Optimizer`` whose ``step`` is a loop over a
+per-parameter primitive, ``step_param(p, group)``, which the per-layer hook engine
+(:mod:`lowrank_optim.hooks`) calls from backward as well. For each parameter with a
+gradient it runs one pipeline:
+
+1. ``g = p.grad`` (negated when ``maximize``); sparse gradients are rejected.
+2. If the parameter is *projected* (its group has a ``rank`` and it is a 2-D matrix):
+   refresh the basis when the group's refresh policy says so (applying the
+   ``state_on_refresh`` policy to the inner state), then ``low = project(g)``.
+3. ``d = inner(low or g)``: the subclass's rule (Adam, 8-bit Adam, Adafactor) on
+   float32 state in the low-rank shape.
+4. ``p ← p·(1 − lr·wd) − lr·u`` with ``u = scale·project_back(d)`` (projected) or
+   ``u = d``: decoupled weight decay and the learning rate in full space, as
+   ``torch.optim.AdamW`` does.
+
+State is flat: tensors, ints, floats and lists of floats, so ``state_dict()`` loads with
+``torch.load(..., weights_only=True)``. ``torch.optim.Optimizer.load_state_dict`` casts
+every state tensor to its parameter's dtype (uint8 codes and float32 bases to bf16 on a
+bf16 model); the override here re-reads each tensor from the incoming dict in the dtype
+it was saved with, and first checks that every state entry fits its parameter, so a
+state dict from another model raises ``ValueError`` before anything is changed.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .projector import PROJ_TYPES, SVD_METHODS, Projector, overlap
+from .refresh import FixedGap
+
+__all__ = ["LowRankOptimizer", "STATE_POLICIES"]
+
+STATE_POLICIES = ("keep", "project", "reset")
+
+
+def _check(cond: bool, name: str, value, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"Invalid {name}: {value!r} (expected {allowed})")
+
+
+class LowRankOptimizer(Optimizer):
+    """Base class: validation, lazy state, the project → inner → project back pipeline.
+
+    Subclasses set ``defaults`` and implement ``_init_inner(state, like, group)`` and
+    ``_inner(state, g, step, group) -> direction``; ``_MOMENTS`` names their float
+    moment keys for the ``state_on_refresh="project"`` policy (first entry rotated
+    linearly, second with the squared rotation so it stays non-negative).
+    """
+
+    _MOMENTS: tuple = ()
+
+    def __init__(self, params, defaults: dict):
+        params = list(params) if not isinstance(params, Tensor) else params
+        self._group_format = bool(params) and isinstance(params[0], dict) and any(
+            "rank" in g for g in params)
+        super().__init__(params, defaults)
+        self._hooks = None  # set while register_hooks is active
+
+    # ---- validation ---------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_group_format", False):
+            param_group.setdefault("rank", None)  # galore-torch format: no rank = plain AdamW
+        merged = {**self.defaults, **param_group}
+        self._validate_group(merged)
+        params = param_group["params"]
+        for p in [params] if isinstance(params, Tensor) else list(params):
+            if isinstance(p, Tensor) and p.is_complex():
+                raise ValueError(f"Complex parameters are not supported (got one of dtype "
+                                 f"{p.dtype}); optimize torch.view_as_real(p) instead")
+        super().add_param_group(param_group)
+
+    def _validate_group(self, g: dict) -> None:
+        lr = g["lr"]
+        _check(float(lr) >= 0.0, "learning rate", lr, "lr >= 0")
+        _check(g.get("eps", 0.0) >= 0.0, "eps", g.get("eps"), "eps >= 0")
+        if "betas" in g:
+            b1, b2 = g["betas"]
+            _check(0.0 <= b1 < 1.0, "beta parameter at index 0", b1, "0 <= beta1 < 1")
+            _check(0.0 <= b2 < 1.0, "beta parameter at index 1", b2, "0 <= beta2 < 1")
+        _check(g["weight_decay"] >= 0.0, "weight_decay", g["weight_decay"], "weight_decay >= 0")
+        rank = g.get("rank")
+        if rank is not None:
+            _check(isinstance(rank, int) and not isinstance(rank, bool) and rank > 0, "rank",
+                   rank, "a positive int, or None for no projection")
+            gap = g["update_proj_gap"]
+            _check(isinstance(gap, int) and not isinstance(gap, bool) and gap > 0,
+                   "update_proj_gap", gap, "a positive int")
+            _check(g["scale"] > 0, "scale", g["scale"], "scale > 0")
+            _check(g["proj_type"] in PROJ_TYPES, "proj_type", g["proj_type"],
+                   f"one of {PROJ_TYPES}")
+            _check(g["svd"] in SVD_METHODS, "svd", g["svd"], f"one of {SVD_METHODS}")
+            _check(g["state_on_refresh"] in STATE_POLICIES, "state_on_refresh",
+                   g["state_on_refresh"], f"one of {STATE_POLICIES}")
+
+    # ---- the pipeline -------------------------------------------------------------------
+    @staticmethod
+    def is_projected(p: Tensor, group: dict) -> bool:
+        """True when ``p`` gets low-rank updates: its group has a rank and it is 2-D.
+        Other parameters (biases, norms, conv kernels) take the plain inner rule."""
+        return group.get("rank") is not None and p.dim() == 2
+
+    def _projector(self, group: dict) -> Projector:
+        return Projector(group["rank"], group["proj_type"], group["svd"])
+
+    def _refresh_policy(self, p: Tensor, group: dict):
+        return FixedGap(group["update_proj_gap"], self._phase(p, group))
+
+    def _phase(self, p: Tensor, group: dict) -> int:
+        """Offset of ``p``'s second refresh when ``stagger`` is on: projected matrices are
+        spread evenly over one gap, so their SVDs do not all land on the same step."""
+        if not group.get("stagger") or "refresh_next" in self.state[p]:
+            return 0  # the phase matters only until the first refresh has been scheduled
+        mats = [q for grp in self.param_groups for q in grp["params"]
+                if self.is_projected(q, grp)]
+        i = next(k for k, q in enumerate(mats) if q is p)
+        return max(1, round(group["update_proj_gap"] * (i + 1) / len(mats)))
+
+    def _grad(self, p: Tensor, group: dict) -> Tensor:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return -g if group.get("maximize") else g
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, group: dict) -> None:
+        """Update one parameter from its ``.grad`` (the unit the hook engine calls)."""
+        if p.grad is None:
+            return
+        g = self._grad(p, group)
+        state = self.state[p]
+        projected = self.is_projected(p, group)
+        if not state:
+            state["step"] = 0
+            if not projected:
+                self._init_inner(state, p, group)
+        if projected:
+            proj, policy = self._projector(group), self._refresh_policy(p, group)
+            if policy.due(state, state["step"]):
+                self._refresh(p, g, group, state, proj, policy)
+            d = self._inner(state, proj.project(state, g), state["step"] + 1, group)
+            u = proj.project_back(state, d, g).mul_(group["scale"])
+        else:
+            u = self._inner(state, g, state["step"] + 1, group)
+        state["step"] += 1
+        self._apply(p, u, group, state)
+
+    def _apply(self, p: Tensor, u: Tensor, group: dict, state: dict) -> None:
+        """Decoupled weight decay, then ``p -= lr * u`` (as torch.optim.AdamW)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd:
+            p.mul_(1 - lr * wd)
+        p.add_(u.to(p.dtype), alpha=-lr)
+
+    def _refresh(self, p, g, group, state, proj: Projector, policy) -> None:
+        """New basis, then the ``state_on_refresh`` policy on the inner state."""
+        first = not proj.has_basis(state)
+        rots = proj.refresh(state, g)
+        low = torch.empty(proj.low_rank_shape(state, p.shape), device=p.device)
+        how = group["state_on_refresh"]
+        if first or (rots is not None and how == "reset"):
+            self._init_inner(state, low, group)
+            if not first:  # bias correction restarts with the moments
+                state[f"{policy.prefix}_next"] -= state["step"]
+                state["step"] = 0
+        elif rots is not None and how == "project":
+            for k, name in enumerate(self._MOMENTS):
+                value = proj.transport(self._get_moment(state, name), rots, squared=k > 0)
+                self._set_moment(state, name, value)
+        policy.after(state, state["step"], None if rots is None else overlap(rots))
+
+    def _get_moment(self, state: dict, name: str) -> Tensor:
+        return state[name]
+
+    def _set_moment(self, state: dict, name: str, value: Tensor) -> None:
+        state[name] = value.to(state[name].dtype)
+
+    # subclass hooks
+    def _init_inner(self, state: dict, like: Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    def _inner(self, state: dict, g: Tensor, step: int, group: dict) -> Tensor:
+        raise NotImplementedError
+
+    # ---- torch.optim.Optimizer API ------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update every parameter that has a gradient; returns the closure's loss."""
+        if closure is not None and self._hooks is not None:
+            raise RuntimeError("step(closure) cannot work in per-layer mode: parameters are "
+                               "updated during backward. Call handle.remove() first.")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p, group)
+        return loss
+
+    def register_hooks(self, model: torch.nn.Module, **kwargs):
+        """Per-layer updates fused into backward; see :func:`lowrank_optim.hooks.register_hooks`."""
+        from .hooks import register_hooks
+
+        return register_hooks(self, model, **kwargs)
+
+    def _expected_shapes(self, p: Tensor, group: dict, st: dict) -> dict:
+        """Shapes that the state tensors of ``p`` must have (checked on load)."""
+        if self.is_projected(p, group) and "proj_side" in st:
+            proj = self._projector(group)
+            return {**self._inner_shapes(proj.low_rank_shape(st, p.shape), group),
+                    **proj.basis_shapes(st, p.shape)}
+        return self._inner_shapes(tuple(p.shape), group)
+
+    def _inner_shapes(self, shape: tuple, group: dict) -> dict:
+        return {name: shape for name in self._MOMENTS}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        ids = list(itertools.chain.from_iterable(g["params"] for g in saved_groups))
+        pairs = [(p, g) for g in self.param_groups for p in g["params"]]
+        if len(ids) != len(pairs):
+            raise ValueError(f"loaded state dict has {len(ids)} parameters, "
+                             f"this optimizer has {len(pairs)}")
+        gi = 0
+        owner = {}
+        for sg, g in zip(saved_groups, self.param_groups):
+            merged = {**g, **{k: v for k, v in sg.items() if k != "params"}}
+            for idx, p in zip(sg["params"], g["params"]):
+                owner[idx] = (p, merged, gi)
+                gi += 1
+        for idx, st in state_dict["state"].items():
+            if idx not in owner:
+                continue
+            p, merged, pos = owner[idx]
+            for key, shape in self._expected_shapes(p, merged, st).items():
+                v = st.get(key)
+                if isinstance(v, Tensor) and v.shape != torch.Size(shape):
+                    raise ValueError(
+                        f"state dict does not match this model: parameter {pos} (shape "
+                        f"{tuple(p.shape)}) has state {key!r} of shape {tuple(v.shape)}, "
+                        f"expected {tuple(shape)}")
+        super().load_state_dict(state_dict)
+        for idx, st in state_dict["state"].items():
+            if idx not in owner:
+                continue
+            p = owner[idx][0]
+            mine = self.state[p]
+            for key, v in st.items():
+                if isinstance(v, Tensor) and mine[key].dtype != v.dtype:
+                    mine[key] = v.to(device=p.device, copy=True)

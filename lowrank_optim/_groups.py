@@ -1,0 +1,36 @@
+"""Param-group helpers: which parameters a low-rank method should project."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+__all__ = ["param_groups"]
+
+
+def param_groups(model: torch.nn.Module, rank: int = 128,
+                 target_modules: Optional[Iterable[str]] = ("attn", "mlp"),
+                 **projected_options) -> list[dict]:
+    """Two param groups in galore-torch's format: the weights of ``nn.Linear`` modules
+    whose qualified name contains one of ``target_modules`` (all Linear layers when it
+    is ``None``) get ``rank`` and ``projected_options`` (e.g. ``update_proj_gap``,
+    ``scale``, ``proj_type``); every other trainable parameter (embeddings, output head,
+    norms, biases) goes to a plain group. This is the papers' choice:
+    ``target_modules=("attn", "mlp")`` on LLaMA. Empty groups are left out.
+    """
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"Invalid rank: {rank!r} (expected a positive int)")
+    targets = None if target_modules is None else tuple(target_modules)
+    if isinstance(target_modules, str):
+        raise TypeError("target_modules must be an iterable of strings, not a string")
+    chosen = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad and (
+                targets is None or any(t in name for t in targets)):
+            chosen.add(module.weight)
+    if not chosen:
+        raise ValueError(f"No nn.Linear module name contains any of {targets!r}")
+    projected = [p for p in model.parameters() if p in chosen]
+    plain = [p for p in model.parameters() if p.requires_grad and p not in chosen]
+    groups = [{"params": plain}] if plain else []
+    return groups + [{"params": projected, "rank": rank, **projected_options}]

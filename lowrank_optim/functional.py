@@ -1,0 +1,141 @@
+r"""Inner update rules as single-tensor functions.
+
+Each rule takes a gradient-shaped tensor ``g`` (a full gradient, or its low-rank
+projection), updates its moment tensors in place, and returns the *direction* ``d``
+(a new float32 tensor) such that the parameter update is :math:`-\mathrm{lr}\cdot d`.
+Rules know nothing of projection, learning rate or weight decay; the optimizer applies
+those in full space.
+
+* :func:`adam_` — Adam with bias correction. With ``hf_eps=False`` (torch):
+  :math:`d = \hat m / (\sqrt{\hat v} + \epsilon)`; with ``hf_eps=True`` (the GaLore
+  reference, from HF transformers' AdamW): :math:`d = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+  \cdot m / (\sqrt{v} + \epsilon)`, i.e. :math:`\epsilon` enters before bias correction.
+* :func:`adam8bit_` — the same Adam with both moments stored as 8-bit blockwise
+  dynamic codes (blocks of 256, one float32 absmax per block), through
+  ``bitsandbytes.functional.optimizer_update_8bit_blockwise`` (CPU and GPU).
+* :func:`adafactor_` — Adafactor (Shazeer & Stern, 2018) with a factored second
+  moment for matrices (row and column means of :math:`g^2 + \epsilon_1`),
+  :math:`\hat\beta_{2,t} = 1 - t^{-0.8}`, RMS clipping at ``clip_threshold`` and an
+  optional first moment (``beta1``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["adam_", "adam8bit_", "adafactor_", "init_adam8bit", "BLOCK_8BIT"]
+
+BLOCK_8BIT = 256
+
+
+def adam_(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float,
+          beta2: float, eps: float, hf_eps: bool = False) -> Tensor:
+    """Update ``exp_avg``/``exp_avg_sq`` with ``g`` (step ``step`` >= 1); return the direction."""
+    g = g.to(exp_avg.dtype)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    if hf_eps:
+        return (exp_avg / (exp_avg_sq.sqrt() + eps)).mul_(math.sqrt(bc2) / bc1).float()
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
+    return (exp_avg / bc1 / denom).float()
+
+
+_QMAPS: dict = {}
+
+
+def _qmaps(device: torch.device) -> tuple[Tensor, Tensor]:
+    if device not in _QMAPS:
+        import bitsandbytes.functional as bnbf
+
+        _QMAPS[device] = (bnbf.create_dynamic_map(signed=True).to(device),
+                          bnbf.create_dynamic_map(signed=False).to(device))
+    return _QMAPS[device]
+
+
+def init_adam8bit(state: dict, like: Tensor) -> None:
+    """Zero 8-bit moments for a tensor shaped like ``like``: ``exp_avg_codes``,
+    ``exp_avg_sq_codes`` (uint8) and ``exp_avg_absmax``, ``exp_avg_sq_absmax`` (float32)."""
+    n, dev = like.numel(), like.device
+    blocks = -(-n // BLOCK_8BIT)
+    for name in ("exp_avg", "exp_avg_sq"):
+        state[f"{name}_codes"] = torch.zeros(like.shape, dtype=torch.uint8, device=dev)
+        state[f"{name}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=dev)
+
+
+def adam8bit_(g: Tensor, state: dict, step: int, beta1: float, beta2: float,
+              eps: float) -> Tensor:
+    """8-bit Adam on the moments :func:`init_adam8bit` created; returns the direction."""
+    import bitsandbytes.functional as bnbf
+
+    q1, q2 = _qmaps(g.device)
+    out = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+    bnbf.optimizer_update_8bit_blockwise(
+        "adam", g.float().contiguous(), out, state["exp_avg_codes"], state["exp_avg_sq_codes"],
+        beta1, beta2, 0.0, 0.0, eps, step, 1.0, q1, q2,
+        state["exp_avg_absmax"], state["exp_avg_sq_absmax"])
+    return out.neg_()
+
+
+def dequantize_adam8bit(state: dict, name: str) -> Tensor:
+    """Float32 value of an 8-bit moment (``name`` is ``exp_avg`` or ``exp_avg_sq``)."""
+    import bitsandbytes.functional as bnbf
+
+    codes = state[f"{name}_codes"]
+    q1, q2 = _qmaps(codes.device)
+    qs = bnbf.QuantState(absmax=state[f"{name}_absmax"], code=q1 if name == "exp_avg" else q2,
+                         blocksize=BLOCK_8BIT, dtype=torch.float32, shape=codes.shape)
+    return bnbf.dequantize_blockwise(codes, qs)
+
+
+def quantize_adam8bit(state: dict, name: str, value: Tensor) -> None:
+    """Store a float moment back as 8-bit codes (inverse of :func:`dequantize_adam8bit`)."""
+    import bitsandbytes.functional as bnbf
+
+    q1, q2 = _qmaps(value.device)
+    codes, qs = bnbf.quantize_blockwise(value.float().contiguous(),
+                                        code=q1 if name == "exp_avg" else q2,
+                                        blocksize=BLOCK_8BIT)
+    state[f"{name}_codes"], state[f"{name}_absmax"] = codes, qs.absmax
+
+
+def adafactor_(g: Tensor, state: dict, step: int, beta1: Optional[float],
+               eps1: float = 1e-30, clip_threshold: float = 1.0,
+               decay_rate: float = -0.8) -> Tensor:
+    """Adafactor on ``state`` (``exp_avg_sq_row``/``_col`` for matrices, ``exp_avg_sq``
+    otherwise, ``exp_avg`` when ``beta1`` is set); returns the direction."""
+    g = g.float()
+    beta2t = 1.0 - step ** decay_rate
+    sq = g.square().add_(eps1)
+    if g.dim() == 2:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.lerp_(sq.mean(dim=1), 1 - beta2t)
+        col.lerp_(sq.mean(dim=0), 1 - beta2t)
+        r = (row / row.mean()).rsqrt_()
+        d = g * r[:, None] * col.rsqrt()[None, :]
+    else:
+        v = state["exp_avg_sq"]
+        v.lerp_(sq, 1 - beta2t)
+        d = g * v.rsqrt()
+    rms = d.norm() / math.sqrt(d.numel())
+    d.div_((rms / clip_threshold).clamp_(min=1.0))
+    if beta1 is not None:
+        m = state["exp_avg"]
+        m.lerp_(d, 1 - beta1)
+        d = m.clone()
+    return d
+
+
+def init_adafactor(state: dict, like: Tensor, beta1: Optional[float]) -> None:
+    """Float32 zero moments for :func:`adafactor_` on a tensor shaped like ``like``."""
+    z = dict(dtype=torch.float32, device=like.device)
+    if like.dim() == 2:
+        state["exp_avg_sq_row"] = torch.zeros(like.shape[0], **z)
+        state["exp_avg_sq_col"] = torch.zeros(like.shape[1], **z)
+    else:
+        state["exp_avg_sq"] = torch.zeros(like.shape, **z)
+    if beta1 is not None:
+        state["exp_avg"] = torch.zeros(like.shape, **z)

@@ -1,0 +1,192 @@
+r"""Block-wise integer quantization, shared by every method of the package.
+
+A tensor :math:`x` is flattened (row-major) and cut into groups of ``group_size``
+consecutive elements; a last, short group is padded by repeating the final element,
+which leaves that group's range unchanged. Each group :math:`g` gets its own scale:
+
+* **asymmetric (min-max)**, codes :math:`q \in [0, 2^b-1]`:
+  :math:`s_g = (\max g - \min g)/(2^b-1)`, offset :math:`o_g = \min g`,
+  :math:`q = \mathrm{round}((x - o_g)/s_g)`, :math:`\hat x = s_g q + o_g`.
+* **symmetric (absmax)**, signed values :math:`k \in [-(2^{b-1}-1), 2^{b-1}-1]`:
+  :math:`s_g = \max|g| / (2^{b-1}-1)`, :math:`k = \mathrm{round}(x/s_g)`,
+  :math:`\hat x = s_g k`. The code stored is :math:`q = k + 2^{b-1}` so that every
+  format keeps unsigned codes.
+
+With round-to-nearest, :math:`|x - \hat x| \le s_g/2` (half a step of its group).
+With stochastic rounding, :math:`q = \lfloor y + u \rfloor`, :math:`u \sim U[0, 1)`,
+so :math:`\mathbb{E}[q] = y`: updates smaller than one step survive on average.
+
+A group whose values are all equal gets scale 1 (asymmetric: exact; symmetric: exact
+when the value is 0). The offset is a float, not a rounded integer zero-point, so the
+half-step bound holds for every input, including groups that do not contain 0.
+
+Codes of ``bits <= 4`` are packed two per byte (low nibble first). NF4 (the 16-level
+normal-float code of QLoRA, absmax blocks) goes through ``bitsandbytes.functional``.
+
+A quantized value is a :class:`QTensor`: plain tensors plus its shape and format. In
+optimizer state or module buffers it is kept flat, as ``<name>_codes``,
+``<name>_scale`` and (asymmetric) ``<name>_offset`` (see :func:`put` and :func:`get`),
+so ``torch.load(..., weights_only=True)`` works and nothing is a Python object.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "QTensor", "quantize", "dequantize", "stochastic_round", "pack_nibbles",
+    "unpack_nibbles", "nf4_quantize", "nf4_dequantize", "put", "get", "nbytes",
+]
+
+_FORMATS = ("asym", "sym", "nf4")
+
+
+class QTensor(NamedTuple):
+    """A quantized tensor: ``codes`` (uint8, packed two per byte when ``bits <= 4``),
+    ``scale`` (float32, one per group), ``offset`` (float32 per group, asymmetric
+    only, else ``None``), and the metadata needed to dequantize."""
+
+    codes: Tensor
+    scale: Tensor
+    offset: Optional[Tensor]
+    shape: torch.Size
+    bits: int
+    group_size: int
+    fmt: str  # "asym", "sym" or "nf4"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self, dtype)
+
+
+def _check(bits: int, group_size: int, fmt: str) -> None:
+    if fmt not in _FORMATS:
+        raise ValueError(f"Invalid quantization format {fmt!r}: expected one of {_FORMATS}")
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"Invalid bits: {bits!r} (expected an int from 2 to 8)")
+    if fmt == "nf4" and bits != 4:
+        raise ValueError(f"Invalid bits for NF4: {bits!r} (NF4 is 4-bit)")
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"Invalid group_size: {group_size!r} (expected a positive int)")
+
+
+def _grouped(x: Tensor, group_size: int) -> Tensor:
+    """Flatten ``x`` to float32 groups of ``group_size`` (last group padded by repetition)."""
+    flat = x.detach().reshape(-1).float()
+    pad = (-flat.numel()) % group_size
+    if pad:
+        flat = torch.cat([flat, flat[-1:].expand(pad)])
+    return flat.view(-1, group_size)
+
+
+def stochastic_round(y: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    r"""Round to an integer, up with probability :math:`y - \lfloor y \rfloor`; unbiased."""
+    u = torch.rand(y.shape, device=y.device, dtype=y.dtype, generator=generator)
+    return torch.floor(y + u)
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """Pack a flat uint8 tensor of values < 16 two per byte: element 2i in the low
+    nibble of byte i, element 2i+1 in the high nibble (odd lengths padded with 0)."""
+    flat = codes.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_nibbles(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_nibbles`: the first ``numel`` codes, as flat uint8."""
+    out = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)
+    return out[:numel]
+
+
+def quantize(x: Tensor, bits: int = 8, group_size: int = 256, symmetric: bool = False,
+             stochastic: bool = False, generator: Optional[torch.Generator] = None) -> QTensor:
+    """Quantize ``x`` group-wise to ``bits``-bit integer codes (see the module docstring).
+
+    ``stochastic=True`` rounds stochastically (unbiased) instead of to nearest.
+    """
+    fmt = "sym" if symmetric else "asym"
+    _check(bits, group_size, fmt)
+    if x.is_complex() or not x.is_floating_point():
+        raise TypeError(f"quantize expects a real floating-point tensor, got {x.dtype}")
+    g = _grouped(x, group_size)
+    rnd = (lambda y: stochastic_round(y, generator)) if stochastic else torch.round
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = g.abs().amax(dim=1) / (half - 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        k = rnd(g / scale[:, None]).clamp_(-(half - 1), half - 1)
+        codes, offset = (k + half).to(torch.uint8), None
+    else:
+        qmax = 2 ** bits - 1
+        lo = g.amin(dim=1)
+        scale = (g.amax(dim=1) - lo) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = rnd((g - lo[:, None]) / scale[:, None]).clamp_(0, qmax).to(torch.uint8)
+        offset = lo
+    codes = codes.reshape(-1)[: x.numel()]
+    if bits <= 4:
+        codes = pack_nibbles(codes)
+    return QTensor(codes, scale, offset, x.shape, bits, group_size, fmt)
+
+
+def nf4_quantize(x: Tensor, blocksize: int = 64) -> QTensor:
+    """NF4 (QLoRA's normal-float 4-bit code, absmax per block) via bitsandbytes."""
+    import bitsandbytes.functional as bnbf
+
+    _check(4, blocksize, "nf4")
+    packed, qs = bnbf.quantize_4bit(x.detach().float().contiguous(), blocksize=blocksize,
+                                    quant_type="nf4")
+    return QTensor(packed.reshape(-1), qs.absmax.float(), None, x.shape, 4, blocksize, "nf4")
+
+
+def nf4_dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    import bitsandbytes.functional as bnbf
+
+    qs = bnbf.QuantState(absmax=q.scale, shape=torch.Size(q.shape), dtype=torch.float32,
+                         blocksize=q.group_size, quant_type="nf4",
+                         code=bnbf.get_4bit_type("nf4", device=q.codes.device))
+    return bnbf.dequantize_4bit(q.codes.reshape(-1, 1), qs).to(dtype)
+
+
+def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of :func:`quantize` / :func:`nf4_quantize` up to the rounding error."""
+    if q.fmt == "nf4":
+        return nf4_dequantize(q, dtype)
+    numel = math.prod(q.shape)
+    codes = unpack_nibbles(q.codes, numel) if q.bits <= 4 else q.codes.reshape(-1)
+    pad = (-numel) % q.group_size
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    g = codes.view(-1, q.group_size).float()
+    if q.offset is None:
+        out = (g - 2 ** (q.bits - 1)) * q.scale[:, None]
+    else:
+        out = torch.addcmul(q.offset[:, None], g, q.scale[:, None])
+    return out.reshape(-1)[:numel].view(q.shape).to(dtype)
+
+
+def nbytes(q: QTensor) -> int:
+    """Bytes held by the tensors of ``q`` (codes, scales, offsets)."""
+    return sum(t.numel() * t.element_size() for t in (q.codes, q.scale, q.offset) if t is not None)
+
+
+def put(store: dict, name: str, q: QTensor) -> None:
+    """Write ``q`` into a flat dict (optimizer state) as ``<name>_codes``, ``<name>_scale``
+    and, for asymmetric formats, ``<name>_offset``."""
+    store[f"{name}_codes"] = q.codes
+    store[f"{name}_scale"] = q.scale
+    if q.offset is not None:
+        store[f"{name}_offset"] = q.offset
+    else:
+        store.pop(f"{name}_offset", None)
+
+
+def get(store: dict, name: str, shape, bits: int, group_size: int, fmt: str) -> QTensor:
+    """Read back what :func:`put` wrote; shape and format come from the caller."""
+    return QTensor(store[f"{name}_codes"], store[f"{name}_scale"], store.get(f"{name}_offset"),
+                   torch.Size(shape), bits, group_size, fmt)
