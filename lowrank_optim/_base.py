@@ -54,6 +54,8 @@ class LowRankOptimizer(Optimizer):
     """
 
     _MOMENTS: tuple = ()
+    _hooks = None  # the active HooksHandle; a deepcopy or unpickled copy has none
+    _group_format = False
 
     def __init__(self, params, defaults: dict):
         params = list(params) if not isinstance(params, Tensor) else params
@@ -61,6 +63,11 @@ class LowRankOptimizer(Optimizer):
             "rank" in g for g in params)
         super().__init__(params, defaults)
         self._hooks = None  # set while register_hooks is active
+
+    def __getstate__(self) -> dict:
+        # torch's __getstate__ keeps defaults/state/param_groups only; keep the group format
+        # too, so a deepcopy adds rank-less groups as plain AdamW like the original does
+        return {**super().__getstate__(), "_group_format": self._group_format}
 
     # ---- validation ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -155,12 +162,12 @@ class LowRankOptimizer(Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         if wd:
             p.mul_(1 - lr * wd)
-        p.add_(u.to(p.dtype), alpha=-lr)
+        p.add_(u, alpha=-lr)  # float32 u: one rounding into a low-precision p
 
     def _refresh(self, p, g, group, state, proj: Projector, policy) -> None:
         """New basis, then the ``state_on_refresh`` policy on the inner state."""
         first = not proj.has_basis(state)
-        rots = proj.refresh(state, g)
+        rots = proj.refresh(state, g, seed=state.get(f"{policy.prefix}_count", 0))
         low = torch.empty(proj.low_rank_shape(state, p.shape), device=p.device)
         how = group["state_on_refresh"]
         if first or (rots is not None and how == "reset"):
@@ -170,6 +177,8 @@ class LowRankOptimizer(Optimizer):
                 state["step"] = 0
         elif rots is not None and how == "project":
             for k, name in enumerate(self._MOMENTS):
+                if name not in state and f"{name}_codes" not in state:
+                    continue  # e.g. Adafactor without beta1 has no first moment
                 value = proj.transport(self._get_moment(state, name), rots, squared=k > 0)
                 self._set_moment(state, name, value)
         policy.after(state, state["step"], None if rots is None else overlap(rots))

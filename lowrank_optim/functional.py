@@ -41,7 +41,8 @@ def adam_(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: floa
     if hf_eps:
         return (exp_avg / (exp_avg_sq.sqrt() + eps)).mul_(math.sqrt(bc2) / bc1).float()
     denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
-    return (exp_avg / bc1 / denom).float()
+    # the quotient in float32, as torch's addcdiv computes it for low-precision moments
+    return (exp_avg.float() / denom.float()).div_(bc1)
 
 
 _QMAPS: dict = {}

@@ -134,6 +134,12 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             lr, weight_decay, rank, update_proj_gap, scale, proj_type, svd, state_on_refresh,
             stagger, maximize, betas=betas, eps=eps, min_8bit_size=min_8bit_size))
 
+    def _validate_group(self, g: dict) -> None:
+        super()._validate_group(g)
+        n = g["min_8bit_size"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"Invalid min_8bit_size: {n!r} (expected an int >= 0)")
+
     def _init_inner(self, state: dict, like: Tensor, group: dict) -> None:
         if like.numel() >= group["min_8bit_size"]:
             F.init_adam8bit(state, like)
@@ -179,15 +185,19 @@ class GaLoreAdafactor(LowRankOptimizer):
                  rank: Optional[int] = 128, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", svd: str = "exact", state_on_refresh: str = "keep",
                  stagger: bool = True, *, maximize: bool = False):
-        if beta1 is not None and not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta1: {beta1!r} (expected None or 0 <= beta1 < 1)")
-        if not clip_threshold > 0:
-            raise ValueError(f"Invalid clip_threshold: {clip_threshold!r} (expected > 0)")
         super().__init__(params, _galore_defaults(
             lr, weight_decay, rank, update_proj_gap, scale, proj_type, svd, state_on_refresh,
             stagger, maximize, beta1=beta1, eps=eps, clip_threshold=clip_threshold))
-        if beta1 is None:
-            self._MOMENTS = ()
+
+    def _validate_group(self, g: dict) -> None:
+        # per group, so a param group's own beta1 / clip_threshold is checked too; a group
+        # with beta1=None simply has no "exp_avg" (the refresh policy skips it)
+        super()._validate_group(g)
+        beta1, clip = g["beta1"], g["clip_threshold"]
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta1: {beta1!r} (expected None or 0 <= beta1 < 1)")
+        if not clip > 0:
+            raise ValueError(f"Invalid clip_threshold: {clip!r} (expected > 0)")
 
     def _init_inner(self, state: dict, like: Tensor, group: dict) -> None:
         F.init_adafactor(state, like, group["beta1"])

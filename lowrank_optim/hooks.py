@@ -92,6 +92,9 @@ def register_hooks(optimizer, model: torch.nn.Module, accumulation_steps: int = 
             torch.nn.utils.clip_grad_norm_([p], max_grad_norm_per_param)
         optimizer.step_param(p, optimizer.param_groups[group_of[p]])
         p.grad = None
+        # what torch's LR-scheduler wrapper of opt.step() records: without it the first
+        # scheduler.step() warns, wrongly here, that it was called before optimizer.step()
+        optimizer._opt_called = True
 
     handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
     optimizer._hooks = HooksHandle(optimizer, handles, counts)

@@ -26,8 +26,12 @@ idempotent and never increases the Frobenius norm.
 
 The rank is clipped to :math:`\min(m, n)` (a basis cannot have more orthonormal columns).
 The basis is computed in float32 by exact SVD (``svd="exact"``, ``torch.linalg.svd``) or
-randomized SVD (``svd="randomized"``, ``torch.svd_lowrank`` with ``r + oversample``
-columns and ``niter`` power iterations, :math:`O(mnr)` instead of :math:`O(mn\min(m,n))`).
+randomized SVD (``svd="randomized"``: a Gaussian sketch of ``r + oversample`` columns,
+``niter`` QR-orthonormalised power iterations, then the exact SVD of the small
+:math:`(r+p) \times n` matrix (Halko, Martinsson & Tropp, 2011); :math:`O(mnr)` instead of
+:math:`O(mn\min(m,n))`). The sketch is drawn from its own generator seeded by the caller
+(the optimizers use the refresh count), never from the global RNG, so runs are
+reproducible and do not depend on the order in which layers are refreshed.
 
 With ``quant_bits`` set (Q-GaLore), the basis is stored as ``quant_bits``-bit
 asymmetric min-max codes in groups of ``quant_group_size`` (packed two per byte at
@@ -73,7 +77,7 @@ def choose_side(shape, proj_type: str) -> int:
 
 
 def compute_basis(g: Tensor, rank: int, svd: str = "exact", oversample: int = 8,
-                  niter: int = 2) -> tuple[Tensor, Tensor]:
+                  niter: int = 2, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Float32 ``(U_r, V_r)`` of ``g``, with ``r = min(rank, m, n)``; both column-orthonormal."""
     a = g.detach().float()
     r = min(rank, *a.shape)
@@ -82,8 +86,13 @@ def compute_basis(g: Tensor, rank: int, svd: str = "exact", oversample: int = 8,
         return u[:, :r], vh[:r].T
     if svd == "randomized":
         q = min(r + oversample, *a.shape)
-        u, _, v = torch.svd_lowrank(a, q=q, niter=niter)
-        return u[:, :r], v[:, :r]
+        gen = torch.Generator(device=a.device).manual_seed(seed)
+        sketch = torch.randn(a.shape[1], q, generator=gen, device=a.device)
+        basis = torch.linalg.qr(a @ sketch).Q
+        for _ in range(niter):
+            basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
+        ub, _, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+        return (basis @ ub)[:, :r], vh[:r].T
     raise ValueError(f"Invalid svd: {svd!r} (expected one of {SVD_METHODS})")
 
 
@@ -127,7 +136,7 @@ class Projector:
         return "proj_side" in state
 
     # -- refresh ------------------------------------------------------------------------
-    def refresh(self, state: dict, grad: Tensor) -> Optional[tuple]:
+    def refresh(self, state: dict, grad: Tensor, seed: int = 0) -> Optional[tuple]:
         r"""Recompute the basis from ``grad`` and store it in ``state``.
 
         Returns the rotations ``(R_left, R_right)`` from the old basis to the new one,
@@ -148,7 +157,7 @@ class Projector:
             warnings.warn("Non-finite gradient at a projector refresh: keeping the previous basis")
             return None
         try:
-            u, v = compute_basis(grad, self.rank, self.svd)
+            u, v = compute_basis(grad, self.rank, self.svd, seed=seed)
         except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
             if first:
                 raise RuntimeError(f"SVD of the gradient of shape {tuple(grad.shape)} failed "

@@ -64,11 +64,11 @@ class QTensor(NamedTuple):
 def _check(bits: int, group_size: int, fmt: str) -> None:
     if fmt not in _FORMATS:
         raise ValueError(f"Invalid quantization format {fmt!r}: expected one of {_FORMATS}")
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise ValueError(f"Invalid bits: {bits!r} (expected an int from 2 to 8)")
     if fmt == "nf4" and bits != 4:
         raise ValueError(f"Invalid bits for NF4: {bits!r} (NF4 is 4-bit)")
-    if not isinstance(group_size, int) or group_size <= 0:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
         raise ValueError(f"Invalid group_size: {group_size!r} (expected a positive int)")
 
 
@@ -147,10 +147,12 @@ def nf4_quantize(x: Tensor, blocksize: int = 64) -> QTensor:
 def nf4_dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> Tensor:
     import bitsandbytes.functional as bnbf
 
-    qs = bnbf.QuantState(absmax=q.scale, shape=torch.Size(q.shape), dtype=torch.float32,
-                         blocksize=q.group_size, quant_type="nf4",
+    # dequantize flat, then reshape: bitsandbytes' CPU kernel mis-reads blocks that span
+    # rows when given the 2-D shape (e.g. (3, 32) with blocks of 64)
+    qs = bnbf.QuantState(absmax=q.scale, shape=torch.Size([math.prod(q.shape)]),
+                         dtype=torch.float32, blocksize=q.group_size, quant_type="nf4",
                          code=bnbf.get_4bit_type("nf4", device=q.codes.device))
-    return bnbf.dequantize_4bit(q.codes.reshape(-1, 1), qs).to(dtype)
+    return bnbf.dequantize_4bit(q.codes.reshape(-1, 1), qs).reshape(q.shape).to(dtype)
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> Tensor:

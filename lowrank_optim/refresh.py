@@ -50,7 +50,7 @@ class FixedGap:
 
     def __post_init__(self):
         _positive_int("update_proj_gap", self.gap)
-        if not isinstance(self.phase, int) or self.phase < 0:
+        if not isinstance(self.phase, int) or isinstance(self.phase, bool) or self.phase < 0:
             raise ValueError(f"Invalid phase: {self.phase!r} (expected an int >= 0)")
 
     def _key(self, name: str) -> str:
@@ -115,7 +115,11 @@ class Exponential:
 
     def gap(self, k: int) -> int:
         """Gap after the k-th event (k = 0 is the event at step 0)."""
-        g = self.first + (math.floor(self.growth ** k) if k > 0 else 0)
+        if k == 0:
+            return min(self.first, self.max_gap or self.first)
+        if self.max_gap and k * math.log(self.growth) >= math.log(self.max_gap):
+            return self.max_gap  # already capped; also avoids float overflow of growth ** k
+        g = self.first + math.floor(self.growth ** k)
         return min(g, self.max_gap) if self.max_gap else g
 
     def due(self, state: dict, step: int) -> bool:

@@ -1,0 +1,21 @@
+# The two commands of the README. Both set up what they need on a fresh machine.
+# An existing torch is used as it is; without one, torch==$(TORCH) is installed
+# (override: make test TORCH=2.6.0). The package itself only asks for torch>=2.4.
+PY ?= python3
+TORCH ?= 2.13.0
+ARGS ?=
+
+.PHONY: setup setup-bench test bench
+
+setup:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+
+setup-bench: setup
+	$(PY) -m pip install -q -e ".[dev,bench]"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup-bench
+	$(PY) benchmarks/shootout.py $(ARGS)

@@ -1,0 +1,285 @@
+"""Registry of optimizer configurations driving the common suite, plus shared helpers.
+
+Every optimizer of the package joins :data:`CONFIGS` with one or more small
+configurations; ``tests/test_optimizers.py`` (the common suite) and
+``tests/test_hooks.py`` run each test on each of them. :data:`ERRORS` lists bad
+constructor arguments with the exception they must raise and a regex that names the
+bad value.
+
+The model (:class:`Net`) is deliberately tiny: an ``nn.Embedding(10, 16)`` (2-D,
+wide: left basis), ``Linear(16, 32)`` (tall weight: right basis), ``Linear(32, 8)``
+(wide weight: left basis) and two 1-D biases, so every side rule, both plain and
+projected parameters, and (with ``min_8bit_size=64``) both the 8-bit and the float32
+moment paths are exercised on two CPU cores in milliseconds.
+
+Run with ``python -m pytest tests/registry.py`` to check the registry itself.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_optim as lo
+
+# tiny tensors: one intra-op thread (fixture in conftest.py; several-fold faster on 2 cores)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# ----------------------------------------------------------------------------------------
+# configurations
+
+
+@dataclass(frozen=True)
+class OptConfig:
+    """One optimizer configuration: ``cls(params, **kwargs)``."""
+
+    id: str
+    cls: type
+    kwargs: dict = field(default_factory=dict)
+
+    def make(self, params, **overrides):
+        return self.cls(params, **{**self.kwargs, **overrides})
+
+    def __repr__(self):  # short pytest ids
+        return self.id
+
+
+# Small rank and a short gap, so that every test run crosses several basis refreshes.
+_G = dict(lr=1e-2, rank=4, update_proj_gap=3, scale=1.0)
+
+CONFIGS = [
+    OptConfig("galore_adamw", lo.GaLoreAdamW, dict(_G)),
+    OptConfig("galore_adamw_wd", lo.GaLoreAdamW, dict(_G, weight_decay=0.1, scale=0.5)),
+    OptConfig("galore_adamw_randomized", lo.GaLoreAdamW, dict(_G, svd="randomized")),
+    # proj_type="std" with stagger on is "galore_adamw" (the defaults), with stagger off:
+    OptConfig("galore_adamw_no_stagger", lo.GaLoreAdamW, dict(_G, proj_type="std", stagger=False)),
+    *[OptConfig(f"galore_adamw_{pt}", lo.GaLoreAdamW, dict(_G, proj_type=pt))
+      for pt in ("reverse_std", "left", "right", "full")],
+    OptConfig("galore_adamw_project", lo.GaLoreAdamW, dict(_G, state_on_refresh="project")),
+    OptConfig("galore_adamw_reset", lo.GaLoreAdamW, dict(_G, state_on_refresh="reset")),
+    OptConfig("galore_adamw_plain", lo.GaLoreAdamW, dict(lr=1e-2, rank=None, weight_decay=0.01)),
+    # min_8bit_size=64: every low-rank moment of Net (64 to 128 elements) is 8-bit,
+    # the biases (32 and 8 elements) keep float32 moments.
+    OptConfig("galore_adamw8bit", lo.GaLoreAdamW8bit, dict(_G, min_8bit_size=64)),
+    OptConfig("galore_adamw8bit_project", lo.GaLoreAdamW8bit,
+              dict(_G, min_8bit_size=64, state_on_refresh="project", weight_decay=0.05)),
+    OptConfig("galore_adamw8bit_reset", lo.GaLoreAdamW8bit,
+              dict(_G, min_8bit_size=64, state_on_refresh="reset")),
+    OptConfig("galore_adafactor", lo.GaLoreAdafactor, dict(_G, beta1=0.9)),
+    OptConfig("galore_adafactor_no_beta1", lo.GaLoreAdafactor, dict(_G, beta1=None)),
+    OptConfig("galore_adafactor_project", lo.GaLoreAdafactor,
+              dict(_G, beta1=0.9, state_on_refresh="project")),
+]
+
+BY_ID = {c.id: c for c in CONFIGS}
+
+
+# ----------------------------------------------------------------------------------------
+# bad constructor arguments
+
+
+@dataclass(frozen=True)
+class ErrorCase:
+    id: str
+    cls: type
+    kwargs: dict
+    exc: type
+    match: str  # regex; must name the bad value
+
+    def __repr__(self):
+        return self.id
+
+
+_ADAMW_LIKE = (lo.GaLoreAdamW, lo.GaLoreAdamW8bit)
+_ALL = (lo.GaLoreAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor)
+
+
+def _each(classes, id, kwargs, exc, match):
+    return [ErrorCase(f"{c.__name__}-{id}", c, kwargs, exc, match) for c in classes]
+
+
+ERRORS = [
+    *_each(_ALL, "lr", dict(lr=-1.0), ValueError, r"learning rate: -1\.0"),
+    *_each(_ALL, "eps", dict(eps=-1e-8), ValueError, r"eps: -1e-08"),
+    *_each(_ALL, "weight_decay", dict(weight_decay=-0.1), ValueError, r"weight_decay: -0\.1"),
+    *_each(_ALL, "rank_zero", dict(rank=0), ValueError, r"rank: 0\b"),
+    *_each(_ALL, "rank_negative", dict(rank=-3), ValueError, r"rank: -3\b"),
+    *_each(_ALL, "rank_float", dict(rank=2.5), ValueError, r"rank: 2\.5"),
+    *_each(_ALL, "rank_bool", dict(rank=True), ValueError, r"rank: True"),
+    *_each(_ALL, "gap_zero", dict(update_proj_gap=0), ValueError, r"update_proj_gap: 0\b"),
+    *_each(_ALL, "gap_float", dict(update_proj_gap=1.5), ValueError, r"update_proj_gap: 1\.5"),
+    *_each(_ALL, "scale", dict(scale=0.0), ValueError, r"scale: 0\.0"),
+    *_each(_ALL, "proj_type", dict(proj_type="diagonal"), ValueError, r"proj_type: 'diagonal'"),
+    *_each(_ALL, "svd", dict(svd="qr"), ValueError, r"svd: 'qr'"),
+    *_each(_ALL, "state_on_refresh", dict(state_on_refresh="zero"), ValueError,
+           r"state_on_refresh: 'zero'"),
+    *_each(_ADAMW_LIKE, "beta1", dict(betas=(1.0, 0.999)), ValueError,
+           r"beta parameter at index 0: 1\.0"),
+    *_each(_ADAMW_LIKE, "beta2", dict(betas=(0.9, -0.5)), ValueError,
+           r"beta parameter at index 1: -0\.5"),
+    ErrorCase("GaLoreAdamW8bit-min_8bit_size", lo.GaLoreAdamW8bit, dict(min_8bit_size=-1),
+              ValueError, r"min_8bit_size: -1\b"),
+    ErrorCase("GaLoreAdamW8bit-min_8bit_size_str", lo.GaLoreAdamW8bit,
+              dict(min_8bit_size="big"), ValueError, r"min_8bit_size: 'big'"),
+    ErrorCase("GaLoreAdafactor-beta1", lo.GaLoreAdafactor, dict(beta1=1.0), ValueError,
+              r"beta1: 1\.0"),
+    ErrorCase("GaLoreAdafactor-clip_threshold", lo.GaLoreAdafactor, dict(clip_threshold=0.0),
+              ValueError, r"clip_threshold: 0\.0"),
+]
+
+
+# ----------------------------------------------------------------------------------------
+# model, data, training helpers shared by the test files
+
+
+class Net(nn.Module):
+    """Embedding(10, 16) + Linear(16, 32) -> tanh -> Linear(32, 8)."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.emb = nn.Embedding(10, 16)
+        self.fc1 = nn.Linear(16, hidden)
+        self.fc2 = nn.Linear(hidden, 8)
+
+    def forward(self, tok, x):
+        return self.fc2(torch.tanh(self.fc1(x + self.emb(tok))))
+
+
+class Block(nn.Module):
+    """A transformer-ish block with attn/mlp/embed/norm/head submodules (param_groups)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.attn = nn.ModuleDict({"q": nn.Linear(16, 16), "o": nn.Linear(16, 16, bias=False)})
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 16))
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, tok):
+        h = self.embed(tok)
+        h = h + self.attn["o"](torch.tanh(self.attn["q"](h)))
+        h = h + self.mlp(self.norm(h))
+        return self.head(h)
+
+
+def make_model(seed: int = 0, dtype=torch.float32, **kw) -> Net:
+    torch.manual_seed(seed)
+    return Net(**kw).to(dtype)
+
+
+def make_batches(n: int, seed: int = 1, batch: int = 16):
+    """``n`` fixed (tok, x, y) batches; y is a smooth function of the inputs."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 8, generator=g) / 4
+    t = torch.randn(10, 8, generator=g)
+    out = []
+    for _ in range(n):
+        tok = torch.randint(0, 10, (batch,), generator=g)
+        x = torch.randn(batch, 16, generator=g)
+        out.append((tok, x, torch.tanh(x @ w) + 0.5 * t[tok]))
+    return out
+
+
+def loss_fn(model: nn.Module, batch, sign: float = 1.0) -> torch.Tensor:
+    tok, x, y = batch
+    dtype = next(model.parameters()).dtype
+    return sign * (model(tok, x.to(dtype)).float() - y).square().mean()
+
+
+def train(model, opt, batches, *, scheduler=None, accumulate: int = 1, sign: float = 1.0,
+          hooks: bool = False) -> list[float]:
+    """Normal stepping (``hooks=False``: backward ``accumulate`` times, then ``opt.step()``)
+    or per-layer stepping (hooks already registered: just backward). Returns the losses."""
+    losses = []
+    for i, b in enumerate(batches):
+        loss = loss_fn(model, b, sign)
+        (loss / accumulate).backward()
+        losses.append(loss.item())
+        if (i + 1) % accumulate == 0:
+            if not hooks:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+    return losses
+
+
+def roundtrip(obj):
+    """torch.save into memory, then torch.load(weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def params_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def assert_params_equal(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert p.dtype == q.dtype, name
+        assert torch.equal(p, q), f"{name}: max |diff| {(p.float() - q.float()).abs().max()}"
+
+
+def assert_states_equal(o1, o2) -> None:
+    """Both optimizers' states are equal, entry by entry, dtype included."""
+    s1, s2 = o1.state_dict()["state"], o2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for i in s1:
+        assert s1[i].keys() == s2[i].keys(), i
+        for k, v in s1[i].items():
+            w = s2[i][k]
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == w.dtype and torch.equal(v, w), (i, k)
+            else:
+                assert v == w, (i, k)
+
+
+# ----------------------------------------------------------------------------------------
+# checks of the registry itself
+
+
+def test_ids_unique():
+    assert len(BY_ID) == len(CONFIGS)
+    assert len({e.id for e in ERRORS}) == len(ERRORS)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=repr)
+def test_config_constructs_and_steps(cfg):
+    model = make_model()
+    opt = cfg.make(model.parameters())
+    train(model, opt, make_batches(2))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_registry_covers_required_variants():
+    kinds = {(c.cls, c.kwargs.get("proj_type", "std")) for c in CONFIGS}
+    for pt in ("std", "reverse_std", "left", "right", "full"):
+        assert (lo.GaLoreAdamW, pt) in kinds
+    policies = {c.kwargs.get("state_on_refresh", "keep") for c in CONFIGS
+                if c.cls is lo.GaLoreAdamW}
+    assert policies == {"keep", "project", "reset"}
+    assert {c.kwargs.get("svd", "exact") for c in CONFIGS} == {"exact", "randomized"}
+    assert {c.kwargs.get("stagger", True) for c in CONFIGS} == {True, False}
+    assert {c.kwargs.get("beta1", 0.9) for c in CONFIGS if c.cls is lo.GaLoreAdafactor} == {
+        0.9, None}
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.cls is lo.GaLoreAdamW8bit], ids=repr)
+def test_8bit_path_is_exercised(cfg):
+    """Both 8-bit codes (low-rank moments) and float32 moments (small biases) exist."""
+    model = make_model()
+    opt = cfg.make(model.parameters())
+    train(model, opt, make_batches(2))
+    st = opt.state
+    for p in (model.emb.weight, model.fc1.weight, model.fc2.weight):
+        assert st[p]["exp_avg_codes"].dtype == torch.uint8
+        assert st[p]["exp_avg_sq_codes"].dtype == torch.uint8
+        assert "exp_avg" not in st[p]
+    for p in (model.fc1.bias, model.fc2.bias):
+        assert st[p]["exp_avg"].dtype == torch.float32 and "exp_avg_codes" not in st[p]

@@ -1,0 +1,499 @@
+"""The common suite: every configuration of ``registry.CONFIGS`` passes every test here."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank_optim as lo
+from registry import (CONFIGS, ERRORS, Block, assert_params_equal, assert_states_equal,
+                      loss_fn, make_batches, make_model, roundtrip, train)
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
+
+cfgs = pytest.mark.parametrize("cfg", CONFIGS, ids=repr)
+
+STATE_TYPES = (torch.Tensor, int, float, bool, str, list)
+
+
+def _set_grads(model, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = (scale * torch.randn(p.shape, generator=g)).to(p.dtype)
+
+
+def assert_states_equal_dict(s1, s2):
+    for i, st in s1["state"].items():
+        for k, v in st.items():
+            w = s2["state"][i][k]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (i, k)
+
+
+# ---- training ----------------------------------------------------------------------------
+
+
+@cfgs
+def test_loss_decreases(cfg):
+    model = make_model()
+    opt = cfg.make(model.parameters())
+    batches = make_batches(4)
+    losses = train(model, opt, batches * 10)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert math.isfinite(last) and last < 0.8 * first, (first, last)
+
+
+@cfgs
+def test_maximize_is_minimizing_the_negated_loss(cfg):
+    batches = make_batches(8)
+    m1, m2 = make_model(), make_model()
+    o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters(), maximize=True)
+    torch.manual_seed(5)
+    train(m1, o1, batches)
+    torch.manual_seed(5)
+    train(m2, o2, batches, sign=-1.0)
+    assert_params_equal(m1, m2)
+    assert not torch.equal(m1.fc1.weight, make_model().fc1.weight)
+
+
+@cfgs
+def test_per_group_lr_and_weight_decay(cfg):
+    model, ref = make_model(), make_model()
+    frozen = [model.emb.weight, model.fc1.weight, model.fc1.bias]
+    groups = [{"params": frozen, "lr": 0.0},
+              {"params": [model.fc2.weight, model.fc2.bias], "weight_decay": 0.5, "lr": 0.02}]
+    opt = cfg.make(groups)
+    assert opt.param_groups[1]["weight_decay"] == 0.5 and opt.param_groups[0]["lr"] == 0.0
+    train(model, opt, make_batches(5))
+    for p, q in zip(frozen, [ref.emb.weight, ref.fc1.weight, ref.fc1.bias]):
+        assert torch.equal(p, q)  # lr = 0: neither the update nor the decay moves them
+    assert not torch.equal(model.fc2.weight, ref.fc2.weight)
+
+    # weight decay is the group's own: one step from zero gradients is pure decay
+    m = make_model()
+    w0 = [p.detach().clone() for p in m.parameters()]
+    groups = [{"params": [m.emb.weight, m.fc1.weight, m.fc1.bias]},
+              {"params": [m.fc2.weight, m.fc2.bias], "weight_decay": 0.5, "lr": 0.02}]
+    opt = cfg.make(groups, weight_decay=0.0)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, q in zip(list(m.parameters())[:3], w0[:3]):
+        assert torch.equal(p, q)
+    for p, q in zip(list(m.parameters())[3:], w0[3:]):
+        torch.testing.assert_close(p, q * (1 - 0.02 * 0.5), rtol=0, atol=1e-7)
+
+
+@cfgs
+def test_per_group_rank(cfg):
+    """A group may set its own rank, or rank=None for no projection (and then, in
+    galore-torch's format, a group that names no rank is plain too)."""
+    m = make_model()
+    opt = cfg.make([{"params": [m.emb.weight, m.fc1.bias, m.fc2.bias], "rank": None},
+                    {"params": [m.fc1.weight], "rank": 2},
+                    {"params": [m.fc2.weight]}])
+    train(m, opt, make_batches(2))
+    assert "proj_side" not in opt.state[m.emb.weight]
+    assert "proj_side" not in opt.state[m.fc2.weight]
+    basis = opt.state[m.fc1.weight]["proj"]
+    assert 2 in basis.shape and basis.shape[1] == 2
+
+
+# ---- gradients that are None or zero -----------------------------------------------------
+
+
+@cfgs
+def test_none_grads_leave_params_unchanged(cfg):
+    m = make_model()
+    opt = cfg.make(m.parameters())
+    train(m, opt, make_batches(4))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    _set_grads(m, 3)
+    m.fc2.weight.grad = None
+    m.emb.weight.grad = None
+    m.fc1.bias.grad = None
+    opt.step()
+    for n, p in m.named_parameters():
+        if n in ("fc2.weight", "emb.weight", "fc1.bias"):
+            assert torch.equal(p, before[n]), n
+        else:
+            assert not torch.equal(p, before[n]), n
+    # all None: step is a no-op, on parameters and state
+    opt.zero_grad(set_to_none=True)
+    now = [p.detach().clone() for p in m.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), now))
+    assert_states_equal_dict(state, opt.state_dict())
+
+
+@cfgs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_zero_grads_leave_params_unchanged(cfg, dtype):
+    m = make_model(dtype=dtype)
+    w0 = [p.detach().clone() for p in m.parameters()]
+    opt = cfg.make(m.parameters(), weight_decay=0.0)
+    for _ in range(4):  # crosses a basis refresh (update_proj_gap=3)
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for p, q in zip(m.parameters(), w0):
+        assert torch.equal(p, q)
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+
+def _run_resume(cfg, dtype=torch.float32, k=7, more=10):
+    """Train k steps, checkpoint through bytes, then ``more`` steps: uninterrupted run vs
+    a fresh model + optimizer loaded from the checkpoint."""
+    batches = make_batches(k + more)
+    m1 = make_model(dtype=dtype)
+    o1 = cfg.make(m1.parameters())
+    train(m1, o1, batches[:k])
+    ckpt = roundtrip({"model": m1.state_dict(), "opt": o1.state_dict()})
+    torch.manual_seed(11)
+    train(m1, o1, batches[k:])
+
+    m2 = make_model(seed=123, dtype=dtype)  # different init: everything must come from ckpt
+    m2.load_state_dict(ckpt["model"])
+    o2 = cfg.make(m2.parameters())
+    o2.load_state_dict(ckpt["opt"])
+    torch.manual_seed(11)
+    train(m2, o2, batches[k:])
+    return m1, o1, m2, o2
+
+
+@cfgs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_save_load_continue_is_bit_identical(cfg, dtype):
+    m1, o1, m2, o2 = _run_resume(cfg, dtype)
+    assert_params_equal(m1, m2)
+    assert_states_equal(o1, o2)
+
+
+@cfgs
+def test_state_dict_is_flat_and_loads_weights_only(cfg):
+    m = make_model()
+    opt = cfg.make(m.parameters())
+    train(m, opt, make_batches(4))
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        for k, v in st.items():
+            assert isinstance(v, STATE_TYPES), (k, type(v))
+            if isinstance(v, list):
+                assert all(isinstance(x, (int, float)) for x in v), k
+    loaded = roundtrip(sd)  # torch.load(weights_only=True)
+    assert loaded["state"].keys() == sd["state"].keys()
+    assert loaded["param_groups"] == [dict(g) for g in sd["param_groups"]]
+
+
+@cfgs
+def test_state_dtypes(cfg):
+    """Declared dtypes: low-rank state and bases float32, 8-bit codes uint8; plain
+    parameters' Adam moments follow the parameter (as torch.optim.AdamW)."""
+    m = make_model(dtype=torch.bfloat16)
+    opt = cfg.make(m.parameters())
+    train(m, opt, make_batches(4))
+    allowed = {torch.float32, torch.uint8, torch.bfloat16}
+    for p in m.parameters():
+        st = opt.state[p]
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype in allowed, (k, v.dtype)
+                if k.endswith("_codes"):
+                    assert v.dtype == torch.uint8
+                if "proj_side" in st or k.startswith("proj") or k.endswith("absmax"):
+                    assert v.dtype == torch.float32 or k.endswith("_codes"), (k, v.dtype)
+        assert p.dtype == torch.bfloat16
+
+
+@cfgs
+def test_bf16_load_keeps_state_dtypes(cfg):
+    """torch's load_state_dict casts state to the parameter dtype; ours must not."""
+    m = make_model(dtype=torch.bfloat16)
+    opt = cfg.make(m.parameters())
+    train(m, opt, make_batches(5))
+    before = {i: {k: v.dtype for k, v in st.items() if isinstance(v, torch.Tensor)}
+              for i, st in opt.state_dict()["state"].items()}
+    m2 = make_model(dtype=torch.bfloat16)
+    o2 = cfg.make(m2.parameters())
+    o2.load_state_dict(roundtrip(opt.state_dict()))
+    after = {i: {k: v.dtype for k, v in st.items() if isinstance(v, torch.Tensor)}
+             for i, st in o2.state_dict()["state"].items()}
+    assert after == before
+    if cfg.kwargs.get("rank") is not None:  # something that a bf16 cast would have changed
+        assert torch.float32 in {d for st in after.values() for d in st.values()}
+
+
+@cfgs
+def test_load_state_dict_from_another_model_raises(cfg):
+    m = make_model()
+    opt = cfg.make(m.parameters())
+    train(m, opt, make_batches(4))
+    sd = roundtrip(opt.state_dict())
+
+    other = make_model(hidden=24)  # same parameter count, other shapes
+    o2 = cfg.make(other.parameters())
+    train(other, o2, make_batches(1))
+    snapshot = roundtrip(o2.state_dict())
+    with pytest.raises(ValueError, match=r"does not match this model"):
+        o2.load_state_dict(sd)
+    assert_states_equal_dict(snapshot, o2.state_dict())  # nothing changed before the error
+
+    fewer = nn.Linear(16, 32)
+    o3 = cfg.make(fewer.parameters())
+    with pytest.raises(ValueError, match=r"parameter"):
+        o3.load_state_dict(sd)
+
+
+# ---- copies, groups, schedulers ----------------------------------------------------------
+
+
+@cfgs
+def test_deepcopy(cfg):
+    m = make_model()
+    opt = cfg.make(m.parameters())
+    batches = make_batches(12)
+    train(m, opt, batches[:5])
+    m2, o2 = copy.deepcopy((m, opt))
+    assert o2.param_groups[0]["params"][0] is next(m2.parameters())
+    torch.manual_seed(3)
+    train(m, opt, batches[5:])
+    snapshot = [p.detach().clone() for p in m.parameters()]
+    torch.manual_seed(3)
+    train(m2, o2, batches[5:])
+    assert_params_equal(m, m2)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), snapshot))  # independent
+    # a copy is a full optimizer: hooks and closures work on it
+    with o2.register_hooks(m2):
+        train(m2, o2, batches[:2], hooks=True)
+    o2.step(lambda: loss_fn(m2, batches[0]))
+
+
+@cfgs
+def test_add_param_group(cfg):
+    m = make_model()
+    opt = cfg.make([m.fc1.weight, m.fc1.bias])
+    batches = make_batches(10)
+    train(m, opt, batches[:4])
+    before = [p.detach().clone() for p in (m.emb.weight, m.fc2.weight, m.fc2.bias)]
+    opt.add_param_group({"params": [m.emb.weight, m.fc2.weight, m.fc2.bias], "lr": 5e-3})
+    g = opt.param_groups[1]
+    assert g["lr"] == 5e-3
+    for k, v in cfg.kwargs.items():
+        if k != "lr":
+            assert g[k] == v, k
+    train(m, opt, batches[4:])
+    for p, q in zip((m.emb.weight, m.fc2.weight, m.fc2.bias), before):
+        assert not torch.equal(p, q)
+        assert opt.state[p]
+    assert opt.state[m.fc2.bias]["step"] == 6  # never projected: no reset of the count
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [m.fc1.weight]})
+    with pytest.raises(ValueError, match=r"learning rate: -1"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "lr": -1})
+
+
+@cfgs
+def test_lr_scheduler(cfg):
+    batches = make_batches(8)
+    m1, m2 = make_model(), make_model()
+    o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters())
+    lrs = [1.0, 0.5, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0]
+    sch = torch.optim.lr_scheduler.LambdaLR(o1, lambda step: lrs[min(step, 7)])
+    torch.manual_seed(0)
+    for i, b in enumerate(batches):
+        loss_fn(m1, b).backward()
+        o1.step()
+        o1.zero_grad()
+        sch.step()
+        if i == 4:
+            frozen = [p.detach().clone() for p in m1.parameters()]
+    # the schedule reached the optimizer: lr 0 from step 4 on (wd acts through lr too)
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), frozen))
+    assert o1.param_groups[0]["lr"] == 0.0
+    # and equals setting the lr by hand
+    torch.manual_seed(0)
+    for i, b in enumerate(batches):
+        for g in o2.param_groups:
+            g["lr"] = cfg.kwargs["lr"] * lrs[i]
+        loss_fn(m2, b).backward()
+        o2.step()
+        o2.zero_grad()
+    assert_params_equal(m1, m2)
+
+
+@cfgs
+def test_bf16_params_train(cfg):
+    m = make_model(dtype=torch.bfloat16)
+    opt = cfg.make(m.parameters())
+    losses = train(m, opt, make_batches(4) * 10)
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in m.parameters())
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
+
+
+@cfgs
+def test_step_with_closure(cfg):
+    m1, m2 = make_model(), make_model()
+    o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters())
+    batches = make_batches(5)
+    torch.manual_seed(0)
+    train(m1, o1, batches)
+    torch.manual_seed(0)
+    for b in batches:
+        def closure():
+            o2.zero_grad()
+            loss = loss_fn(m2, b)
+            loss.backward()
+            return loss
+        loss = o2.step(closure)
+        assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+    assert_params_equal(m1, m2)
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=repr)
+def test_bad_constructor_arguments(case):
+    with pytest.raises(case.exc, match=case.match):
+        case.cls(make_model().parameters(), **case.kwargs)
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=repr)
+def test_bad_group_arguments(case):
+    """The same values given in a param group are rejected as well."""
+    m = make_model()
+    with pytest.raises(case.exc, match=case.match):
+        case.cls([{"params": [m.fc1.weight]}, {"params": [m.fc2.weight], **case.kwargs}])
+
+
+@cfgs
+def test_sparse_gradients_raise(cfg):
+    emb = nn.Embedding(10, 16, sparse=True)
+    opt = cfg.make(emb.parameters())
+    emb(torch.tensor([1, 2, 3])).sum().backward()
+    assert emb.weight.grad.is_sparse
+    w0 = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(emb.weight, w0)
+
+
+@cfgs
+def test_complex_parameters_raise(cfg):
+    with pytest.raises(ValueError, match=r"[Cc]omplex"):
+        cfg.make([nn.Parameter(torch.zeros(4, 4, dtype=torch.complex64))])
+
+
+def test_empty_parameter_list_raises():
+    with pytest.raises(ValueError, match="empty"):
+        lo.GaLoreAdamW([])
+
+
+# ---- galore-torch group format and param_groups() ----------------------------------------
+
+
+def test_param_groups_helper():
+    torch.manual_seed(0)
+    model = Block()
+    groups = lo.param_groups(model, rank=4, target_modules=("attn", "mlp"), update_proj_gap=7)
+    assert len(groups) == 2
+    plain, proj = groups
+    assert "rank" not in plain and proj["rank"] == 4 and proj["update_proj_gap"] == 7
+    expected = {id(model.attn["q"].weight), id(model.attn["o"].weight),
+                id(model.mlp[0].weight), id(model.mlp[2].weight)}
+    assert {id(p) for p in proj["params"]} == expected
+    all_ids = {id(p) for p in model.parameters()}
+    assert {id(p) for p in plain["params"]} == all_ids - expected
+
+    opt = lo.GaLoreAdamW(groups, lr=1e-2)
+    assert opt.param_groups[0]["rank"] is None
+    assert opt.param_groups[1]["update_proj_gap"] == 7
+    tok = torch.randint(0, 10, (8,))
+    model(tok).square().mean().backward()
+    opt.step()
+    for p in model.parameters():
+        assert ("proj_side" in opt.state[p]) == (id(p) in expected)
+
+    with pytest.raises(ValueError, match=r"rank: 0"):
+        lo.param_groups(model, rank=0)
+    with pytest.raises(TypeError, match="string"):
+        lo.param_groups(model, rank=4, target_modules="attn")
+    with pytest.raises(ValueError, match="decoder"):
+        lo.param_groups(model, rank=4, target_modules=("decoder",))
+    every = lo.param_groups(model, rank=4, target_modules=None)
+    assert len(every[1]["params"]) == 5  # head included
+
+
+def test_group_format_rankless_groups_are_plain():
+    """galore-torch's format: when some group names `rank`, the others are plain AdamW,
+    also for groups added later and in a deepcopy."""
+    m = make_model()
+    opt = lo.GaLoreAdamW([{"params": [m.emb.weight, m.fc1.bias]},
+                          {"params": [m.fc1.weight], "rank": 4, "update_proj_gap": 3}],
+                         lr=1e-2)
+    opt.add_param_group({"params": [m.fc2.weight]})
+    o2 = copy.deepcopy(opt)
+    o2.add_param_group({"params": [nn.Parameter(torch.zeros(4, 4))]})
+    assert [g["rank"] for g in opt.param_groups] == [None, 4, None]
+    assert [g["rank"] for g in o2.param_groups] == [None, 4, None, None]
+    train(m, opt, make_batches(2))
+    assert "proj_side" in opt.state[m.fc1.weight]
+    assert "proj_side" not in opt.state[m.emb.weight]
+    assert "proj_side" not in opt.state[m.fc2.weight]
+    assert opt.state[m.fc2.weight]["exp_avg"].shape == m.fc2.weight.shape
+
+    # plain parameters (no dicts): every 2-D parameter is projected, 1-D ones are not
+    m = make_model()
+    opt = lo.GaLoreAdamW(m.parameters(), lr=1e-2, rank=4)
+    train(m, opt, make_batches(1))
+    for p in m.parameters():
+        assert ("proj_side" in opt.state[p]) == (p.dim() == 2)
+
+
+@pytest.mark.parametrize("policy", ["keep", "project", "reset"])
+def test_adafactor_per_group_beta1(policy):
+    """beta1 is a per-group option: a group without a first moment goes through every
+    refresh policy (``project`` rotates only the moments a state has)."""
+    m = make_model()
+    opt = lo.GaLoreAdafactor([{"params": [m.emb.weight, m.fc1.weight], "beta1": None},
+                              {"params": [m.fc2.weight, m.fc1.bias, m.fc2.bias]}],
+                             lr=1e-2, beta1=0.9, rank=4, update_proj_gap=2,
+                             state_on_refresh=policy)
+    losses = train(m, opt, make_batches(4) * 5)
+    assert losses[-1] < losses[0]
+    assert "exp_avg" not in opt.state[m.fc1.weight]
+    assert opt.state[m.fc2.weight]["exp_avg"].shape == (4, 32)
+    m2 = make_model()
+    o2 = lo.GaLoreAdafactor([{"params": [m2.emb.weight, m2.fc1.weight], "beta1": None},
+                             {"params": [m2.fc2.weight, m2.fc1.bias, m2.fc2.bias]}])
+    o2.load_state_dict(roundtrip(opt.state_dict()))  # the groups' beta1 come with it
+    assert o2.param_groups[0]["beta1"] is None and o2.param_groups[0]["lr"] == 1e-2
+    m2.load_state_dict(m.state_dict())
+    train(m, opt, make_batches(3))
+    train(m2, o2, make_batches(3))
+    assert_params_equal(m, m2)
+
+
+@pytest.mark.parametrize("stagger", [True, False])
+def test_stagger_spreads_refreshes(stagger):
+    """stagger=True: matrix i of N has its second refresh at round(T (i+1) / N); else all
+    refresh at 0, T, 2T (galore-torch)."""
+    m = make_model()
+    opt = lo.GaLoreAdamW(m.parameters(), rank=4, update_proj_gap=6, stagger=stagger)
+    mats = [m.emb.weight, m.fc1.weight, m.fc2.weight]
+    refreshed = {id(p): [] for p in mats}
+    for k, b in enumerate(make_batches(14)):
+        counts = [opt.state[p].get("refresh_count", 0) for p in mats]
+        train(m, opt, [b])
+        for p, c in zip(mats, counts):
+            if opt.state[p]["refresh_count"] > c:
+                refreshed[id(p)].append(k)
+    if stagger:
+        assert list(refreshed.values()) == [[0, 2, 8], [0, 4, 10], [0, 6, 12]]
+    else:
+        assert list(refreshed.values()) == [[0, 6, 12]] * 3
