@@ -151,18 +151,29 @@ class LowRankOptimizer(Optimizer):
             if policy.due(state, state["step"]):
                 self._refresh(p, g, group, state, proj, policy)
             d = self._inner(state, proj.project(state, g), state["step"] + 1, group)
-            u = proj.project_back(state, d, g).mul_(group["scale"])
         else:
-            u = self._inner(state, g, state["step"] + 1, group)
+            proj, d = None, self._inner(state, g, state["step"] + 1, group)
         state["step"] += 1
-        self._apply(p, u, group, state)
+        self._apply(p, d, group, state, proj)
 
-    def _apply(self, p: Tensor, u: Tensor, group: dict, state: dict) -> None:
-        """Decoupled weight decay, then ``p -= lr * u`` (as torch.optim.AdamW)."""
+    def _apply(self, p: Tensor, d: Tensor, group: dict, state: dict,
+               proj: Optional[Projector]) -> None:
+        """Write the update of direction ``d`` into ``p`` (subclasses with another
+        storage for ``p``, such as integer codes, override this around :meth:`_update_`)."""
+        self._update_(p, d, group, state, proj)
+
+    @staticmethod
+    def _update_(w: Tensor, d: Tensor, group: dict, state: dict,
+                 proj: Optional[Projector]) -> None:
+        """``w ← w·(1 − lr·wd) − lr·u``, ``u = scale·project_back(d)`` or ``u = d``:
+        decoupled weight decay and the step, in full space, as torch.optim.AdamW."""
         lr, wd = group["lr"], group["weight_decay"]
         if wd:
-            p.mul_(1 - lr * wd)
-        p.add_(u, alpha=-lr)  # float32 u: one rounding into a low-precision p
+            w.mul_(1 - lr * wd)
+        if proj is None:
+            w.add_(d, alpha=-lr)  # float32 d: one rounding into a low-precision w
+        else:
+            proj.add_back_(state, w, d, alpha=-lr * group["scale"])
 
     def _refresh(self, p, g, group, state, proj: Projector, policy) -> None:
         """New basis, then the ``state_on_refresh`` policy on the inner state."""

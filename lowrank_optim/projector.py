@@ -231,6 +231,17 @@ class Projector:
             out = out @ right.T
         return out
 
+    def add_back_(self, state: dict, target: Tensor, low: Tensor, alpha: float) -> Tensor:
+        """``target += alpha · project_back(low)`` in place. For a float32 ``target`` and a
+        one-sided basis this is one fused GEMM (``addmm_``): the full-size update is
+        never materialised. Other dtypes get a float32 update and a single rounding."""
+        left, right = self._bases(state, target)
+        if target.dtype == torch.float32 and (left is None) != (right is None):
+            if left is not None:
+                return target.addmm_(left, low.float(), alpha=alpha)
+            return target.addmm_(low.float(), right.T, alpha=alpha)
+        return target.add_(self.project_back(state, low, target), alpha=alpha)
+
     def low_rank_shape(self, state: dict, shape) -> tuple[int, int]:
         """Shape of ``project``'s output for a parameter of ``shape``."""
         m, n = shape
