@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import nn as qnn
 from .projector import PROJ_TYPES, SVD_METHODS, Projector, overlap
 from .refresh import FixedGap
 
@@ -128,8 +129,14 @@ class LowRankOptimizer(Optimizer):
         i = next(k for k, q in enumerate(mats) if q is p)
         return max(1, round(group["update_proj_gap"] * (i + 1) / len(mats)))
 
+    @staticmethod
+    def _raw_grad(p: Tensor) -> Optional[Tensor]:
+        """``p.grad``, or for an integer-coded weight (:class:`~lowrank_optim.nn.QuantLinear`)
+        the float gradient its backward left in ``p.quant_grad``."""
+        return p.grad if p.grad is not None else getattr(p, "quant_grad", None)
+
     def _grad(self, p: Tensor, group: dict) -> Tensor:
-        g = p.grad
+        g = self._raw_grad(p)
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         return -g if group.get("maximize") else g
@@ -137,7 +144,7 @@ class LowRankOptimizer(Optimizer):
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:
         """Update one parameter from its ``.grad`` (the unit the hook engine calls)."""
-        if p.grad is None:
+        if self._raw_grad(p) is None:
             return
         g = self._grad(p, group)
         state = self.state[p]
@@ -158,9 +165,28 @@ class LowRankOptimizer(Optimizer):
 
     def _apply(self, p: Tensor, d: Tensor, group: dict, state: dict,
                proj: Optional[Projector]) -> None:
-        """Write the update of direction ``d`` into ``p`` (subclasses with another
-        storage for ``p``, such as integer codes, override this around :meth:`_update_`)."""
-        self._update_(p, d, group, state, proj)
+        """Write the update of direction ``d`` into ``p``.
+
+        An integer-coded weight is dequantized (this layer only), updated in float32 and
+        requantized with fresh per-group ranges, by stochastic rounding when the group's
+        ``stochastic_round`` is true (the default), so updates smaller than one
+        quantization step survive on average (Q-GaLore); its gradient is then freed. The
+        rounding noise comes from a generator seeded by the parameter's index and step,
+        so a resumed run draws the same noise as an uninterrupted one.
+        """
+        if not qnn.is_quantized(p):
+            return self._update_(p, d, group, state, proj)
+        w = qnn.dequantized_weight(p)
+        self._update_(w, d, group, state, proj)
+        gen = None
+        if group.get("stochastic_round", True):
+            if "sr_seed" not in state:
+                state["sr_seed"] = next(i for i, q in enumerate(
+                    q for g in self.param_groups for q in g["params"]) if q is p)
+            gen = torch.Generator(device=w.device).manual_seed(
+                (state["sr_seed"] + 1) * 1_000_003 + state["step"])
+        qnn.store_weight_(p, w, stochastic=gen is not None, generator=gen)
+        p.quant_grad = None
 
     @staticmethod
     def _update_(w: Tensor, d: Tensor, group: dict, state: dict,
@@ -220,9 +246,16 @@ class LowRankOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if self._raw_grad(p) is not None:
                     self.step_param(p, group)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if getattr(p, "quant_grad", None) is not None:
+                    p.quant_grad = None if set_to_none else p.quant_grad.zero_()
 
     def register_hooks(self, model: torch.nn.Module, **kwargs):
         """Per-layer updates fused into backward; see :func:`lowrank_optim.hooks.register_hooks`."""

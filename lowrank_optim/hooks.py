@@ -3,7 +3,9 @@
 ``handle = opt.register_hooks(model)`` registers, on every parameter of ``model`` that
 ``opt`` optimizes, a ``Tensor.register_post_accumulate_grad_hook``. When a parameter's
 gradient is complete, the hook updates that parameter with ``opt.step_param(p, group)``
-and frees its gradient (``p.grad = None``). Only one layer's gradient is alive at a
+and frees its gradient (``p.grad = None``). Integer-coded weights
+(:class:`~lowrank_optim.nn.QuantLinear`) cannot carry autograd hooks; their backward calls
+the same hook after writing ``p.quant_grad``. Only one layer's gradient is alive at a
 time, so peak memory drops by roughly the total gradient size minus the largest
 parameter's. It stays one optimizer: ``state_dict``/``load_state_dict``, param groups and
 LR schedulers (``scheduler.step()`` once per optimizer step) work unchanged, and a stray
@@ -35,6 +37,16 @@ from typing import Optional
 import torch
 
 __all__ = ["register_hooks", "HooksHandle"]
+
+
+class _AttrHandle:
+    """Removable handle for the hook attribute of an integer-coded weight."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def remove(self) -> None:
+        self.p.__dict__.pop("lowrank_hook", None)
 
 
 class HooksHandle:
@@ -89,13 +101,23 @@ def register_hooks(optimizer, model: torch.nn.Module, accumulation_steps: int = 
             return
         counts.pop(p, None)
         if max_grad_norm_per_param is not None:
-            torch.nn.utils.clip_grad_norm_([p], max_grad_norm_per_param)
+            g = optimizer._raw_grad(p)  # clip_grad_norm_'s rule, on this gradient alone
+            coef = max_grad_norm_per_param / (torch.linalg.vector_norm(g.float()) + 1e-6)
+            g.mul_(coef.clamp(max=1.0).to(g.dtype))
         optimizer.step_param(p, optimizer.param_groups[group_of[p]])
         p.grad = None
+        if hasattr(p, "quant_grad"):
+            p.quant_grad = None
         # what torch's LR-scheduler wrapper of opt.step() records: without it the first
         # scheduler.step() warns, wrongly here, that it was called before optimizer.step()
         optimizer._opt_called = True
 
-    handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
+    handles = []
+    for p in params:
+        if p.requires_grad:
+            handles.append(p.register_post_accumulate_grad_hook(hook))
+        elif not p.is_floating_point():  # QuantLinear codes: their backward calls the hook
+            p.lowrank_hook = hook
+            handles.append(_AttrHandle(p))
     optimizer._hooks = HooksHandle(optimizer, handles, counts)
     return optimizer._hooks
