@@ -171,8 +171,9 @@ class LowRankOptimizer(Optimizer):
         requantized with fresh per-group ranges, by stochastic rounding when the group's
         ``stochastic_round`` is true (the default), so updates smaller than one
         quantization step survive on average (Q-GaLore); its gradient is then freed. The
-        rounding noise comes from a generator seeded by the parameter's index and step,
-        so a resumed run draws the same noise as an uninterrupted one.
+        rounding noise comes from a generator seeded by the group's ``seed``, the
+        parameter's index and its step, so a resumed run draws the same noise as an
+        uninterrupted one.
         """
         if not qnn.is_quantized(p):
             return self._update_(p, d, group, state, proj)
@@ -180,11 +181,12 @@ class LowRankOptimizer(Optimizer):
         self._update_(w, d, group, state, proj)
         gen = None
         if group.get("stochastic_round", True):
-            if "sr_seed" not in state:
-                state["sr_seed"] = next(i for i, q in enumerate(
+            if "sr_index" not in state:
+                state["sr_index"] = next(i for i, q in enumerate(
                     q for g in self.param_groups for q in g["params"]) if q is p)
+            seed = (group.get("seed", 0) * 1_000_003 + state["sr_index"]) * 1_000_003
             gen = torch.Generator(device=w.device).manual_seed(
-                (state["sr_seed"] + 1) * 1_000_003 + state["step"])
+                (seed + state["step"]) % 2 ** 63)
         qnn.store_weight_(p, w, stochastic=gen is not None, generator=gen)
         p.quant_grad = None
 
@@ -256,6 +258,17 @@ class LowRankOptimizer(Optimizer):
             for p in group["params"]:
                 if getattr(p, "quant_grad", None) is not None:
                     p.quant_grad = None if set_to_none else p.quant_grad.zero_()
+
+    def basis(self, p: Tensor) -> Optional[Tensor]:
+        """The current float32 basis of a projected parameter (``U_r``, m×r, for a left
+        or two-sided projection; ``V_r``, n×r, for a right one; dequantized when stored
+        quantized), or ``None`` before its first refresh or for a plain parameter."""
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        state = self.state.get(p, {})
+        if not self.is_projected(p, group) or "proj_side" not in state:
+            return None
+        left, right = self._projector(group)._bases(state, p)
+        return left if left is not None else right
 
     def register_hooks(self, model: torch.nn.Module, **kwargs):
         """Per-layer updates fused into backward; see :func:`lowrank_optim.hooks.register_hooks`."""

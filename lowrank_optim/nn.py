@@ -104,7 +104,7 @@ class QuantLinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits,
                     group_size, symmetric, device=w.device,
                     dtype=None if linear.bias is None else linear.bias.dtype)
-        layer.store_weight_(quant.quantize(w, bits, group_size, symmetric))
+        layer.store_weight_(quant.quantize(w, bits, group_size, symmetric, pack=False))
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         return layer
@@ -153,7 +153,7 @@ def store_weight_(p: Tensor, w: Tensor, stochastic: bool,
     with stochastic rounding when asked so small updates survive on average."""
     owner = p.quant_owner
     owner.store_weight_(quant.quantize(w, owner.bits, owner.group_size, owner.symmetric,
-                                       stochastic=stochastic, generator=generator))
+                                       stochastic=stochastic, generator=generator, pack=False))
 
 
 def quantize_weights(model: nn.Module, bits: int = 8, group_size: int = 256,

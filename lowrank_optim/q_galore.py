@@ -17,17 +17,20 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
                  update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
                  proj_bits: Optional[int] = 4, proj_group_size: int = 256,
                  cos_threshold: float = 0.4, gamma_proj: float = 2, queue_size: int = 5,
-                 stochastic_round: bool = True, svd: str = "exact",
+                 stochastic_round: bool = True, seed: int = 0, svd: str = "exact",
                  state_on_refresh: str = "keep", stagger: bool = True,
                  min_8bit_size: int = 4096, *, maximize: bool = False):
         LowRankOptimizer.__init__(self, params, _galore_defaults(
             lr, weight_decay, rank, update_proj_gap, scale, proj_type, svd, state_on_refresh,
             stagger, maximize, betas=betas, eps=eps, min_8bit_size=min_8bit_size,
             proj_bits=proj_bits, proj_group_size=proj_group_size, cos_threshold=cos_threshold,
-            gamma_proj=gamma_proj, queue_size=queue_size, stochastic_round=stochastic_round))
+            gamma_proj=gamma_proj, queue_size=queue_size, stochastic_round=stochastic_round,
+            seed=seed))
 
     def _validate_group(self, g: dict) -> None:
         super()._validate_group(g)
+        if not isinstance(g["seed"], int) or isinstance(g["seed"], bool) or g["seed"] < 0:
+            raise ValueError(f"Invalid seed: {g['seed']!r} (expected an int >= 0)")
         if g.get("rank") is not None:
             self._projector(g)
             LazyCosine(g["update_proj_gap"], 0, threshold=g["cos_threshold"],
@@ -104,6 +107,7 @@ Args:
     gamma_proj (float): :math:`\gamma \ge 1`, gap growth. Default 2.
     queue_size (int): :math:`k`. Default 5.
     stochastic_round (bool): SR (default) or round-to-nearest for INT8 weights.
+    seed (int): seed of the rounding noise (with the parameter's index and step).
 
 Example:
     >>> import torch, lowrank_optim as lo

@@ -20,7 +20,7 @@ A group whose values are all equal gets scale 1 (asymmetric: exact; symmetric: e
 when the value is 0). The offset is a float, not a rounded integer zero-point, so the
 half-step bound holds for every input, including groups that do not contain 0.
 
-Codes of ``bits <= 4`` are packed two per byte (low nibble first). NF4 (the 16-level
+Codes of ``bits <= 4`` are packed two per byte (low nibble first) unless ``pack=False``. NF4 (the 16-level
 normal-float code of QLoRA, absmax blocks) goes through ``bitsandbytes.functional``.
 
 A quantized value is a :class:`QTensor`: plain tensors plus its shape and format. In
@@ -104,10 +104,13 @@ def unpack_nibbles(packed: Tensor, numel: int) -> Tensor:
 
 
 def quantize(x: Tensor, bits: int = 8, group_size: int = 256, symmetric: bool = False,
-             stochastic: bool = False, generator: Optional[torch.Generator] = None) -> QTensor:
+             stochastic: bool = False, generator: Optional[torch.Generator] = None,
+             pack: bool = True) -> QTensor:
     """Quantize ``x`` group-wise to ``bits``-bit integer codes (see the module docstring).
 
     ``stochastic=True`` rounds stochastically (unbiased) instead of to nearest.
+    ``pack=False`` keeps codes of ``bits <= 4`` one per byte (for layers that index
+    them by position); :func:`dequantize` accepts both.
     """
     fmt = "sym" if symmetric else "asym"
     _check(bits, group_size, fmt)
@@ -129,7 +132,7 @@ def quantize(x: Tensor, bits: int = 8, group_size: int = 256, symmetric: bool = 
         codes = rnd((g - lo[:, None]) / scale[:, None]).clamp_(0, qmax).to(torch.uint8)
         offset = lo
     codes = codes.reshape(-1)[: x.numel()]
-    if bits <= 4:
+    if bits <= 4 and pack:
         codes = pack_nibbles(codes)
     return QTensor(codes, scale, offset, x.shape, bits, group_size, fmt)
 
@@ -160,7 +163,8 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> Tensor:
     if q.fmt == "nf4":
         return nf4_dequantize(q, dtype)
     numel = math.prod(q.shape)
-    codes = unpack_nibbles(q.codes, numel) if q.bits <= 4 else q.codes.reshape(-1)
+    packed = q.bits <= 4 and q.codes.numel() < numel
+    codes = unpack_nibbles(q.codes, numel) if packed else q.codes.reshape(-1)
     pad = (-numel) % q.group_size
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])

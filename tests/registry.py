@@ -72,6 +72,14 @@ CONFIGS = [
     OptConfig("galore_adafactor_no_beta1", lo.GaLoreAdafactor, dict(_G, beta1=None)),
     OptConfig("galore_adafactor_project", lo.GaLoreAdafactor,
               dict(_G, beta1=0.9, state_on_refresh="project")),
+    # Q-GaLore's optimizer mechanics on float weights: INT4 basis (groups of 32 so the
+    # small bases have several), lazy refresh after 2 similar SVDs, 8-bit moments.
+    # Quantized weights have their own tests (tests/test_q_galore.py).
+    OptConfig("q_galore", lo.QGaLoreAdamW8bit,
+              dict(_G, min_8bit_size=64, proj_group_size=32, queue_size=2)),
+    OptConfig("q_galore_project", lo.QGaLoreAdamW8bit,
+              dict(_G, min_8bit_size=64, proj_group_size=32, queue_size=2,
+                   state_on_refresh="project")),
 ]
 
 BY_ID = {c.id: c for c in CONFIGS}
@@ -93,8 +101,8 @@ class ErrorCase:
         return self.id
 
 
-_ADAMW_LIKE = (lo.GaLoreAdamW, lo.GaLoreAdamW8bit)
-_ALL = (lo.GaLoreAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor)
+_ADAMW_LIKE = (lo.GaLoreAdamW, lo.GaLoreAdamW8bit, lo.QGaLoreAdamW8bit)
+_ALL = (lo.GaLoreAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor, lo.QGaLoreAdamW8bit)
 
 
 def _each(classes, id, kwargs, exc, match):
@@ -124,6 +132,16 @@ ERRORS = [
               ValueError, r"min_8bit_size: -1\b"),
     ErrorCase("GaLoreAdamW8bit-min_8bit_size_str", lo.GaLoreAdamW8bit,
               dict(min_8bit_size="big"), ValueError, r"min_8bit_size: 'big'"),
+    ErrorCase("QGaLoreAdamW8bit-proj_bits", lo.QGaLoreAdamW8bit, dict(proj_bits=1),
+              ValueError, r"bits: 1\b"),
+    ErrorCase("QGaLoreAdamW8bit-proj_group_size", lo.QGaLoreAdamW8bit,
+              dict(proj_group_size=0), ValueError, r"group_size: 0\b"),
+    ErrorCase("QGaLoreAdamW8bit-cos_threshold", lo.QGaLoreAdamW8bit, dict(cos_threshold=1.5),
+              ValueError, r"cos_threshold: 1\.5"),
+    ErrorCase("QGaLoreAdamW8bit-gamma_proj", lo.QGaLoreAdamW8bit, dict(gamma_proj=0.5),
+              ValueError, r"gamma_proj: 0\.5"),
+    ErrorCase("QGaLoreAdamW8bit-queue_size", lo.QGaLoreAdamW8bit, dict(queue_size=0),
+              ValueError, r"queue_size: 0\b"),
     ErrorCase("GaLoreAdafactor-beta1", lo.GaLoreAdafactor, dict(beta1=1.0), ValueError,
               r"beta1: 1\.0"),
     ErrorCase("GaLoreAdafactor-clip_threshold", lo.GaLoreAdafactor, dict(clip_threshold=0.0),

@@ -97,7 +97,8 @@ def test_per_group_rank(cfg):
     train(m, opt, make_batches(2))
     assert "proj_side" not in opt.state[m.emb.weight]
     assert "proj_side" not in opt.state[m.fc2.weight]
-    basis = opt.state[m.fc1.weight]["proj"]
+    assert opt.basis(m.emb.weight) is None and opt.basis(m.fc2.weight) is None
+    basis = opt.basis(m.fc1.weight)
     assert 2 in basis.shape and basis.shape[1] == 2
 
 
