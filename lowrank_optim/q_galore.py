@@ -18,7 +18,7 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
                  proj_bits: Optional[int] = 4, proj_group_size: int = 256,
                  cos_threshold: float = 0.4, gamma_proj: float = 2, queue_size: int = 5,
                  stochastic_round: bool = True, seed: int = 0, svd: str = "exact",
-                 state_on_refresh: str = "keep", stagger: bool = True,
+                 state_on_refresh: str = "project", stagger: bool = True,
                  min_8bit_size: int = 4096, *, maximize: bool = False):
         LowRankOptimizer.__init__(self, params, _galore_defaults(
             lr, weight_decay, rank, update_proj_gap, scale, proj_type, svd, state_on_refresh,
