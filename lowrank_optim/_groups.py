@@ -11,9 +11,9 @@ __all__ = ["param_groups"]
 def param_groups(model: torch.nn.Module, rank: int = 128,
                  target_modules: Optional[Iterable[str]] = ("attn", "mlp"),
                  **projected_options) -> list[dict]:
-    """Two param groups in galore-torch's format: the weights of ``nn.Linear`` modules
-    whose qualified name contains one of ``target_modules`` (all Linear layers when it
-    is ``None``) get ``rank`` and ``projected_options`` (e.g. ``update_proj_gap``,
+    """Two param groups in galore-torch's format: the weights of ``nn.Linear`` (and
+    :class:`~lowrank_optim.nn.QuantLinear`) modules whose qualified name contains one of
+    ``target_modules`` (all such layers when it is ``None``) get ``rank`` and ``projected_options`` (e.g. ``update_proj_gap``,
     ``scale``, ``proj_type``); every other trainable parameter (embeddings, output head,
     norms, biases) goes to a plain group. This is the papers' choice:
     ``target_modules=("attn", "mlp")`` on LLaMA. Empty groups are left out.
@@ -23,10 +23,13 @@ def param_groups(model: torch.nn.Module, rank: int = 128,
     targets = None if target_modules is None else tuple(target_modules)
     if isinstance(target_modules, str):
         raise TypeError("target_modules must be an iterable of strings, not a string")
+    from .nn import QuantLinear
+
     chosen = set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad and (
-                targets is None or any(t in name for t in targets)):
+        trainable = isinstance(module, QuantLinear) or (
+            isinstance(module, torch.nn.Linear) and module.weight.requires_grad)
+        if trainable and (targets is None or any(t in name for t in targets)):
             chosen.add(module.weight)
     if not chosen:
         raise ValueError(f"No nn.Linear module name contains any of {targets!r}")

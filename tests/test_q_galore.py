@@ -326,3 +326,16 @@ def test_quantized_weight_bits_other_than_8():
     assert sum(losses[-5:]) < sum(losses[:5])
     w = m.attn["q"].weight
     assert w.shape == (64, 32) and w.dtype == torch.uint8 and int(w.max()) <= 15
+
+
+def test_param_groups_selects_quantized_layers():
+    m = quantized_model()
+    groups = lo.param_groups(m, rank=4, target_modules=("attn", "mlp"))
+    projected = groups[-1]["params"]
+    assert {id(p) for p in projected} == {id(m.attn["q"].weight), id(m.attn["o"].weight),
+                                         id(m.mlp[0].weight), id(m.mlp[2].weight)}
+    assert all(p.is_floating_point() for p in groups[0]["params"])
+    opt = lo.QGaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=64, proj_group_size=32)
+    losses = run(m, opt, batches(20))
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert opt.basis(m.embed.weight) is None and opt.basis(m.attn["q"].weight) is not None

@@ -1,0 +1,247 @@
+"""Exact vs randomized SVD for the projector basis, at LLaMA-1B matrix shapes.
+
+GaLore recomputes every projected matrix's basis from its gradient once per
+``update_proj_gap`` steps; at 1B scale that SVD is the most expensive thing the optimizer
+does. This script times ``lowrank_optim.projector.compute_basis`` with
+``svd="exact"`` (``torch.linalg.svd``, O(m n min(m, n))) and ``svd="randomized"``
+(``torch.svd_lowrank`` with ``rank + oversample`` columns and ``niter`` power
+iterations, O(m n r)) on the shapes of LLaMA-1B (hidden 2048, intermediate 5461:
+attention 2048x2048, MLP 2048x5461) for ranks 128 and 512.
+
+Test matrices are gradient-like and seeded: G = U diag(s) V^T + E with U, V random
+orthonormal (QR of Gaussian matrices), s_k = k^-decay for k = 1..min(m, n) (decay 1 by
+default), and Gaussian noise E scaled so that ||E||_F = noise * ||U diag(s) V^T||_F.
+
+Reported per (shape, rank): the median wall time of ``--repeats`` calls of each method
+(after ``--warmup`` untimed calls; exact and randomized calls alternate so that a noisy
+stretch on a shared machine hits both), the time ratio exact / randomized, and the
+fraction of gradient energy the basis captures, ||P^T G||_F^2 / ||G||_F^2 for the side
+GaLore's ``proj_type="std"`` keeps (left basis U_r when m < n, else right basis V_r, with
+||G V_r||_F^2). The exact SVD's fraction is the optimum over all rank-r bases
+(Eckart-Young); the randomized fraction is at most that. Also reported: the subspace
+overlap ||P_exact^T P_rand||_F^2 / r of the two bases (1 = same subspace).
+
+Results are printed as Markdown and written, with torch version, device, thread count,
+date and the exact command line, to ``--out`` (default ``benchmarks/results/svd.md``;
+``--quick`` writes ``benchmarks/results/svd_quick.md`` unless ``--out`` is given).
+
+Command lines (from the repository root):
+
+    python benchmarks/bench_svd.py --quick      # smoke test: small shapes, seconds
+    python benchmarks/bench_svd.py              # full: 2048x2048 and 2048x5461, ranks 128, 512
+    python benchmarks/bench_svd.py --ranks 64,128,256,512 --repeats 5
+    python benchmarks/bench_svd.py --niter 0 --oversample 16   # cheaper randomized SVD
+    python benchmarks/bench_svd.py --device cuda               # the same on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+# -------------------------------------------------------------------------------------
+# defaults (LLaMA-1B: hidden 2048, intermediate 5461)
+shapes = "2048x2048,2048x5461"
+ranks = "128,512"
+quick_shapes = "256x256,256x683"   # the same aspect ratios, 8x smaller
+quick_ranks = "16,64"
+repeats = 3             # timed calls per method; the median is reported
+warmup = 1              # untimed calls per method before timing
+oversample = 8          # randomized SVD: rank + oversample columns (the projector's default)
+niter = 2               # randomized SVD: power iterations (the projector's default)
+decay = 1.0             # singular values s_k = k ** -decay
+noise = 0.05            # ||noise||_F / ||low-rank part||_F
+seed = 0
+threads = None          # torch intra-op threads; None = torch's default
+device = "auto"         # "auto": cuda when available, else cpu
+out = None              # None: benchmarks/results/svd.md (svd_quick.md with --quick)
+# -------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # run from a checkout without installing the package
+
+import torch  # noqa: E402
+
+from lowrank_optim.projector import LEFT, choose_side, compute_basis  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=None,
+                   help=f"comma-separated MxN shapes (default {shapes}; --quick: {quick_shapes})")
+    p.add_argument("--ranks", default=None,
+                   help=f"comma-separated ranks (default {ranks}; --quick: {quick_ranks})")
+    p.add_argument("--quick", action="store_true", help="small shapes and ranks, for smoke tests")
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--oversample", type=int, default=oversample)
+    p.add_argument("--niter", type=int, default=niter)
+    p.add_argument("--decay", type=float, default=decay)
+    p.add_argument("--noise", type=float, default=noise)
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--device", default=device)
+    p.add_argument("--out", default=out)
+    a = p.parse_args(argv)
+    a.shapes = a.shapes or (quick_shapes if a.quick else shapes)
+    a.ranks = a.ranks or (quick_ranks if a.quick else ranks)
+    a.out = a.out or os.path.join(HERE, "results", "svd_quick.md" if a.quick else "svd.md")
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.repeats < 1 or a.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return a
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        m, n = item.lower().split("x")
+        out.append((int(m), int(n)))
+    return out
+
+
+def gradient_like(m: int, n: int, decay_: float, noise_: float, seed_: int,
+                  dev: torch.device) -> torch.Tensor:
+    """U diag(s) V^T + E: s_k = k^-decay, random orthonormal U, V, relative noise."""
+    gen = torch.Generator().manual_seed(seed_)
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen).to(dev))[0]
+    v = torch.linalg.qr(torch.randn(n, k, generator=gen).to(dev))[0]
+    s = torch.arange(1, k + 1, dtype=torch.float32, device=dev) ** -decay_
+    g = (u * s) @ v.T
+    e = torch.randn(m, n, generator=gen).to(dev)
+    return g + e * (noise_ * g.norm() / e.norm())
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev: torch.device):
+    sync(dev)
+    t0 = time.perf_counter()
+    res = fn()
+    sync(dev)
+    return time.perf_counter() - t0, res
+
+
+def energy(g: torch.Tensor, basis: torch.Tensor, side: int) -> float:
+    low = basis.T @ g if side == LEFT else g @ basis
+    return float(low.double().square().sum() / g.double().square().sum())
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu ({model or 'unknown'}, {os.cpu_count()} CPUs)"
+
+
+def load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
+def main(argv=None) -> str:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    shape_list = parse_shapes(a.shapes)
+    rank_list = [int(r) for r in a.ranks.split(",")]
+    started = time.perf_counter()
+    load_start = load_average()
+    command = "python " + shlex.join(
+        [os.path.relpath(sys.argv[0], ROOT) if sys.argv[0].endswith(".py") else sys.argv[0]]
+        + sys.argv[1:])
+
+    rows = []
+    for (m, n) in shape_list:
+        g = gradient_like(m, n, a.decay, a.noise, a.seed, dev)
+        side = choose_side((m, n), "std")
+        for r in rank_list:
+            calls = {
+                "exact": lambda: compute_basis(g, r, "exact"),
+                "randomized": lambda: compute_basis(g, r, "randomized",
+                                                    oversample=a.oversample, niter=a.niter),
+            }
+            for _ in range(a.warmup):
+                for fn in calls.values():
+                    timed(fn, dev)
+            times = {k: [] for k in calls}
+            bases = {}
+            for rep in range(a.repeats):
+                order = list(calls) if rep % 2 == 0 else list(calls)[::-1]
+                for name in order:
+                    t, (u, v) = timed(calls[name], dev)
+                    times[name].append(t)
+                    bases[name] = u if side == LEFT else v
+            med = {k: statistics.median(v) for k, v in times.items()}
+            e_ex = energy(g, bases["exact"], side)
+            e_rd = energy(g, bases["randomized"], side)
+            rr = bases["exact"].shape[1]
+            ov = float((bases["exact"].T @ bases["randomized"]).double().square().sum()) / rr
+            row = dict(shape=f"{m}×{n}", rank=r, side="left" if side == LEFT else "right",
+                       t_ex=med["exact"], t_rd=med["randomized"], e_ex=e_ex, e_rd=e_rd, ov=ov)
+            rows.append(row)
+            print(f"{m}x{n} rank {r}: exact {med['exact']:.3f} s, randomized "
+                  f"{med['randomized']:.3f} s, energy {e_ex:.5f} / {e_rd:.5f}", flush=True)
+        del g
+
+    header = ("| shape (m×n) | rank | basis side | exact s | randomized s | exact / randomized time "
+              "| energy exact (optimum) | energy randomized | randomized / exact energy "
+              "| subspace overlap |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    table = header + "".join(
+        f"| {w['shape']} | {w['rank']} | {w['side']} | {w['t_ex']:.3f} | {w['t_rd']:.3f} "
+        f"| {w['t_ex'] / w['t_rd']:.2f} | {w['e_ex']:.5f} | {w['e_rd']:.5f} "
+        f"| {w['e_rd'] / w['e_ex']:.5f} | {w['ov']:.4f} |\n" for w in rows)
+    total = time.perf_counter() - started
+    doc = (
+        "# bench_svd: exact vs randomized SVD for the projector basis\n\n"
+        f"- command: `{command}`\n"
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
+        f"- torch {torch.__version__}, Python {platform.python_version()}\n"
+        f"- device: {device_name(dev)}, {torch.get_num_threads()} torch threads; "
+        f"load average {load_start} at start, {load_average()} at end\n"
+        f"- total time: {total:.0f} s\n\n"
+        f"Gradient-like float32 matrices G = U diag(s) Vᵀ + E, s_k = k^-{a.decay:g} "
+        f"(k = 1..min(m, n)), ‖E‖_F = {a.noise:g}·‖U diag(s) Vᵀ‖_F, seed {a.seed}. "
+        "Time: median of "
+        f"{a.repeats} calls of `lowrank_optim.projector.compute_basis` after {a.warmup} "
+        "warm-up call(s), exact and randomized alternating. Exact: `torch.linalg.svd` "
+        "(full_matrices=False). Randomized: `torch.svd_lowrank` with q = rank + "
+        f"{a.oversample} columns and niter = {a.niter}. Energy: ‖PᵀG‖²/‖G‖² for the basis "
+        "side GaLore's `proj_type=\"std\"` keeps (left when m < n, else right); the exact "
+        "value is the optimum for that rank. Subspace overlap: ‖P_exactᵀ P_rand‖²_F / r.\n\n"
+        + table)
+    print()
+    print(doc)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write(doc)
+    print(f"written to {os.path.relpath(a.out, os.getcwd())}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

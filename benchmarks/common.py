@@ -1,0 +1,567 @@
+"""Shared pieces of the benchmarks: an offline corpus, a LLaMA-style model, the optimizer
+registry and measurement helpers.
+
+* Corpus: by default the Python standard library's own ``.py`` files (found through
+  ``sysconfig``; ``site-packages`` and test directories skipped), read in sorted order and
+  split by a hash of each file's relative path into train (~95%) and validation (~5%).
+  Tokens are bytes (vocabulary 256): nothing to download, nothing to train. ``load_corpus
+  (path)`` takes any other text file or folder instead.
+* Model: :class:`LlamaLM`, a compact LLaMA-style causal LM (RMSNorm, rotary positions,
+  SwiGLU MLP, ``scaled_dot_product_attention``, untied embedding and head) whose attention
+  and MLP modules are called ``attn`` and ``mlp``, so ``lowrank_optim.param_groups(model,
+  target_modules=("attn", "mlp"))`` picks exactly the papers' matrices. :data:`CONFIGS`
+  holds the papers' sizes and small CPU ones.
+* :data:`METHODS`: the optimizer registry (name -> :class:`Method`). A new method (Q-GaLore,
+  LoQT) is one :func:`register` call.
+* Measurement: exact bytes of weights / gradients / optimizer state, peak memory (VmHWM on
+  CPU, ``torch.cuda.max_memory_allocated`` on CUDA), a synchronising timer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------------------
+# Corpus
+# ---------------------------------------------------------------------------------------
+
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+@dataclass
+class Corpus:
+    """Byte tokens (``torch.uint8``, 1-D) of the train and validation splits."""
+
+    train: Tensor
+    val: Tensor
+    name: str
+    n_train_files: int
+    n_val_files: int
+
+    def describe(self) -> str:
+        size = lambda n: f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+        files = lambda n: f" ({n} files)" if self.n_val_files else ""
+        return (f"{self.name}: {size(self.train.numel())} train bytes{files(self.n_train_files)}"
+                f", {size(self.val.numel())} validation bytes{files(self.n_val_files)}")
+
+
+def _is_val(rel: str, val_fraction: float) -> bool:
+    """Deterministic file-level split: the first 8 bytes of sha1(relative path)."""
+    h = int.from_bytes(hashlib.sha1(rel.encode()).digest()[:8], "big")
+    return h / 2 ** 64 < val_fraction
+
+
+def _text_files(root: Path, suffixes: Optional[tuple], skip_dirs: set) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
+        for f in sorted(filenames):
+            if suffixes is None or f.endswith(suffixes):
+                out.append(Path(dirpath) / f)
+    return sorted(out)
+
+
+def load_corpus(path: Optional[str] = None, val_fraction: float = 0.05,
+                min_val_bytes: int = 1 << 16) -> Corpus:
+    """The default corpus (stdlib sources) or the text file / folder at ``path``.
+
+    Folders are split by file (hash of the relative path); files that look binary (a NUL
+    byte) are skipped. A single file, or a folder whose hash split leaves fewer than
+    ``min_val_bytes`` of validation text, is split by position instead: the last
+    ``val_fraction`` of the bytes is validation.
+    """
+    if path is None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files, name = _text_files(root, (".py",), SKIP_DIRS), f"python{sysconfig.get_python_version()} stdlib .py"
+    else:
+        root = Path(path)
+        if not root.exists():
+            raise FileNotFoundError(f"--data {path}: no such file or folder")
+        if root.is_file():
+            files, root, name = [root], root.parent, str(path)
+        else:
+            files, name = _text_files(root, None, {"__pycache__"}), str(path)
+    train, val, n_train, n_val = [], [], 0, 0
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue
+        if not data or b"\x00" in data:
+            continue
+        data = data if data.endswith(b"\n") else data + b"\n"
+        if _is_val(f.relative_to(root).as_posix(), val_fraction):
+            val.append(data)
+            n_val += 1
+        else:
+            train.append(data)
+            n_train += 1
+    if not train and not val:
+        raise ValueError(f"no text found in {name}")
+    if sum(map(len, val)) < min_val_bytes:  # too few files for a file-level split
+        blob = b"".join(train + val) if len(files) > 1 else b"".join(val + train)
+        cut = int(len(blob) * (1 - val_fraction))
+        train, val, n_train, n_val = [blob[:cut]], [blob[cut:]], n_train + n_val, 0
+        name += f" ({n_train} file{'s' * (n_train != 1)}, split by position)"
+    as_tensor = lambda parts: torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+    return Corpus(as_tensor(train), as_tensor(val), name, n_train, n_val)
+
+
+class Batches:
+    """Random training windows (seeded: every method sees the same data in the same order)
+    and fixed, evenly spaced validation windows."""
+
+    def __init__(self, corpus: Corpus, batch_size: int, seq_len: int, seed: int,
+                 eval_batches: int, device: torch.device):
+        need = seq_len + 1
+        for split, data in (("train", corpus.train), ("validation", corpus.val)):
+            if data.numel() <= need:
+                raise ValueError(f"{split} split has {data.numel()} bytes; "
+                                 f"need more than seq_len + 1 = {need}")
+        self.corpus, self.b, self.t, self.device = corpus, batch_size, seq_len, device
+        self.gen = torch.Generator().manual_seed(seed)
+        n_val = eval_batches * batch_size
+        starts = torch.linspace(0, corpus.val.numel() - need, n_val).long()
+        self.val = [self._windows(corpus.val, s) for s in starts.split(batch_size)]
+
+    def _windows(self, data: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
+        idx = starts[:, None] + torch.arange(self.t + 1)
+        w = data[idx].long().to(self.device, non_blocking=True)
+        return w[:, :-1], w[:, 1:]
+
+    def next_train(self) -> tuple[Tensor, Tensor]:
+        starts = torch.randint(0, self.corpus.train.numel() - self.t, (self.b,),
+                               generator=self.gen)
+        return self._windows(self.corpus.train, starts)
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    mlp_hidden: int
+    vocab_size: int = 256
+    seq_len: int = 256          # default training length (and the rotary table size)
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    # CPU sizes (byte vocabulary)
+    "micro": ModelConfig(64, 2, 2, 176, seq_len=64),
+    "tiny": ModelConfig(128, 4, 4, 344, seq_len=128),
+    "small": ModelConfig(256, 6, 4, 688, seq_len=256),
+    # the GaLore / Q-GaLore / LoQT papers' LLaMA sizes (their vocabulary is T5's 32000:
+    # pass vocab_size=32000 to match their embedding memory)
+    "llama_60m": ModelConfig(512, 8, 8, 1376),
+    "llama_130m": ModelConfig(768, 12, 12, 2048),
+    "llama_350m": ModelConfig(1024, 24, 16, 2736),
+    "llama_1b": ModelConfig(2048, 24, 32, 5461),
+    "llama_7b": ModelConfig(4096, 32, 32, 11008),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    key = name if name in CONFIGS else f"llama_{name}"
+    if key not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(CONFIGS[key], **overrides)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_table(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (first half, second half) of the head dimension (LLaMA/HF layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.dim % cfg.n_heads:
+            raise ValueError(f"dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}")
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
+        self.mlp_norm, self.mlp = RMSNorm(cfg.dim, cfg.norm_eps), MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaLM(nn.Module):
+    """LLaMA-style causal LM. Parameter names: ``embed``, ``layers.{i}.attn.{q,k,v,o}_proj``,
+    ``layers.{i}.mlp.{gate,up,down}_proj``, ``layers.{i}.{attn,mlp}_norm``, ``norm``,
+    ``lm_head``. Initialisation: normal(0, 0.02), residual outputs (``o_proj``,
+    ``down_proj``) scaled by 1/sqrt(2·n_layers); seed it with ``torch.manual_seed``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rotary_table(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(
+                    ("o_proj.weight", "down_proj.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None):
+        t = idx.shape[1]
+        if t > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence length {t} > the model's seq_len {self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer registry
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """What a method's factory returns: the model to train (possibly converted, e.g. with
+    quantized weights), one optimizer, and whether it steps inside backward."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    per_layer: bool = False
+    hooks: object = None       # the handle register_hooks returned, if any
+
+
+@dataclass
+class Method:
+    name: str
+    build: Callable[[nn.Module, "MethodArgs"], Prepared]
+    lr: float                        # default peak learning rate
+    description: str
+    requires: tuple = ()             # importable modules it needs
+    default: bool = True             # in the shoot-out's default set (when available)
+
+    def available(self) -> bool:
+        import importlib.util
+        return all(importlib.util.find_spec(m) is not None for m in self.requires)
+
+
+@dataclass
+class MethodArgs:
+    """Hyperparameters every factory may read (unused ones are ignored)."""
+
+    lr: float
+    rank: int
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    target_modules: tuple = ("attn", "mlp")
+
+
+# Default learning rates: the best of a small grid on the shoot-out's defaults ("tiny",
+# 500 steps of 16 x 128 bytes, warmup 10%, cosine to 0.1): AdamW 7e-4 / 1e-3 / 1.5e-3 /
+# 3e-3 / 6e-3 / 1e-2 gave validation loss 1.61 / 1.49 / 1.47 / 1.59 / 2.00 / 2.13; GaLore
+# (scale 0.25, rank 32) 1e-2 / 2e-2 / 4e-2 gave 1.42 / 1.38 / 1.40. The 8-bit and per-layer
+# variants take their parent's rate. Larger models want smaller rates (the papers: AdamW
+# 1e-3, GaLore 1e-2 at 60M-1B): pass --lr.
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, lr: float, description: str, requires: Iterable[str] = (),
+             default: bool = True):
+    """Decorator adding ``build(model, args) -> Prepared`` to :data:`METHODS` as ``name``."""
+    def deco(build):
+        METHODS[name] = Method(name, build, lr, description, tuple(requires), default)
+        return build
+    return deco
+
+
+def _galore_groups(model: nn.Module, a: MethodArgs) -> list[dict]:
+    import lowrank_optim as lo
+    return lo.param_groups(model, rank=a.rank, target_modules=a.target_modules,
+                           update_proj_gap=a.update_proj_gap, scale=a.scale)
+
+
+@register("adamw", lr=1.5e-3, description="torch.optim.AdamW")
+def _adamw(model, a):
+    return Prepared(model, torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas,
+                                             weight_decay=a.weight_decay))
+
+
+@register("adamw8bit", lr=1.5e-3, description="bitsandbytes.optim.AdamW8bit",
+          requires=("bitsandbytes",))
+def _adamw8bit(model, a):
+    import bitsandbytes as bnb
+    return Prepared(model, bnb.optim.AdamW8bit(model.parameters(), lr=a.lr, betas=a.betas,
+                                               weight_decay=a.weight_decay))
+
+
+@register("galore", lr=2e-2, description="lowrank_optim.GaLoreAdamW on param_groups(attn, mlp)")
+def _galore(model, a):
+    import lowrank_optim as lo
+    return Prepared(model, lo.GaLoreAdamW(_galore_groups(model, a), lr=a.lr, betas=a.betas,
+                                          weight_decay=a.weight_decay))
+
+
+@register("galore8bit", lr=2e-2, description="lowrank_optim.GaLoreAdamW8bit (8-bit moments)",
+          requires=("bitsandbytes",))
+def _galore8bit(model, a):
+    import lowrank_optim as lo
+    return Prepared(model, lo.GaLoreAdamW8bit(_galore_groups(model, a), lr=a.lr, betas=a.betas,
+                                              weight_decay=a.weight_decay))
+
+
+@register("galore_per_layer", lr=2e-2,
+          description="GaLoreAdamW stepped inside backward (opt.register_hooks(model))")
+def _galore_per_layer(model, a):
+    prepared = _galore(model, a)
+    prepared.hooks = prepared.optimizer.register_hooks(model)
+    prepared.per_layer = True
+    return prepared
+
+
+def _quantized_groups(model: nn.Module, a: MethodArgs) -> list[dict]:
+    """``param_groups`` for a model whose target Linears are now ``QuantLinear``
+    (``lowrank_optim.param_groups`` only looks at ``nn.Linear``): their uint8 weights are
+    projected, everything else trainable is plain."""
+    from lowrank_optim import QuantLinear
+    chosen = {id(m.weight) for n, m in model.named_modules()
+              if isinstance(m, QuantLinear) and any(t in n for t in a.target_modules)}
+    mats = [p for p in model.parameters() if id(p) in chosen]
+    plain = [p for p in model.parameters() if id(p) not in chosen and p.requires_grad]
+    return [{"params": plain}, {"params": mats, "rank": a.rank,
+                                "update_proj_gap": a.update_proj_gap, "scale": a.scale}]
+
+
+@register("qgalore", lr=2e-2, default=False, requires=("bitsandbytes",),
+          description="lowrank_optim.QGaLoreAdamW8bit: INT8 weights (quantize_weights), "
+                      "INT4 bases, lazy refresh, 8-bit moments")
+def _qgalore(model, a):
+    import lowrank_optim as lo
+    model = lo.quantize_weights(model, bits=8, group_size=256, target_modules=a.target_modules)
+    return Prepared(model, lo.QGaLoreAdamW8bit(_quantized_groups(model, a), lr=a.lr,
+                                               betas=a.betas, weight_decay=a.weight_decay))
+
+# LoQT goes here: one @register whose factory converts the model (lo.prepare_loqt) and
+# returns Prepared(model, lo.LoQTAdamW(...)).
+
+
+# ---------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------
+
+def tensor_bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's ``state_dict()``: the parameters plus persistent buffers such as
+    the scales of quantized weights (not the rotary table, which is not persistent)."""
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        if isinstance(t, Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+    return total
+
+
+def grad_bytes(model: nn.Module, per_layer: bool = False) -> int:
+    """Bytes the gradients take: all trainable parameters' in normal stepping; in per-layer
+    mode only the largest one's, since each gradient is freed right after its update.
+    An integer-coded weight (``QuantLinear``) gets a float32 gradient (``quant_grad``)."""
+    sizes = [tensor_bytes(p) if p.requires_grad else 4 * p.numel()
+             for p in model.parameters()
+             if p.requires_grad or getattr(p, "quant_owner", None) is not None]
+    return (max(sizes, default=0) if per_layer else sum(sizes))
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (nested dicts/lists included); a tensor
+    shared between parameters (bitsandbytes' quantization maps) is counted once."""
+    seen, total = set(), 0
+
+    def visit(v):
+        nonlocal total
+        if isinstance(v, Tensor):
+            key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), v.numel())
+            if key not in seen:
+                seen.add(key)
+                total += tensor_bytes(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+
+    visit(list(optimizer.state.values()))
+    return total
+
+
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class MemoryMeter:
+    """Peak memory of this process from ``start()`` on: ``torch.cuda.max_memory_allocated``
+    on CUDA, peak RSS (VmHWM in /proc/self/status) on CPU. ``baseline`` is the memory in
+    use at ``start()`` (on CPU: the Python/torch runtime and the corpus)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+        self.baseline = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        else:
+            try:  # reset VmHWM to the current RSS (Linux >= 4.0); harmless if refused
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.baseline = (_proc_status_kb("VmRSS") or 0) * 1024
+
+    def peak(self) -> Optional[int]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        kb = _proc_status_kb("VmHWM")
+        return None if kb is None else kb * 1024
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed memory back (``malloc_trim`` on glibc, the CUDA cache on GPU) so that a
+    baseline taken next is not inflated by memory the allocator merely keeps."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """``with timer: ...`` adds the block's wall time (device-synchronised) to ``total``."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.total, self.count = device, 0.0, 0
+
+    def __enter__(self):
+        sync(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.last = time.perf_counter() - self._t0
+        self.total += self.last
+        self.count += 1
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` (GaLore's
+    schedule), as a multiplier for ``torch.optim.lr_scheduler.LambdaLR``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2 ** 20:.2f}"

@@ -1,0 +1,632 @@
+"""The main job: train one small LLaMA-style model with each optimizer and compare them.
+
+    python benchmarks/shootout.py                      # all available methods, ~10 min on 2 CPU cores
+    python benchmarks/shootout.py --methods adamw,galore --steps 200
+    python benchmarks/shootout.py --config small --device cuda --steps 2000
+    python benchmarks/shootout.py --data ~/my_text_folder --config llama_60m --vocab-size 256
+
+Every method trains the same model (same seed, same initial weights), on the same data in
+the same order, for the same token budget (``--steps`` x ``--batch-size`` x ``--seq-len``),
+with linear warmup and cosine decay to 10% of its peak learning rate (``LambdaLR``, which
+also drives the per-layer mode since that is one optimizer). No gradient clipping (global
+clipping cannot work in per-layer mode, so none of the methods gets it). The corpus is
+the Python standard library's own source (byte tokens, see ``common.load_corpus``).
+
+Each method runs in its own subprocess so that peak memories do not mix
+(``--in-process`` runs them one after another in this process: faster, but the memory
+columns are then only indicative). Measured per method:
+
+* validation loss (mean cross-entropy in nats per byte) and perplexity ``exp(loss)`` on
+  fixed validation windows, every ``--eval-every`` steps and at the end;
+* tokens/s and the mean time of forward, backward and optimizer step (device-synchronised,
+  the first step excluded as warm-up). In per-layer mode the update happens inside
+  backward, so only backward+step together is reported;
+* exact bytes of weights, gradients (what normal stepping holds: every trainable
+  parameter's; per-layer mode: the largest parameter's) and optimizer state (every tensor
+  in ``optimizer.state``), and peak memory: peak RSS (VmHWM) on CPU,
+  ``torch.cuda.max_memory_allocated`` on CUDA. "above baseline" subtracts the memory in use
+  before the model was built (Python, torch, the corpus); activations+other is that peak
+  minus weights, gradients and state.
+
+Output: a Markdown table (``results.md``, also printed), ``results.json`` and a figure
+(``shootout.png``: validation-loss curves, memory bars, time per step) under ``--out``
+(default ``runs/shootout-<timestamp>/``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(HERE), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+import common as C  # noqa: E402
+
+# Defaults: "tiny" (0.86M parameters) for 500 steps of 16 x 128 bytes (1.02M tokens per
+# method): ~170-230 ms per step on 2 idle CPU cores, so about 1.5 minutes per method and
+# 8-9 minutes for all five (much longer when other jobs share the cores).
+DEFAULTS = dict(config="tiny", steps=500, batch_size=16, eval_every=50, eval_batches=8,
+                update_proj_gap=200, scale=0.25, seed=0)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the empty ones (None/False: the help text says what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="shootout.py", description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    p.add_argument("--methods", default=None,
+                   help=f"comma list from {', '.join(C.METHODS)} (default: "
+                        f"{', '.join(n for n, m in C.METHODS.items() if m.default)}, those "
+                        "whose packages are installed)")
+    p.add_argument("--config", default=DEFAULTS["config"],
+                   help=f"model size: {', '.join(C.CONFIGS)}")
+    p.add_argument("--vocab-size", type=int, default=256,
+                   help="embedding/head rows (>= 256; tokens are bytes)")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps per method")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the config's")
+    p.add_argument("--lr", default=None,
+                   help="peak lr for every method (e.g. 3e-3), or per method "
+                        "(e.g. adamw=3e-3,galore=1e-2); default: each method's own")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of --steps)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="final lr / peak lr of the cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled")
+    p.add_argument("--rank", type=int, default=None, help="GaLore rank (default: dim // 4)")
+    p.add_argument("--update-proj-gap", type=int, default=DEFAULTS["update_proj_gap"],
+                   help="GaLore: steps between SVDs")
+    p.add_argument("--scale", type=float, default=DEFAULTS["scale"], help="GaLore scale")
+    p.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"],
+                   help="validation every N steps (and at the end)")
+    p.add_argument("--eval-batches", type=int, default=DEFAULTS["eval_batches"],
+                   help="fixed validation batches of --batch-size x --seq-len")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="model init and data order")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="parameter dtype (bfloat16: pure-bf16 training, as the GaLore "
+                        "reference; the loss is computed in float32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's; use 1 when other jobs "
+                        "share the CPU cores: oversubscribed OpenMP threads are very slow)")
+    p.add_argument("--data", default=None,
+                   help="text file or folder (default: the Python stdlib's .py files)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of files (or bytes) held out")
+    p.add_argument("--out", default=None, help="results folder (default runs/shootout-<time>)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the methods in this process (peak memory then only indicative)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.eval_batches < 1:
+        p.error("--steps, --batch-size, --eval-every and --eval-batches must be >= 1")
+    if args.vocab_size < 256:
+        p.error("--vocab-size must be >= 256 (tokens are bytes)")
+    return args
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on other arguments; check the method names."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cfg = C.get_config(args.config, vocab_size=args.vocab_size)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if args.seq_len is None:
+        args.seq_len = cfg.seq_len
+    if args.rank is None:
+        args.rank = max(1, cfg.dim // 4)
+    if args.warmup is None:
+        args.warmup = max(1, args.steps // 10)
+    if args.methods is None:
+        args.methods = ",".join(n for n, m in C.METHODS.items() if m.default and m.available())
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    unknown = [n for n in names if n not in C.METHODS]
+    if unknown or not names:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(C.METHODS)}")
+    missing = [f"{n} (needs {', '.join(C.METHODS[n].requires)})" for n in names
+               if not C.METHODS[n].available()]
+    if missing:
+        raise SystemExit(f"not available here: {', '.join(missing)}")
+    args.method_list = names
+    args.lrs = {n: C.METHODS[n].lr for n in names}
+    if args.lr:
+        for item in args.lr.split(","):
+            if "=" in item:
+                k, v = item.split("=", 1)
+                if k.strip() not in C.METHODS:
+                    raise SystemExit(f"--lr: unknown method {k!r}")
+                if k.strip() in args.lrs:
+                    args.lrs[k.strip()] = float(v)
+            else:
+                args.lrs = {n: float(item) for n in names}
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# One method's run
+# ---------------------------------------------------------------------------------------
+
+def _progress(total: int, desc: str, quiet: bool):
+    """tqdm if installed, else a line every ~10%."""
+    if quiet:
+        return None
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, file=sys.stderr)
+    except ImportError:
+        return None
+
+
+@torch.no_grad()
+def evaluate(model, batches: C.Batches) -> float:
+    was_training = model.training
+    model.eval()
+    losses = [model(x, y).item() for x, y in batches.val]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def _warm_up(method: C.Method, args: argparse.Namespace, device: torch.device) -> None:
+    """Two steps of the method on a throwaway small model, before memory is measured: the
+    kernels' code pages (libtorch, oneDNN, LAPACK, bitsandbytes), which count in RSS once
+    touched, and CUDA's context and workspaces then sit in the baseline, not in the peak."""
+    cfg = C.get_config("tiny", vocab_size=args.vocab_size, seq_len=32)
+    model = C.LlamaLM(cfg).to(device=device, dtype=getattr(torch, args.dtype))
+    margs = C.MethodArgs(lr=1e-4, rank=min(args.rank, cfg.dim // 4))
+    prep = method.build(model, margs)
+    idx = torch.randint(0, 256, (2, 33), device=device)
+    for _ in range(2):
+        prep.model(idx[:, :-1], idx[:, 1:]).backward()
+        if not prep.per_layer:
+            prep.optimizer.step()
+            prep.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        prep.model(idx[:, :-1], idx[:, 1:])
+    if prep.hooks is not None:
+        prep.hooks.remove()
+    del model, prep
+    gc.collect()
+    C.release_memory(device)
+
+
+def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = None) -> dict:
+    """Train ``args.config`` with method ``name``; return the measurements as a dict."""
+    device = torch.device(args.device)
+    corpus = corpus if corpus is not None else C.load_corpus(args.data, args.val_fraction)
+    cfg = C.get_config(args.config, vocab_size=args.vocab_size,
+                       seq_len=max(args.seq_len, C.get_config(args.config).seq_len))
+    method = C.METHODS[name]
+    _warm_up(method, args, device)
+    meter = C.MemoryMeter(device)
+    meter.start()
+
+    torch.manual_seed(args.seed)
+    model = C.LlamaLM(cfg).to(device=device, dtype=getattr(torch, args.dtype))
+    margs = C.MethodArgs(lr=args.lrs[name], rank=args.rank, update_proj_gap=args.update_proj_gap,
+                         scale=args.scale, weight_decay=args.weight_decay)
+    prep = method.build(model, margs)
+    model, opt = prep.model, prep.optimizer
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, C.lr_lambda(args.warmup, args.steps, args.min_lr_ratio))
+    batches = C.Batches(corpus, args.batch_size, args.seq_len, args.seed, args.eval_batches,
+                        device)
+    t_fwd, t_bwd, t_opt, t_all = (C.Timer(device) for _ in range(4))
+    curve = [(0, evaluate(model, batches))]
+    train_loss, diverged = [], None
+    bar = _progress(args.steps, name, args.quiet)
+    every = max(1, args.steps // 10)
+    model.train()
+    for step in range(args.steps):
+        warm = step == 0
+        with t_all:
+            x, y = batches.next_train()
+            with t_fwd:
+                loss = model(x, y)
+            with t_bwd:
+                loss.backward()        # per-layer mode: parameters are updated in here
+            if not prep.per_layer:
+                with t_opt:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+            sched.step()
+            loss_v = loss.item()
+        if warm:  # the first step (lazy state, first SVDs) is not timed
+            for t in (t_fwd, t_bwd, t_opt, t_all):
+                t.total, t.count = 0.0, 0
+        train_loss.append(loss_v)
+        if not math.isfinite(loss_v):
+            diverged = step + 1
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or diverged:
+            curve.append((step + 1, evaluate(model, batches)))
+            if bar is not None:
+                bar.set_postfix(train=f"{loss_v:.3f}", val=f"{curve[-1][1]:.3f}")
+        if bar is not None:
+            bar.update(1)
+        elif not args.quiet and ((step + 1) % every == 0 or step + 1 == args.steps):
+            print(f"  {name}: step {step + 1}/{args.steps}  train {loss_v:.4f}  "
+                  f"val {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
+        if diverged:
+            break
+    if bar is not None:
+        bar.close()
+
+    timed = max(1, t_all.count)
+    ms = lambda t: 1000 * t.total / max(1, t.count) if t.count else None
+    peak = meter.peak()
+    weights = C.weight_bytes(model)
+    grads = C.grad_bytes(model, per_layer=prep.per_layer)
+    state = C.state_bytes(opt)
+    above = None if peak is None else peak - meter.baseline
+    result = dict(
+        method=name, description=method.description, lr=args.lrs[name],
+        per_layer=prep.per_layer, params=C.count_params(model),
+        val_loss=curve[-1][1], val_ppl=math.exp(min(curve[-1][1], 700)), curve=curve,
+        train_loss=train_loss, diverged_at=diverged,
+        tokens_per_s=args.batch_size * args.seq_len * t_all.count / t_all.total
+        if t_all.count else None,
+        fwd_ms=ms(t_fwd), bwd_ms=ms(t_bwd), step_ms=None if prep.per_layer else ms(t_opt),
+        bwd_step_ms=(ms(t_bwd) or 0) + (0 if prep.per_layer else ms(t_opt) or 0),
+        iter_ms=1000 * t_all.total / timed,
+        weights_b=weights, grads_b=grads, state_b=state, peak_b=peak,
+        baseline_b=meter.baseline, peak_above_b=above,
+        act_other_b=None if above is None else above - weights - grads - state,
+        memory_kind=meter.kind, corpus=corpus.describe(), device_name=_device_name(args.device),
+        error=None)
+    if prep.hooks is not None:
+        prep.hooks.remove()
+    return result
+
+
+def _worker(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    args = parse_args([])            # defaults, then the parent's resolved arguments
+    vars(args).update(spec["args"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = run_method(spec["method"], args)
+    except Exception as e:  # reported in the table; the traceback goes to stderr
+        import traceback
+        traceback.print_exc()
+        result = dict(method=spec["method"], error=f"{type(e).__name__}: {e}")
+    Path(spec["result"]).write_text(json.dumps(result))
+    return 0
+
+
+def _run_subprocess(name: str, args: argparse.Namespace, tmp: Path) -> dict:
+    spec, res = tmp / f"{name}.spec.json", tmp / f"{name}.result.json"
+    spec.write_text(json.dumps(dict(args=vars(args), method=name, result=str(res))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec)],
+                          env=env)
+    if res.exists():
+        return json.loads(res.read_text())
+    return dict(method=name, error=f"worker exited with status {proc.returncode}")
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+
+def _mib(b):
+    return "—" if b is None else f"{b / 2 ** 20:.2f}"
+
+
+def _num(v, fmt):
+    return "—" if v is None else format(v, fmt)
+
+
+def _ratio(v, ref):
+    return "—" if v is None or not ref else f"{v / ref:.2f}×"
+
+
+def make_table(results: list[dict]) -> str:
+    ok = [r for r in results if not r.get("error")]
+    ref = next((r for r in ok if r["method"] == "adamw"), ok[0] if ok else None)
+    rname = ref["method"] if ref else "adamw"
+    rows = ["| method | lr | val loss | val ppl | ppl vs " + rname + " | tokens/s | fwd ms | "
+            "bwd ms | opt step ms | bwd+step ms | run s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.get("error"):
+            rows.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 9)
+            continue
+        div = f" (diverged at {r['diverged_at']})" if r.get("diverged_at") else ""
+        rows.append(
+            f"| {r['method']}{' ¹' if r['per_layer'] else ''} | {r['lr']:g} | "
+            f"{r['val_loss']:.4f}{div} | {r['val_ppl']:.3f} | "
+            f"{_ratio(r['val_ppl'], ref['val_ppl'])} | {_num(r['tokens_per_s'], ',.0f')} | "
+            f"{_num(r['fwd_ms'], '.1f')} | {_num(r['bwd_ms'], '.1f') if not r['per_layer'] else '—'} | "
+            f"{_num(r['step_ms'], '.2f') if not r['per_layer'] else '— ¹'} | "
+            f"{_num(r['bwd_step_ms'], '.1f')} | {_num(r.get('wall_s'), '.0f')} |")
+    rows += ["", "| method | weights MiB | grads MiB | opt state MiB | activations+other MiB | "
+             "peak above baseline MiB | peak MiB | state vs " + rname + " | weights+grads+state vs "
+             + rname + " | peak above baseline vs " + rname + " |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ok:
+        wgs = r["weights_b"] + r["grads_b"] + r["state_b"]
+        rwgs = ref["weights_b"] + ref["grads_b"] + ref["state_b"]
+        rows.append(
+            f"| {r['method']}{' ¹' if r['per_layer'] else ''} | {_mib(r['weights_b'])} | "
+            f"{_mib(r['grads_b'])} | {_mib(r['state_b'])} | {_mib(r['act_other_b'])} | "
+            f"{_mib(r['peak_above_b'])} | {_mib(r['peak_b'])} | "
+            f"{_ratio(r['state_b'], ref['state_b'])} | {_ratio(wgs, rwgs)} | "
+            f"{_ratio(r['peak_above_b'], ref['peak_above_b'])} |")
+    return "\n".join(rows)
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def _versions() -> str:
+    out = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for mod in ("lowrank_optim", "bitsandbytes"):
+        try:
+            from importlib.metadata import version
+            out.append(f"{mod} {version(mod.replace('_', '-'))}")
+        except Exception:
+            try:
+                out.append(f"{mod} {__import__(mod).__version__}")
+            except Exception:
+                pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if commit:
+            out.append(f"git {commit}{' (dirty)' if dirty else ''}")
+    except Exception:
+        pass
+    return ", ".join(out)
+
+
+def make_report(results: list[dict], args, argv: list[str], wall_s: float) -> str:
+    cfg = C.get_config(args.config, vocab_size=args.vocab_size)
+    ok = [r for r in results if not r.get("error")]
+    params = ok[0]["params"] if ok else None
+    corpus = ok[0]["corpus"] if ok else "?"
+    mem_kind = ok[0]["memory_kind"] if ok else "?"
+    baseline = ok[0]["baseline_b"] if ok else None
+    tokens = args.steps * args.batch_size * args.seq_len
+    lines = [
+        "# Optimizer shoot-out", "",
+        f"- command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/shootout.py'] + argv)}`",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; total wall time "
+        f"{wall_s:.0f} s",
+        f"- versions: {_versions()}",
+        f"- device: {ok[0]['device_name'] if ok else args.device}; parameters {args.dtype}",
+        f"- corpus: {corpus} (byte tokens)",
+        f"- model: `{args.config}` dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+        f"mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}"
+        + (f", {params / 1e6:.3f}M parameters" if params else ""),
+        f"- budget: {args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} "
+        f"tokens per method, seed {args.seed}; linear warmup {args.warmup} steps then cosine "
+        f"to {args.min_lr_ratio:g} x lr; weight decay {args.weight_decay:g}; no grad clipping",
+        f"- GaLore: rank {args.rank}, update_proj_gap {args.update_proj_gap}, scale "
+        f"{args.scale:g}, on attention and MLP matrices (`param_groups(target_modules="
+        f"('attn', 'mlp'))`); embeddings, head and norms plain AdamW",
+        f"- validation: {args.eval_batches} fixed batches ({args.eval_batches * args.batch_size}"
+        f" windows of {args.seq_len} bytes); loss in nats per byte, ppl = exp(loss)",
+        f"- memory: {mem_kind}"
+        + (" measured in one process (--in-process): indicative only" if args.in_process
+           else ", each method in its own process")
+        + (f"; baseline (in use before the model was built) {_mib(baseline)} MiB for "
+           f"{ok[0]['method']}" if baseline else ""),
+        "", make_table(results), "",
+        "¹ per-layer mode (`opt.register_hooks(model)`): the update runs inside backward, so "
+        "its backward column is backward+step and there is no separate step; its gradient "
+        "memory is the largest single parameter's gradient.",
+        "Times are means over steps 2..N (step 1, with lazy state and the first SVDs, is "
+        "excluded); tokens/s excludes evaluation; run s is the method's whole run (process "
+        "start, warm-up, evaluations included). activations+other = peak above baseline − "
+        "weights − grads − opt state (allocator caches included).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _stacked_bars(ax, ok, parts, labels):
+    names = [r["method"] for r in ok]
+    bottom = [0.0] * len(ok)
+    for label, key, color in parts:
+        vals = [max(0.0, (r[key] or 0) / 2 ** 20) for r in ok]
+        ax.bar(names, vals, bottom=bottom, label=label, color=color, edgecolor="white", width=0.65)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, text in enumerate(labels):
+        ax.text(i, bottom[i], text, ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("MiB")
+    ax.set_ylim(0, max(bottom) * 1.15 or 1)
+    for t in ax.get_xticklabels():
+        t.set_rotation(12)
+        t.set_ha("right")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def make_plot(results: list[dict], args, path: Path) -> bool:
+    """Four panels: validation loss, time per step, exact weights/grads/state bytes, and
+    peak memory above the baseline split into those and activations+other."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    ok = [r for r in results if not r.get("error")]
+    if not ok:
+        return False
+    ref = next((r for r in ok if r["method"] == "adamw"), ok[0])
+    tok = args.batch_size * args.seq_len
+    fig, axes = plt.subplots(2, 2, figsize=(16, 11))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("--", "v")]
+    below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, fontsize=9,
+                 frameon=False)
+
+    ax = axes[0, 0]
+    lows, highs = [], []
+    for i, r in enumerate(ok):
+        steps, losses = zip(*r["curve"])
+        ls, mk = styles[i % len(styles)]
+        ax.plot([s * tok / 1e6 for s in steps], losses, ls=ls, marker=mk, ms=4, lw=1.6,
+                color=colors[i % 10], alpha=0.9,
+                label=f"{r['method']}  (final {r['val_loss']:.3f}, ppl {r['val_ppl']:.2f})")
+        finite = [v for v in losses if math.isfinite(v)]
+        lows.append(min(finite, default=0))
+        highs.append(finite[min(2, len(finite) - 1)] if finite else 1)
+    lo, hi = min(lows), max(highs)
+    if hi > lo:
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("Validation loss (same data, same token budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9)
+
+    ax = axes[0, 1]
+    names = [r["method"] for r in ok]
+    fwd = [r["fwd_ms"] or 0 for r in ok]
+    bwd = [0 if r["per_layer"] else r["bwd_ms"] or 0 for r in ok]
+    stp = [0 if r["per_layer"] else r["step_ms"] or 0 for r in ok]
+    fused = [r["bwd_step_ms"] if r["per_layer"] else 0 for r in ok]
+    ax.barh(names, fwd, color="#4c72b0", label="forward")
+    ax.barh(names, bwd, left=fwd, color="#dd8452", label="backward")
+    left = [a + b for a, b in zip(fwd, bwd)]
+    ax.barh(names, stp, left=left, color="#55a868", label="optimizer step")
+    ax.barh(names, fused, left=left, color="#8172b3", hatch="//",
+            label="backward + step (per-layer)")
+    for i, r in enumerate(ok):
+        end = left[i] + stp[i] + fused[i]
+        step = f"step {r['step_ms']:.1f} ms, " if r.get("step_ms") is not None else ""
+        tps = f"{r['tokens_per_s']:,.0f} tok/s" if r["tokens_per_s"] else ""
+        ax.text(end, i, f"  {step}{tps}", va="center", fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per training step (mean)")
+    ax.set_title("Time per step")
+    ax.set_xlim(0, max(a + b + c for a, b, c in zip(left, stp, fused)) * 1.5 or 1)
+    ax.legend(**below)
+    ax.grid(axis="x", alpha=0.3)
+
+    parts = [("weights", "weights_b", "#4c72b0"), ("gradients", "grads_b", "#dd8452"),
+             ("optimizer state", "state_b", "#55a868")]
+    exact = lambda r: r["weights_b"] + r["grads_b"] + r["state_b"]
+    ax = axes[1, 0]
+    _stacked_bars(ax, ok, parts, [f"{exact(r) / 2 ** 20:.2f} ({exact(r) / exact(ref):.2f}×)"
+                                  for r in ok])
+    ax.set_title(f"Weights + gradients + optimizer state (exact bytes; × vs {ref['method']})")
+    ax.legend(**below)
+
+    ax = axes[1, 1]
+    _stacked_bars(ax, ok, parts + [("activations + other", "act_other_b", "#c7c7c7")],
+                  [f"{(r['peak_above_b'] or 0) / 2 ** 20:.1f}" for r in ok])
+    bases = sorted(r["baseline_b"] / 2 ** 20 for r in ok)
+    base = f"{bases[0]:.0f}" + (f"–{bases[-1]:.0f}" if bases[-1] - bases[0] >= 1 else "")
+    where = "GPU max allocated" if args.device.startswith("cuda") else "peak RSS"
+    ax.set_title(f"Peak memory: {where} above baseline ({base} MiB in use before the model)")
+    ax.legend(**below)
+
+    cfg = C.get_config(args.config)
+    fig.suptitle(f"{args.config} (dim {cfg.dim}, {cfg.n_layers} layers, "
+                 f"{ok[0]['params'] / 1e6:.2f}M params), {args.steps} steps x {args.batch_size}"
+                 f" x {args.seq_len} bytes, {args.device}", fontsize=13)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    """Run the shoot-out; returns ``{"results", "table", "out", "files"}``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args._worker:
+            raise SystemExit(_worker(args._worker))
+        return _main(resolve(args), argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> dict:
+    out = Path(args.out) if args.out else ROOT / "runs" / (
+        "shootout-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = []
+    print(f"shoot-out: {', '.join(args.method_list)} on {args.config}, {args.steps} steps x "
+          f"{args.batch_size} x {args.seq_len}, device {args.device} -> {out}", file=sys.stderr)
+    if args.in_process:
+        corpus = C.load_corpus(args.data, args.val_fraction)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.method_list:
+            t = time.perf_counter()
+            if not args.in_process:
+                results.append(_run_subprocess(name, args, Path(tmp)))
+            else:
+                try:
+                    results.append(run_method(name, args, corpus))
+                except Exception as e:
+                    import traceback
+                    traceback.print_exc()
+                    results.append(dict(method=name, error=f"{type(e).__name__}: {e}"))
+                gc.collect()
+            results[-1]["wall_s"] = time.perf_counter() - t
+    wall = time.perf_counter() - t0
+    report = make_report(results, args, argv, wall)
+    files = {"table": out / "results.md", "json": out / "results.json"}
+    files["table"].write_text(report)
+    files["json"].write_text(json.dumps(dict(
+        argv=argv, args={k: v for k, v in vars(args).items()}, wall_s=wall,
+        results=results), indent=1))
+    if not args.no_plot and make_plot(results, args, out / "shootout.png"):
+        files["plot"] = out / "shootout.png"
+    print("\n" + report)
+    for k, v in files.items():
+        print(f"{k}: {v}")
+    return dict(results=results, table=report, out=out, files=files, wall_s=wall)
+
+
+if __name__ == "__main__":
+    main()

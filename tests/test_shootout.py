@@ -1,0 +1,90 @@
+"""Harness test of the main job (benchmarks/shootout.py): a few steps of a micro model."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import shootout  # noqa: E402
+
+MICRO = ["--config", "micro", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+         "--eval-every", "2", "--eval-batches", "1", "--device", "cpu", "--quiet",
+         "--threads", "1"]   # one thread: fast even when other jobs share the cores
+
+
+def test_in_process_table_and_files(tmp_path):
+    threads = torch.get_num_threads()
+    out = shootout.main(MICRO + ["--methods", "adamw,galore,galore_per_layer",
+                                 "--in-process", "--out", str(tmp_path)])
+    results = {r["method"]: r for r in out["results"]}
+    assert list(results) == ["adamw", "galore", "galore_per_layer"]
+    for r in results.values():
+        assert r["error"] is None
+        assert [s for s, _ in r["curve"]] == [0, 2, 4]
+        assert 0 < r["val_loss"] < 6 and r["val_ppl"] > 1
+        assert r["weights_b"] == r["params"] * 4
+        assert r["tokens_per_s"] > 0
+    adamw, galore, hooks = results["adamw"], results["galore"], results["galore_per_layer"]
+    n_tensors = len(common.LlamaLM(common.get_config("micro")).state_dict())
+    # exp_avg + exp_avg_sq per parameter, plus torch's float32 "step" tensor
+    assert adamw["state_b"] == 2 * adamw["weights_b"] + 4 * n_tensors
+    assert galore["state_b"] < adamw["state_b"]
+    assert adamw["grads_b"] == galore["grads_b"] == adamw["weights_b"]
+    assert hooks["grads_b"] < galore["grads_b"] and hooks["per_layer"] and hooks["step_ms"] is None
+    # per-layer stepping is the same arithmetic as normal stepping
+    assert hooks["val_loss"] == pytest.approx(galore["val_loss"], abs=1e-5)
+
+    assert torch.get_num_threads() == threads                  # --threads is undone
+    table = out["table"]
+    for name in ("adamw", "galore", "galore_per_layer ¹"):
+        assert sum(line.startswith(f"| {name} |") for line in table.splitlines()) == 2
+    assert "torch " + torch.__version__ in table and "--in-process" in table
+    assert (tmp_path / "results.md").read_text() == table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in saved["results"]] == list(results)
+    if importlib.util.find_spec("matplotlib"):
+        png = tmp_path / "shootout.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_subprocess_worker(tmp_path):
+    out = shootout.main(MICRO + ["--steps", "2", "--methods", "adamw", "--no-plot",
+                                 "--out", str(tmp_path)])
+    (r,) = out["results"]
+    assert r["error"] is None and r["peak_b"] and r["peak_above_b"] is not None
+    assert set(p.name for p in tmp_path.iterdir()) == {"results.md", "results.json"}
+
+
+def test_unknown_method_is_an_error():
+    with pytest.raises(SystemExit, match="unknown method"):
+        shootout.main(MICRO + ["--methods", "adamw,nope"])
+
+
+def test_model_names_select_attention_and_mlp():
+    import lowrank_optim as lo
+
+    cfg = common.get_config("micro")
+    model = common.LlamaLM(cfg)
+    plain, projected = lo.param_groups(model, rank=8, target_modules=("attn", "mlp"))
+    assert len(projected["params"]) == 7 * cfg.n_layers       # q k v o gate up down
+    plain_ids = {id(p) for p in plain["params"]}
+    assert id(model.embed.weight) in plain_ids and id(model.lm_head.weight) in plain_ids
+    logits = model(torch.randint(0, 256, (2, 16)))
+    assert logits.shape == (2, 16, cfg.vocab_size)
+
+
+def test_corpus_from_data_path(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n" * 2000)
+    (tmp_path / "b.bin").write_bytes(b"\x00\x01" * 100)       # binary: skipped
+    corpus = common.load_corpus(str(tmp_path), val_fraction=0.1)
+    assert corpus.train.dtype == torch.uint8
+    assert corpus.train.numel() + corpus.val.numel() == 24000
+    assert "split by position" in corpus.name
+    default = common.load_corpus()                             # stdlib, split by file
+    assert default.n_train_files > 10 * default.n_val_files > 0
