@@ -83,7 +83,8 @@ def compute_basis(g: Tensor, rank: int, svd: str = "exact", oversample: int = 8,
     r = min(rank, *a.shape)
     if svd == "exact":
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
-        return u[:, :r], vh[:r].T
+        # copies, not views: a slice would keep the whole U / Vh storage alive
+        return u[:, :r].contiguous(), vh[:r].T.contiguous()
     if svd == "randomized":
         q = min(r + oversample, *a.shape)
         gen = torch.Generator(device=a.device).manual_seed(seed)
@@ -92,7 +93,7 @@ def compute_basis(g: Tensor, rank: int, svd: str = "exact", oversample: int = 8,
         for _ in range(niter):
             basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
         ub, _, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
-        return (basis @ ub)[:, :r], vh[:r].T
+        return (basis @ ub)[:, :r].contiguous(), vh[:r].T.contiguous()
     raise ValueError(f"Invalid svd: {svd!r} (expected one of {SVD_METHODS})")
 
 

@@ -508,3 +508,13 @@ def test_randomized_svd_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(u1, u2) and torch.equal(v1, v2)
     u3, _ = compute_basis(g, 5, "randomized", seed=4)
     assert not torch.equal(u1, u3)
+
+
+@pytest.mark.parametrize("svd", SVD_METHODS)
+def test_stored_basis_does_not_keep_the_full_svd_alive(svd):
+    """The basis must own just its r columns: a view would pin the whole U or Vh."""
+    for shape in ((64, 24), (24, 64)):
+        state = {}
+        Projector(4, "std", svd).refresh(state, torch.randn(*shape))
+        basis = state["proj"]
+        assert basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
