@@ -111,14 +111,9 @@ LABELS = {
 
 
 def groups(model: nn.Module, a) -> list[dict]:
-    """Papers' groups. Built by hand: ``lo.param_groups`` does not recognise QuantLinear."""
-    proj = [m.weight for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, lo.QuantLinear)) and any(t in name for t in TARGETS)]
-    ids = {id(p) for p in proj}
-    plain = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": plain},
-            {"params": proj, "rank": a.rank, "update_proj_gap": a.update_proj_gap,
-             "scale": a.scale}]
+    """The papers' groups: a plain group, then attention + MLP matrices with ``rank``."""
+    return lo.param_groups(model, rank=a.rank, target_modules=TARGETS,
+                           update_proj_gap=a.update_proj_gap, scale=a.scale)
 
 
 class Run:
@@ -248,8 +243,6 @@ def main(argv=None) -> int:
     print(corpus.describe(), flush=True)
     rs = [Run(n, a, corpus, cfg) for n in names]
     seen = {r.name: {} for r in rs}
-    nparam = C.count_params(rs[0].model) if rs[0].name == "galore" else sum(
-        p.numel() for p in rs[0].model.parameters())
     for r in rs:
         r.curve.append((0, r.evaluate()))
     for step in range(a.steps):

@@ -169,13 +169,10 @@ def projected_weights(model: nn.Module) -> list:
 
 
 def groups_for(model: nn.Module, rank: int) -> list[dict]:
-    """galore-torch format: plain group + projected group (the papers' choice). Built by
-    hand because ``lo.param_groups`` does not recognise ``QuantLinear`` (see the report)."""
-    proj = projected_weights(model)
-    ids = {id(p) for p in proj}
-    plain = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": plain},
-            {"params": proj, "rank": rank, "update_proj_gap": update_proj_gap, "scale": 0.25}]
+    """galore-torch format (the papers' choice): a plain group, then the attention and MLP
+    matrices (float Linear or INT8 QuantLinear weights) with ``rank``."""
+    return lo.param_groups(model, rank=rank, target_modules=TARGETS,
+                           update_proj_gap=update_proj_gap, scale=0.25)
 
 
 def build_optimizer(method: str, model: nn.Module, rank: int):
@@ -222,13 +219,14 @@ def one_step(method: str, model: nn.Module, opt, device: str) -> None:
 
 
 # ---- counting -----------------------------------------------------------------------------
+def _storage_id(t: Tensor) -> int:
+    # the StorageImpl's address: the same for every view of one storage, on meta too
+    # (where data_ptr() is 0 for every tensor and cannot tell tensors apart)
+    return t.untyped_storage()._cdata
+
+
 def _key(t: Tensor):
-    # meta tensors have no storage address: identity of the tensor object instead (the
-    # only shared state tensors, bitsandbytes' qmaps, are one object in both cases)
-    if t.device.type == "meta":
-        return ("meta", id(t))
-    return (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(),
-            t.dtype)
+    return (_storage_id(t), t.storage_offset(), t.numel(), t.dtype)
 
 
 def _walk(v, path=""):
@@ -252,14 +250,22 @@ def _category_state(key: str) -> str:
 
 def count(model: nn.Module, opt) -> dict:
     """Bytes by category: weights (parameters + buffers) and optimizer state."""
-    out = dict(w_float=0, w_int=0, w_scales=0, w_buffers=0, s_moments=0, s_basis=0, s_other=0)
-    seen = set()
+    out = dict(w_float=0, w_int=0, w_scales=0, w_buffers=0, s_moments=0, s_basis=0, s_other=0,
+               held_weights=0, held_state=0)
+    seen, storages = set(), set()
 
     def add(cat, t):
         k = _key(t)
         if k not in seen:
             seen.add(k)
             out[cat] += t.numel() * t.element_size()
+        # what is really held: whole storages, once each (a view that pins a larger
+        # storage, e.g. a basis sliced from the full SVD, shows up here, not above)
+        sid = _storage_id(t)
+        if sid not in storages:
+            storages.add(sid)
+            out["held_" + ("weights" if cat.startswith("w_") else "state")] += \
+                t.untyped_storage().nbytes()
 
     for p in model.parameters():
         add("w_float" if p.is_floating_point() else "w_int", p)
@@ -271,6 +277,7 @@ def count(model: nn.Module, opt) -> dict:
     out["weights"] = out["w_float"] + out["w_int"] + out["w_scales"] + out["w_buffers"]
     out["state"] = out["s_moments"] + out["s_basis"] + out["s_other"]
     out["total"] = out["weights"] + out["state"]
+    out["views_ok"] = (out["held_weights"], out["held_state"]) == (out["weights"], out["state"])
     out["n_state_tensors"] = sum(1 for st in opt.state.values() for _ in _walk(st))
     out["svds"] = sum(st.get("refresh_count", 0) for st in opt.state.values())
     return out
@@ -464,6 +471,7 @@ def main(argv=None) -> int:
                   f"{gb(res['state'])} GB  total {gb(res['total'])} GB  "
                   f"[{'real+meta' if cell['real'] else 'meta'}; "
                   f"{'= package closed form' if cell['pkg_ok'] else 'DIFFERS from closed form'}"
+                  f"{'' if res['views_ok'] else '; VIEWS PIN ' + gb(res['held_weights'] + res['held_state']) + ' GB'}"
                   f"{'' if not cell['real'] else '; real ' + ('==' if checks[-1][4] else '!=') + ' meta'}"
                   f"; {(cell['real'] or meta)['seconds']:.1f} s]", flush=True)
 
@@ -493,6 +501,7 @@ def main(argv=None) -> int:
             f.write(md)
         print(f"wrote {os.path.relpath(path, ROOT)}")
     bad = ([r for r in rows + fp32 + ([alt] if alt else []) if not r["pkg_ok"]]
+           + [r for r in rows if not (r["real"] or r["meta"])["views_ok"]]
            + [x for x in checks if not x[4]])
     return 1 if bad else 0
 
@@ -540,10 +549,13 @@ def render(rows, checks, a, dt, names, rank_of, real_set, meths, cmd, date, bnb,
     add("## Measured: what the package really allocates\n")
     add("*count*: `real` = one real step on the CPU (and the meta count equal byte for byte), "
         "`meta` = meta device only. *= closed form*: measured bytes equal the package closed "
-        "form exactly. *basis* is inside state; *INT8+scales* is inside weights.\n")
+        "form exactly. *storages = tensors*: the bytes of the distinct storages behind those tensors "
+        "(`untyped_storage().nbytes()`, each once) equal the `numel*element_size` sum, i.e. no "
+        "tensor is a view pinning a larger buffer. *basis* is inside state; *INT8+scales* is "
+        "inside weights.\n")
     add("| config | method | rank | weights GB | of which INT8 codes + scales | state GB | "
-        "of which basis | weights + state GB | × AdamW | count | = closed form |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|")
+        "of which basis | weights + state GB | × AdamW | count | = closed form | storages = tensors |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     adamw_total = {r["config"]: (r["real"] or r["meta"])["total"] for r in rows
                    if r["method"] == "AdamW"}
     for r in rows:
@@ -554,7 +566,8 @@ def render(rows, checks, a, dt, names, rank_of, real_set, meths, cmd, date, bnb,
             f"| {gb(x['weights'])} | {gb(x['w_int'] + x['w_scales']) if x['w_int'] else '–'} "
             f"| {gb(x['state'])} | {gb(x['s_basis']) if x['s_basis'] else '–'} "
             f"| **{gb(x['total'])}** | {ratio} | {'real' if r['real'] else 'meta'} "
-            f"| {'yes' if r['pkg_ok'] else 'NO'} |")
+            f"| {'yes' if r['pkg_ok'] else 'NO'} "
+            f"| {'yes' if x['views_ok'] else 'NO: held ' + gb(x['held_weights'] + x['held_state'])} |")
     add("")
     # papers
     add("## Against the papers (weights + optimizer state, GB)\n")
