@@ -3,7 +3,8 @@ from ._base import LowRankOptimizer
 from ._groups import param_groups
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .hooks import register_hooks
-from .nn import QuantLinear, quantize_weights
+from .loqt import LoQTAdamW, LoQTAdamW8bit
+from .nn import LoQTLinear, QuantLinear, prepare_loqt, quantize_weights
 from .q_galore import QGaLoreAdamW8bit
 from .projector import Projector
 from .refresh import Exponential, FixedGap, LazyCosine
@@ -13,5 +14,6 @@ __version__ = "0.1.0"
 __all__ = [
     "LowRankOptimizer", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor",
     "QGaLoreAdamW8bit", "QuantLinear", "quantize_weights",
+    "LoQTAdamW", "LoQTAdamW8bit", "LoQTLinear", "prepare_loqt",
     "param_groups", "register_hooks", "Projector", "FixedGap", "LazyCosine", "Exponential",
 ]

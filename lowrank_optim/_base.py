@@ -208,19 +208,30 @@ class LowRankOptimizer(Optimizer):
         first = not proj.has_basis(state)
         rots = proj.refresh(state, g, seed=state.get(f"{policy.prefix}_count", 0))
         low = torch.empty(proj.low_rank_shape(state, p.shape), device=p.device)
-        how = group["state_on_refresh"]
-        if first or (rots is not None and how == "reset"):
+        if first:
             self._init_inner(state, low, group)
-            if not first:  # bias correction restarts with the moments
-                state[f"{policy.prefix}_next"] -= state["step"]
-                state["step"] = 0
-        elif rots is not None and how == "project":
-            for k, name in enumerate(self._MOMENTS):
-                if name not in state and f"{name}_codes" not in state:
-                    continue  # e.g. Adafactor without beta1 has no first moment
-                value = proj.transport(self._get_moment(state, name), rots, squared=k > 0)
-                self._set_moment(state, name, value)
+        else:
+            self._carry_state(state, low, group, group["state_on_refresh"], rots, policy)
         policy.after(state, state["step"], None if rots is None else overlap(rots))
+
+    def _carry_state(self, state: dict, like: Tensor, group: dict, how: str,
+                     rots: Optional[tuple], policy) -> None:
+        """The inner state after a basis change with rotations ``rots`` (``None``: the
+        basis was kept): ``keep`` leaves it, ``reset`` re-initialises it (bias correction
+        restarts: ``step`` and the policy's next event are rebased), ``project`` rotates
+        the moments (:meth:`Projector.transport`; the second one with squared rotations)."""
+        if rots is None or how == "keep":
+            return
+        if how == "reset":
+            self._init_inner(state, like, group)
+            state[f"{policy.prefix}_next"] -= state["step"]
+            state["step"] = 0
+            return
+        for k, name in enumerate(self._MOMENTS):
+            if name not in state and f"{name}_codes" not in state:
+                continue  # e.g. Adafactor without beta1 has no first moment
+            value = Projector.transport(self._get_moment(state, name), rots, squared=k > 0)
+            self._set_moment(state, name, value)
 
     def _get_moment(self, state: dict, name: str) -> Tensor:
         return state[name]

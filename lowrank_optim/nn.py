@@ -1,5 +1,9 @@
 r"""Layers whose weights are stored quantized, and the helpers that swap them in.
 
+* :class:`QuantLinear` (Q-GaLore): an integer-coded weight updated through its codes.
+* :class:`LoQTLinear` (LoQT): a frozen quantized weight plus a frozen basis :math:`P` and a
+  trainable low-rank factor :math:`B` (see its docstring).
+
 :class:`QuantLinear` (Q-GaLore) stores its weight as integer codes with per-group scales
 (:mod:`lowrank_optim.quant`): ``weight`` is a ``uint8`` ``nn.Parameter`` of the logical
 shape ``(out_features, in_features)`` that does not require grad, and
@@ -22,9 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from . import quant
+from .projector import LEFT, RIGHT, Projector, choose_side
 
 __all__ = ["QuantLinear", "quantize_weights", "is_quantized", "quant_grad",
-           "dequantized_weight", "store_weight_"]
+           "dequantized_weight", "store_weight_", "LoQTLinear", "prepare_loqt"]
 
 
 class _QuantLinearFn(torch.autograd.Function):
@@ -55,6 +60,16 @@ class _QuantLinearFn(torch.autograd.Function):
         return grad_x, grad_b, None
 
 
+def _keep_fp32_apply(self, fn, recurse=True):
+    """``nn.Module._apply`` that moves, but never casts, the buffers named in
+    ``self._FP32_BUFFERS``: ``model.to(torch.bfloat16)`` must not round float32 scales."""
+    keep = {k: b for k in self._FP32_BUFFERS if (b := self._buffers.get(k)) is not None}
+    nn.Module._apply(self, fn, recurse)
+    for k, old in keep.items():
+        self._buffers[k] = old.to(self._buffers[k].device)
+    return self
+
+
 class QuantLinear(nn.Module):
     """``nn.Linear`` with an integer-coded weight (see the module docstring).
 
@@ -65,6 +80,8 @@ class QuantLinear(nn.Module):
         symmetric (bool): absmax codes (True) or min-max codes with an offset (False,
             Q-GaLore's choice). Default False.
     """
+
+    _FP32_BUFFERS = ("weight_scale", "weight_offset")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8,
                  group_size: int = 256, symmetric: bool = False, device=None,
@@ -83,14 +100,7 @@ class QuantLinear(nn.Module):
             if bias else None
         self._owner_link()
 
-    def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) must not round the float32 scales: move them only
-        keep = {k: b for k in ("weight_scale", "weight_offset")
-                if (b := self._buffers.get(k)) is not None}
-        super()._apply(fn, recurse)
-        for k, old in keep.items():
-            self._buffers[k] = old.to(self._buffers[k].device)
-        return self
+    _apply = _keep_fp32_apply
 
     def _owner_link(self) -> None:
         # the optimizer reaches the scales through the parameter; re-linked on every
@@ -156,12 +166,10 @@ def store_weight_(p: Tensor, w: Tensor, stochastic: bool,
                                        stochastic=stochastic, generator=generator, pack=False))
 
 
-def quantize_weights(model: nn.Module, bits: int = 8, group_size: int = 256,
-                     target_modules: Optional[Iterable[str]] = ("attn", "mlp"),
-                     symmetric: bool = False) -> nn.Module:
+def _swap_linears(model: nn.Module, target_modules: Optional[Iterable[str]], make) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` whose qualified name contains one of
-    ``target_modules`` (every Linear when ``None``) by a :class:`QuantLinear`; returns
-    ``model``. Raises ``ValueError`` when nothing matches."""
+    ``target_modules`` (every Linear when ``None``) by ``make(linear)``; returns ``model``.
+    Raises ``ValueError`` when nothing matches."""
     if isinstance(target_modules, str):
         raise TypeError("target_modules must be an iterable of strings, not a string")
     targets = None if target_modules is None else tuple(target_modules)
@@ -172,5 +180,307 @@ def quantize_weights(model: nn.Module, bits: int = 8, group_size: int = 256,
     for name, linear in swaps:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(linear, bits, group_size, symmetric))
+        setattr(parent, child, make(linear))
     return model
+
+
+def quantize_weights(model: nn.Module, bits: int = 8, group_size: int = 256,
+                     target_modules: Optional[Iterable[str]] = ("attn", "mlp"),
+                     symmetric: bool = False) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose qualified name contains one of
+    ``target_modules`` (every Linear when ``None``) by a :class:`QuantLinear`; returns
+    ``model``. Raises ``ValueError`` when nothing matches."""
+    return _swap_linears(model, target_modules, lambda linear: QuantLinear.from_linear(
+        linear, bits, group_size, symmetric))
+
+
+# ---- LoQT ------------------------------------------------------------------------------
+
+
+def _mean_across_ranks_(g: Tensor) -> Tensor:
+    """Average ``g`` over the ranks of an initialized process group (no-op otherwise), so
+    that every replica computes the same basis from the same gradient."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(g)
+        g.div_(dist.get_world_size())
+    return g
+
+
+class _LoQTFn(torch.autograd.Function):
+    """``y = x·deq(Q)ᵀ + s·x·ΔWᵀ + b`` with ``ΔW`` = ``B·Pᵀ`` (RIGHT) or ``P·B`` (LEFT).
+
+    Saves only ``x``; backward re-dequantizes ``Q`` for ``∂L/∂x`` and returns ``∂L/∂B`` in
+    low rank. While the layer is armed for a merge it also forms this layer's dense weight
+    gradient once, takes the new basis from it and drops it (``LoQTLinear._capture``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, b, bias, layer):
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        ctx.save_for_backward(x)
+        p = layer.projection(x.dtype)
+        low = (x @ p) @ b.to(x.dtype).T if layer.side == RIGHT else (x @ b.to(x.dtype).T) @ p.T
+        return nn.functional.linear(x, layer.base_weight(x.dtype), bias).add_(low, alpha=layer.scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        layer, s, dtype = ctx.layer, ctx.layer.scale, grad_out.dtype
+        b = layer.B.to(dtype)
+        p = layer.projection(dtype)
+        grad_x = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            low = (grad_out @ b) @ p.T if layer.side == RIGHT else (grad_out @ p) @ b
+            grad_x = (grad_out @ layer.base_weight(dtype)).add_(low, alpha=s)
+        d2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            new = layer._capture(d2, x2)  # the new basis at a merge step, else None
+            p = p if new is None else new.to(dtype)
+            grad_b = s * (d2.T @ (x2 @ p) if layer.side == RIGHT else (d2 @ p).T @ x2)
+            grad_b = grad_b.to(layer.B.dtype)
+        if ctx.has_bias:
+            grad_bias = d2.sum(0)
+        return grad_x, grad_b, grad_bias, None
+
+
+class LoQTLinear(nn.Module):
+    r"""A Linear layer trained as LoQT: :math:`W = \mathrm{deq}(Q) + s\,\Delta W`, only
+    :math:`B` trainable.
+
+    For a weight :math:`W \in \mathbb{R}^{m\times n}` (``out × in``) the shared side rule
+    (:func:`~lowrank_optim.projector.choose_side`, ``"std"``) puts the frozen basis on the
+    smaller side: :math:`m \ge n`: :math:`\Delta W = B P^\top`, :math:`P \in
+    \mathbb{R}^{n\times r}`, :math:`B \in \mathbb{R}^{m\times r}`; :math:`m < n`:
+    :math:`\Delta W = P B`, :math:`P \in \mathbb{R}^{m\times r}`, :math:`B \in
+    \mathbb{R}^{r\times n}`. Then :math:`\partial L/\partial B = s\,G P` or
+    :math:`s\,P^\top G` with :math:`G = \partial L/\partial W`: GaLore's projected gradient,
+    so :math:`B` has GaLore's low-rank state shape.
+
+    Storage, all in ``state_dict()``: ``Q`` as buffers ``weight_codes``/``weight_scale``
+    (/``weight_offset``): NF4 through bitsandbytes in absmax blocks of ``group_size``
+    (``quant_type="nf4"``, 4 bits only) or asymmetric min-max integer codes from
+    :mod:`lowrank_optim.quant` (``quant_type="int"``, 4 bits packed two per byte, or 8);
+    with ``bits=None`` a float buffer ``weight`` (LoQT-nq). ``P`` as the shared
+    :class:`~lowrank_optim.projector.Projector` stores it: ``proj_bits``-bit codes in groups
+    of ``proj_group_size`` (``proj_codes``/``proj_scale``/``proj_offset``) or a float32
+    ``proj``. ``B`` is the only parameter besides the bias; ``merges`` counts the merges.
+
+    Forward is ``y = x·deq(Q)ᵀ + s·(x·P)·Bᵀ`` (or ``s·(x·Bᵀ)·Pᵀ``): no dense weight is
+    trained and no dense weight gradient exists, except that when
+    :class:`~lowrank_optim.LoQTAdamW` arms the layer before a merge, its backward forms
+    this layer's :math:`G` once (averaged over ranks under ``torch.distributed``), takes the
+    new top-``rank`` basis from its SVD (quantized as above), returns ``∂L/∂B`` in the new
+    basis and frees :math:`G` before the next layer's backward runs. Further micro-batches
+    of the same step reuse that basis. :meth:`merge_` then folds :math:`B` into :math:`Q`.
+
+    Until its first merge ``P`` is zero, so the layer computes ``deq(Q)·x``.
+    """
+
+    _FP32_BUFFERS = ("weight_scale", "weight_offset", "proj", "proj_scale", "proj_offset")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 rank: int = 128, scale: float = 0.5, bits: Optional[int] = 4,
+                 quant_type: Optional[str] = None, group_size: int = 64,
+                 proj_bits: Optional[int] = 4, proj_group_size: int = 64, svd: str = "exact",
+                 device=None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"Invalid scale: {scale!r} (expected scale > 0)")
+        quant_type = quant_type or ("nf4" if bits == 4 else "int")
+        if quant_type not in ("nf4", "int"):
+            raise ValueError(f"Invalid quant_type: {quant_type!r} (expected 'nf4' or 'int')")
+        if bits is not None:
+            if quant_type == "nf4" and bits != 4:
+                raise ValueError(f"Invalid bits: {bits!r} (quant_type='nf4' has 4 bits; use "
+                                 "quant_type='int' for 2 to 8 bits, or bits=None)")
+            quant._check(bits, group_size, "nf4" if quant_type == "nf4" else "asym")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.quant_type, self.group_size = bits, quant_type, group_size
+        self.scale = float(scale)
+        self.projector = Projector(rank, "std", svd, proj_bits, proj_group_size)
+        m, n = out_features, in_features
+        self.side = choose_side((m, n), "std")
+        self.rank = r = min(rank, m, n)
+        kw = dict(device=device)
+        if bits is None:
+            self.register_buffer("weight", torch.zeros(m, n, dtype=dtype, **kw))
+        else:
+            self._register_codes("weight", m * n, bits, group_size, quant_type == "int", kw)
+        numel = min(m, n) * r
+        if proj_bits is None:
+            self.register_buffer("proj", torch.zeros(min(m, n), r, **kw))
+        else:
+            self._register_codes("proj", numel, proj_bits, proj_group_size, True, kw)
+        self.register_buffer("merges", torch.zeros((), dtype=torch.int64, **kw))
+        self.B = nn.Parameter(torch.zeros((m, r) if self.side == RIGHT else (r, n), dtype=dtype,
+                                          **kw))
+        self.bias = nn.Parameter(torch.zeros(m, dtype=dtype, **kw)) if bias else None
+        # armed (±1, the sign of the objective: -1 for a maximizing optimizer) by LoQTAdamW
+        # for the backward before a merge; 0 otherwise
+        self.capture = 0
+        self._pending = None  # (projector state with the new basis, rotations)
+        self.B.loqt_owner = self
+
+    def _register_codes(self, name, numel, bits, group_size, offset, kw) -> None:
+        # zero codes, scale 1, offset 0: dequantizes to exactly zero
+        self.register_buffer(f"{name}_codes", torch.zeros(
+            (numel + 1) // 2 if bits <= 4 else numel, dtype=torch.uint8, **kw))
+        groups = -(-numel // group_size)
+        self.register_buffer(f"{name}_scale", torch.ones(groups, **kw))
+        if offset:
+            self.register_buffer(f"{name}_offset", torch.zeros(groups, **kw))
+
+    _apply = _keep_fp32_apply
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "LoQTLinear":
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=w.device, dtype=w.dtype, **kwargs)
+        if w.device.type != "meta":
+            layer._store_base(w.float())
+            if linear.bias is not None:
+                layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    # ---- storage ------------------------------------------------------------------------
+    def _quantize(self, w: Tensor) -> Tensor | quant.QTensor:
+        if self.bits is None:
+            return w
+        if self.quant_type == "nf4":
+            return quant.nf4_quantize(w, self.group_size)
+        return quant.quantize(w, self.bits, self.group_size)
+
+    def _dequantize(self, q, dtype=torch.float32) -> Tensor:
+        return q.to(dtype) if isinstance(q, Tensor) else q.dequantize(dtype)
+
+    def _store_base(self, w: Tensor) -> None:
+        self._write_base(self._quantize(w))
+
+    def _write_base(self, q) -> None:
+        """Copy a quantized (or, unquantized, float) weight into this layer's buffers."""
+        if isinstance(q, Tensor):
+            self.weight.copy_(q)
+        else:
+            for key, t in (("codes", q.codes), ("scale", q.scale), ("offset", q.offset)):
+                if t is not None:
+                    getattr(self, f"weight_{key}").copy_(t)
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``deq(Q)``, ``out × in``, in ``dtype``."""
+        if self.bits is None:
+            return self.weight.to(dtype)
+        fmt = "nf4" if self.quant_type == "nf4" else "asym"
+        q = quant.get(self._buffers, "weight", (self.out_features, self.in_features),
+                      self.bits, self.group_size, fmt)
+        return q.dequantize(dtype)
+
+    def _proj_state(self, with_side: bool = True) -> dict:
+        st = {k: v for k, v in self._buffers.items() if k.startswith("proj")}
+        if with_side:
+            st["proj_side"] = self.side
+        return st
+
+    def projection(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``deq(P)``, ``min(m, n) × rank`` (zero before the first merge)."""
+        like = torch.empty(self.out_features, self.in_features, device="meta")
+        left, right = self.projector._bases(self._proj_state(), like)
+        return (left if right is None else right).to(dtype)
+
+    def _delta(self, p: Tensor, b: Tensor) -> Tensor:
+        return b @ p.T if self.side == RIGHT else p @ b
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dense weight this layer computes with, ``deq(Q) + s·ΔW``."""
+        w = self.base_weight(torch.float32)
+        return w.add_(self._delta(self.projection(), self.B.detach().float()),
+                      alpha=self.scale).to(dtype)
+
+    # ---- merges -------------------------------------------------------------------------
+    def _capture(self, d2: Tensor, x2: Tensor) -> Optional[Tensor]:
+        """At an armed backward: the new basis (float32), computed on first use from this
+        micro-batch's dense gradient ``d2ᵀ·x2``, which is freed on return."""
+        if not self.capture:
+            return None
+        if self._pending is None:
+            g = _mean_across_ranks_(d2.T.float() @ x2.float())
+            if self.capture < 0:  # a maximizing optimizer: the basis of the descent direction
+                g.neg_()
+            st = self._proj_state(with_side=bool(self.merges))
+            rots = self.projector.refresh(st, g, seed=int(self.merges))
+            del g
+            st["proj_side"] = self.side
+            self._pending = (st, rots)
+        st = self._pending[0]
+        like = torch.empty(self.out_features, self.in_features, device="meta")
+        left, right = self.projector._bases(st, like)
+        return left if right is None else right
+
+    @property
+    def merge_ready(self) -> bool:
+        """True once an armed backward has captured the basis for the next merge."""
+        return self._pending is not None
+
+    @torch.no_grad()
+    def merge_(self, ec_iters: int = 5) -> Optional[tuple]:
+        r"""Fold :math:`B` into :math:`Q` and install the captured basis.
+
+        :math:`W = \mathrm{deq}(Q) + s\,\Delta W(P_{old}, B)` (the effective weight), then
+        :math:`P \leftarrow P_{new}` and error compensation: with :math:`Q_0 = Q(W)`, for
+        :math:`c = 1..C`: :math:`R_c = W - \mathrm{deq}(Q_c)`, :math:`B_c = P^{+}R_c/s`
+        (or :math:`R_c P^{+\top}/s`), :math:`Q_{c+1} = Q(W - s\,\Delta W(P, B_c))`; the pair
+        with the smallest :math:`\|R_c - s\,\Delta W(P, B_c)\|_F` is kept. ``ec_iters=0``,
+        or an unquantized layer, gives :math:`Q = Q(W)`, :math:`B = 0`. Returns the
+        rotations :math:`P_{old}^\top P_{new}` (``None`` at the first merge or when the
+        basis was kept); raises ``RuntimeError`` when no basis was captured."""
+        if self._pending is None:
+            raise RuntimeError("LoQTLinear.merge_: no basis captured; arm the layer "
+                               "(layer.capture = 1) and run a backward pass first")
+        st, rots = self._pending
+        w = self.effective_weight()
+        for k, v in st.items():
+            if k != "proj_side":
+                self._buffers[k].copy_(v)
+        p = self.projection()
+        q, b = self._quantize(w), torch.zeros_like(self.B, dtype=torch.float32)
+        if self.bits is not None and ec_iters > 0:
+            pinv = torch.linalg.pinv(p)
+            best, target = None, w
+            for _ in range(ec_iters):
+                qc = self._quantize(target)
+                resid = w - self._dequantize(qc)
+                bc = (resid @ pinv.T if self.side == RIGHT else pinv @ resid) / self.scale
+                low = self._delta(p, bc).mul_(self.scale)
+                err = float(torch.linalg.matrix_norm(resid - low))
+                if best is None or err < best[0]:
+                    best = (err, qc, bc)
+                target = w - low
+            _, q, b = best
+        self._write_base(q)
+        self.B.copy_(b)
+        self.merges += 1
+        self._pending, self.capture = None, 0
+        return rots
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.B.loqt_owner = self  # re-linked: copies (deepcopy, .to()) stay consistent
+        return _LoQTFn.apply(x, self.B, self.bias, self)
+
+    def extra_repr(self) -> str:
+        q = "none" if self.bits is None else "nf4" if self.quant_type == "nf4" else f"int{self.bits}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, rank={self.rank}, scale={self.scale}, "
+                f"quant={q}, proj_bits={self.projector.quant_bits}")
+
+
+def prepare_loqt(model: nn.Module, rank: int = 128, bits: Optional[int] = 4,
+                 target_modules: Optional[Iterable[str]] = ("attn", "mlp"),
+                 scale: float = 0.5, **kwargs) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose qualified name contains one of
+    ``target_modules`` (every Linear when ``None``) by a :class:`LoQTLinear` whose ``Q``
+    is the quantized weight; returns ``model``. ``kwargs`` go to :class:`LoQTLinear`
+    (``quant_type``, ``group_size``, ``proj_bits``, ``proj_group_size``, ``svd``).
+    Other parameters (embeddings, norms, head) are untouched and stay trainable."""
+    return _swap_linears(model, target_modules, lambda linear: LoQTLinear.from_linear(
+        linear, rank=rank, scale=scale, bits=bits, **kwargs))

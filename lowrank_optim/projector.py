@@ -178,7 +178,8 @@ class Projector:
             self._store(state, "proj_right", v)
         return rots
 
-    def transport(self, low: Tensor, rots: tuple, squared: bool = False) -> Tensor:
+    @staticmethod
+    def transport(low: Tensor, rots: tuple, squared: bool = False) -> Tensor:
         r"""Re-express low-rank coordinates taken in the old basis in the new one
         (:math:`R_l^\top X R_r`); ``squared`` uses the element-wise squared rotations,
         which maps non-negative second moments to non-negative values."""

@@ -39,9 +39,15 @@ class OptConfig:
     id: str
     cls: type
     kwargs: dict = field(default_factory=dict)
+    loqt: dict = None  # prepare_loqt's arguments: the model's Linear layers become LoQT layers
 
     def make(self, params, **overrides):
         return self.cls(params, **{**self.kwargs, **overrides})
+
+    def model(self, seed: int = 0, dtype=torch.float32, **kw) -> "Net":
+        """:func:`make_model`, prepared as this optimizer needs (LoQT layers)."""
+        m = make_model(seed, dtype, **kw)
+        return m if self.loqt is None else lo.prepare_loqt(m, target_modules=None, **self.loqt)
 
     def __repr__(self):  # short pytest ids
         return self.id
@@ -49,6 +55,8 @@ class OptConfig:
 
 # Small rank and a short gap, so that every test run crosses several basis refreshes.
 _G = dict(lr=1e-2, rank=4, update_proj_gap=3, scale=1.0)
+_L = dict(lr=1e-2, update_proj_gap=3)  # LoQTAdamW
+_Q = dict(rank=4, scale=1.0, proj_group_size=32)  # prepare_loqt
 
 CONFIGS = [
     OptConfig("galore_adamw", lo.GaLoreAdamW, dict(_G)),
@@ -80,6 +88,14 @@ CONFIGS = [
     OptConfig("q_galore_project", lo.QGaLoreAdamW8bit,
               dict(_G, min_8bit_size=64, proj_group_size=32, queue_size=2,
                    state_on_refresh="project")),
+    # LoQT: Net's two Linear layers become LoQT layers (fc1 tall: P on the input side;
+    # fc2 wide: P on the output side); merges at steps 0, 3, 7, 11, ...
+    *[OptConfig(f"loqt_{name}", cls, dict(_L, **kw), loqt=dict(_Q, **q))
+      for name, cls, kw, q in (
+          ("nf4", lo.LoQTAdamW, {}, {}),
+          ("int8_keep", lo.LoQTAdamW, dict(state_on_merge="keep"), dict(bits=8)),
+          ("nq_reset", lo.LoQTAdamW, dict(state_on_merge="reset"), dict(bits=None, proj_bits=None)),
+          ("8bit", lo.LoQTAdamW8bit, dict(min_8bit_size=64, weight_decay=0.01), {}))],
 ]
 
 BY_ID = {c.id: c for c in CONFIGS}
@@ -184,6 +200,11 @@ class Block(nn.Module):
         return self.head(h)
 
 
+def mat(layer: nn.Module) -> torch.Tensor:
+    """The trainable matrix of a Linear layer: its weight, or a LoQT layer's factor B."""
+    return layer.B if isinstance(layer, lo.LoQTLinear) else layer.weight
+
+
 def make_model(seed: int = 0, dtype=torch.float32, **kw) -> Net:
     torch.manual_seed(seed)
     return Net(**kw).to(dtype)
@@ -269,7 +290,7 @@ def test_ids_unique():
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=repr)
 def test_config_constructs_and_steps(cfg):
-    model = make_model()
+    model = cfg.model()
     opt = cfg.make(model.parameters())
     train(model, opt, make_batches(2))
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -291,11 +312,11 @@ def test_registry_covers_required_variants():
 @pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.cls is lo.GaLoreAdamW8bit], ids=repr)
 def test_8bit_path_is_exercised(cfg):
     """Both 8-bit codes (low-rank moments) and float32 moments (small biases) exist."""
-    model = make_model()
+    model = cfg.model()
     opt = cfg.make(model.parameters())
     train(model, opt, make_batches(2))
     st = opt.state
-    for p in (model.emb.weight, model.fc1.weight, model.fc2.weight):
+    for p in (model.emb.weight, mat(model.fc1), mat(model.fc2)):
         assert st[p]["exp_avg_codes"].dtype == torch.uint8
         assert st[p]["exp_avg_sq_codes"].dtype == torch.uint8
         assert "exp_avg" not in st[p]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from registry import (CONFIGS, assert_params_equal, assert_states_equal, loss_fn,
-                      make_batches, make_model, roundtrip, train)
+                      make_batches, make_model, mat, roundtrip, train)
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
@@ -24,7 +24,7 @@ every_config = pytest.mark.parametrize("cfg", CONFIGS, ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_hooks_equal_normal_stepping(cfg, dtype):
     batches = make_batches(12)
-    m1, m2 = make_model(dtype=dtype), make_model(dtype=dtype)
+    m1, m2 = cfg.model(dtype=dtype), cfg.model(dtype=dtype)
     o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters())
     l1 = train(m1, o1, batches)
     handle = o2.register_hooks(m2)
@@ -40,7 +40,7 @@ def test_hooks_equal_normal_stepping(cfg, dtype):
 def test_hooks_accumulation_equals_normal_accumulation(cfg):
     n = 3
     batches = make_batches(4 * n)
-    m1, m2 = make_model(), make_model()
+    m1, m2 = cfg.model(), cfg.model()
     o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters())
     train(m1, o1, batches, accumulate=n)
     with o2.register_hooks(m2, accumulation_steps=n):
@@ -57,7 +57,7 @@ def test_hooks_accumulation_equals_normal_accumulation(cfg):
 @every_config
 def test_hooks_lr_scheduler(cfg):
     batches = make_batches(8)
-    m1, m2 = make_model(), make_model()
+    m1, m2 = cfg.model(), cfg.model()
     o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters())
     s1 = torch.optim.lr_scheduler.StepLR(o1, step_size=2, gamma=0.5)
     s2 = torch.optim.lr_scheduler.StepLR(o2, step_size=2, gamma=0.5)
@@ -75,7 +75,7 @@ def test_hooks_save_load_continue(cfg):
     """state_dict / load_state_dict while the hooks are active (load replaces the group
     dicts; the hooks must follow), then a fresh hooked optimizer from the checkpoint."""
     batches = make_batches(14)
-    m1 = make_model()
+    m1 = cfg.model()
     o1 = cfg.make(m1.parameters())
     o1.register_hooks(m1)
     train(m1, o1, batches[:6], hooks=True)
@@ -85,7 +85,7 @@ def test_hooks_save_load_continue(cfg):
         g["lr"] *= 0.5  # the hooks must read the live group, not a stale dict
     train(m1, o1, batches[6:], hooks=True)
 
-    m2 = make_model(seed=7)
+    m2 = cfg.model(seed=7)
     m2.load_state_dict(ckpt["model"])
     o2 = cfg.make(m2.parameters())
     o2.load_state_dict(ckpt["opt"])
@@ -103,7 +103,7 @@ def _clip_each(model, c):
 @every_config
 def test_hooks_per_parameter_clipping(cfg):
     batches = make_batches(6)
-    m1, m2 = make_model(), make_model()
+    m1, m2 = cfg.model(), cfg.model()
     o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters())
     for b in batches:
         loss_fn(m1, b).backward()
@@ -164,9 +164,9 @@ def test_hooks_only_optimized_parameters():
     """Parameters the optimizer does not own are left to the user (their grads stay)."""
     cfg = CONFIGS[0]
     m = make_model()
-    opt = cfg.make([m.fc1.weight, m.fc1.bias])
-    w2 = m.fc2.weight.detach().clone()
+    opt = cfg.make([mat(m.fc1), m.fc1.bias])
+    w2 = mat(m.fc2).detach().clone()
     with opt.register_hooks(m):
         loss_fn(m, make_batches(1)[0]).backward()
-    assert m.fc1.weight.grad is None and m.fc2.weight.grad is not None
-    assert torch.equal(m.fc2.weight, w2)
+    assert mat(m.fc1).grad is None and mat(m.fc2).grad is not None
+    assert torch.equal(mat(m.fc2), w2)
