@@ -393,9 +393,9 @@ class LoQTLinear(nn.Module):
 
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense weight this layer computes with, ``deq(Q) + s·ΔW``."""
-        w = self.base_weight(torch.float32)
-        return w.add_(self._delta(self.projection(), self.B.detach().float()),
-                      alpha=self.scale).to(dtype)
+        delta = self._delta(self.projection(), self.B.detach().float())
+        # out of place: an unquantized layer's base_weight() is its buffer itself
+        return torch.add(self.base_weight(torch.float32), delta, alpha=self.scale).to(dtype)
 
     # ---- merges -------------------------------------------------------------------------
     def _capture(self, d2: Tensor, x2: Tensor) -> Optional[Tensor]:
