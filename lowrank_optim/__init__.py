@@ -4,6 +4,8 @@ from ._groups import param_groups
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .hooks import register_hooks
 from .loqt import LoQTAdamW, LoQTAdamW8bit
+from .lr_qat import (IntLinear, LRQATLinear, export_lr_qat, lr_qat_param_groups,
+                     prepare_lr_qat)
 from .nn import LoQTLinear, QuantLinear, prepare_loqt, quantize_weights
 from .q_galore import QGaLoreAdamW8bit
 from .projector import Projector
@@ -15,5 +17,6 @@ __all__ = [
     "LowRankOptimizer", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor",
     "QGaLoreAdamW8bit", "QuantLinear", "quantize_weights",
     "LoQTAdamW", "LoQTAdamW8bit", "LoQTLinear", "prepare_loqt",
+    "LRQATLinear", "IntLinear", "prepare_lr_qat", "lr_qat_param_groups", "export_lr_qat",
     "param_groups", "register_hooks", "Projector", "FixedGap", "LazyCosine", "Exponential",
 ]
