@@ -99,7 +99,7 @@ vocab = 32000            # T5 vocabulary of the papers' configs
 dtype = "bfloat16"       # weights (and plain-parameter moments where the optimizer keeps p's dtype)
 update_proj_gap = 200
 svd = "exact"            # irrelevant to the bytes; "randomized" makes the real runs faster
-methods = "AdamW,AdamW8bit,GaLoreAdamW,GaLoreAdamW8bit,QGaLoreAdamW8bit"
+methods = "AdamW,AdamW8bit,GaLoreAdamW,GaLoreAdamW8bit,QGaLoreAdamW8bit,LoQTAdamW,LoQTAdamW8bit"
 seed = 0
 threads = 1              # torch threads (1: the machine is shared; 0 = torch default)
 also_float32 = True      # add a meta-only table with float32 weights (checked against the closed form)
@@ -120,15 +120,19 @@ from common import LlamaLM, get_config  # noqa: E402
 
 GB = 1e9
 TARGETS = ("attn", "mlp")
-ALL_METHODS = ("AdamW", "AdamW8bit", "GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW8bit")
+ALL_METHODS = ("AdamW", "AdamW8bit", "GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW8bit",
+               "LoQTAdamW", "LoQTAdamW8bit")
 LOWRANK = {"GaLoreAdamW": lo.GaLoreAdamW, "GaLoreAdamW8bit": lo.GaLoreAdamW8bit,
-           "QGaLoreAdamW8bit": lo.QGaLoreAdamW8bit}
+           "QGaLoreAdamW8bit": lo.QGaLoreAdamW8bit, "LoQTAdamW": lo.LoQTAdamW,
+           "LoQTAdamW8bit": lo.LoQTAdamW8bit}
+LOQT = ("LoQTAdamW", "LoQTAdamW8bit")
 SIZES = ("60m", "130m", "350m", "1b")
 # published weights + optimizer states (GB), BF16 estimates of the papers
 PUBLISHED = {
     "Full": dict(zip(SIZES, (0.36, 0.76, 2.06, 7.80))),      # GaLore T2 = Q-GaLore T1
     "GaLore": dict(zip(SIZES, (0.24, 0.52, 1.22, 4.38))),    # GaLore T2 = Q-GaLore T1
     "Q-GaLore": dict(zip(SIZES, (0.18, 0.39, 0.88, 3.08))),  # Q-GaLore T1
+    "LoQT": dict(zip(SIZES, (0.23, 0.49, 0.98, 3.16))),      # LoQT v1 Table 1
 }
 # GaLore paper Table 6 split (weights / optimizer states, GB)
 PUBLISHED_SPLIT = {
@@ -150,15 +154,18 @@ def default_dtype(dt: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_model(cfg, dt: torch.dtype, device: str, quantize: bool) -> nn.Module:
-    """LlamaLM in ``dt`` on ``device``; with ``quantize``, attention and MLP Linears become
-    INT8 ``QuantLinear`` (groups of 256), quantized from the ``dt`` weights."""
+def build_model(cfg, dt: torch.dtype, device: str, method: str, rank: int) -> nn.Module:
+    """LlamaLM in ``dt`` on ``device``; for Q-GaLore the attention and MLP Linears become
+    INT8 ``QuantLinear`` (groups of 256), for LoQT ``LoQTLinear`` (NF4 weight in blocks of
+    64, INT4 basis in groups of 64, ``dt`` factor B), quantized from the ``dt`` weights."""
     torch.manual_seed(seed)
     with default_dtype(dt), torch.device(device):
         model = LlamaLM(cfg)
     model.to(dt)  # the rotary table is built in float32 explicitly
-    if quantize:
+    if method == "QGaLoreAdamW8bit":
         lo.quantize_weights(model, bits=8, group_size=256, target_modules=TARGETS)
+    elif method in LOQT:
+        lo.prepare_loqt(model, rank=rank, bits=4, target_modules=TARGETS, scale=0.25)
     return model
 
 
@@ -181,6 +188,8 @@ def build_optimizer(method: str, model: nn.Module, rank: int):
     if method == "AdamW8bit":
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.0)
+    if method in LOQT:  # B factors and the plain parameters; the rank is the model's
+        return LOWRANK[method](model.parameters(), lr=1e-3)
     return LOWRANK[method](groups_for(model, rank), lr=1e-3, svd=svd)
 
 
@@ -269,8 +278,9 @@ def count(model: nn.Module, opt) -> dict:
 
     for p in model.parameters():
         add("w_float" if p.is_floating_point() else "w_int", p)
-    for name, b in model.named_buffers():
-        add("w_scales" if name.endswith(("weight_scale", "weight_offset")) else "w_buffers", b)
+    for name, b in model.named_buffers():  # LoQT: NF4 codes of Q, INT4 codes of P, scales
+        add("w_int" if name.endswith("_codes") else "w_scales"
+            if name.endswith(("_scale", "_offset")) else "w_buffers", b)
     for st in opt.state.values():
         for key, t in _walk(st):
             add("s_" + _category_state(key), t)
@@ -285,7 +295,7 @@ def count(model: nn.Module, opt) -> dict:
 
 def measure(method: str, cfg, rank: int, dt: torch.dtype, device: str) -> dict:
     t0 = time.perf_counter()
-    model = build_model(cfg, dt, device, quantize=method == "QGaLoreAdamW8bit")
+    model = build_model(cfg, dt, device, method, rank)
     opt = build_optimizer(method, model, rank)
     set_grads(model)
     one_step(method, model, opt, device)
@@ -324,6 +334,15 @@ def closed_form_package(method: str, cfg, rank: int, esize: int) -> tuple[int, i
     any8 = False
     for _, shape, proj in shapes_of(cfg):
         n = math.prod(shape)
+        if method in LOQT and proj:
+            r = min(rank, *shape)
+            w += _cdiv(n, 2) + 4 * _cdiv(n, 64)                     # NF4 Q: codes + absmax/64
+            p = min(shape) * r
+            w += _cdiv(p, 2) + 2 * 4 * _cdiv(p, 64)                 # INT4 P + scale, offset/64
+            w += max(shape) * r * esize + 8                         # B (model dtype), merges
+            low = max(shape) * r                                    # B's moments:
+            s += 2 * low * esize if method == "LoQTAdamW" or low < 4096 else q8(low)
+            continue
         if method == "QGaLoreAdamW8bit" and proj:
             w += n + 2 * 4 * _cdiv(n, 256)                         # uint8 codes, scale, offset
         else:
@@ -345,7 +364,7 @@ def closed_form_package(method: str, cfg, rank: int, esize: int) -> tuple[int, i
             else:
                 s += 4 * basis                                      # float32 basis
         else:
-            if method == "GaLoreAdamW" or n < 4096:
+            if method in ("GaLoreAdamW", "LoQTAdamW") or n < 4096:
                 s += 2 * n * esize                                  # zeros_like(p)
             else:
                 s += q8(n)
@@ -361,6 +380,14 @@ def closed_form_papers(method: str, cfg, rank: int) -> tuple[float, float]:
         n = math.prod(shape)
         r = min(rank, *shape)
         low, basis = 2 * max(shape) * r, min(shape) * r             # 2 moments, 1 basis
+        if method in LOQT:
+            if proj:                                                # NF4 Q, NF4 P, BF16 B
+                w += 0.5 * n + 0.5 * min(shape) * r + 2.0 * max(shape) * r
+                s += 2.0 * low if method == "LoQTAdamW" else 1.0 * low
+            else:
+                w += 2.0 * n
+                s += 4.0 * n if method == "LoQTAdamW" else 2.0 * n
+            continue
         w += 1.0 * n if (method == "QGaLoreAdamW8bit" and proj) else 2.0 * n
         if method == "AdamW":
             s += 4.0 * n
@@ -535,7 +562,12 @@ def render(rows, checks, a, dt, names, rank_of, real_set, meths, cmd, date, bnb,
         "plain); **QGaLoreAdamW8bit** = `lowrank_optim.QGaLoreAdamW8bit` on the model after "
         "`lo.quantize_weights(model, bits=8, group_size=256, target_modules=('attn', 'mlp'))` "
         "(INT8 codes + float32 scale/offset per 256), INT4 bases (packed, float32 scale/offset "
-        "per 256), 8-bit moments; embedding, norms and head keep the model dtype.")
+        "per 256), 8-bit moments; embedding, norms and head keep the model dtype; "
+        "**LoQTAdamW** = `lowrank_optim.LoQTAdamW` on the model after `lo.prepare_loqt(model, "
+        "rank=r, bits=4, target_modules=('attn', 'mlp'))` (NF4 Q with a float32 absmax per 64, "
+        "INT4 P with float32 scale/offset per 64, B in the model dtype; Adam moments of B and "
+        "of the plain parameters in the model dtype); **LoQTAdamW8bit** = the same with 8-bit moments "
+        "(bitsandbytes blockwise, tensors of at least 4096 elements).")
     add("")
     add("Conventions. The **papers' estimates** put every weight and every optimizer-state "
         "element in BF16 (2 bytes) unless it is quantized, and ignore quantization scales. "
@@ -553,7 +585,7 @@ def render(rows, checks, a, dt, names, rank_of, real_set, meths, cmd, date, bnb,
         "(`untyped_storage().nbytes()`, each once) equal the `numel*element_size` sum, i.e. no "
         "tensor is a view pinning a larger buffer. *basis* is inside state; *INT8+scales* is "
         "inside weights.\n")
-    add("| config | method | rank | weights GB | of which INT8 codes + scales | state GB | "
+    add("| config | method | rank | weights GB | of which quantized codes + scales | state GB | "
         "of which basis | weights + state GB | × AdamW | count | = closed form | storages = tensors |")
     add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     adamw_total = {r["config"]: (r["real"] or r["meta"])["total"] for r in rows
@@ -610,20 +642,31 @@ def render(rows, checks, a, dt, names, rank_of, real_set, meths, cmd, date, bnb,
              ("Q-GaLore, package closed form (with scales)",
               lambda c: cell("QGaLoreAdamW8bit", c, "package")),
              ("**QGaLoreAdamW8bit measured**",
-              lambda c: "**" + cell("QGaLoreAdamW8bit", c, "measured") + "**")]
+              lambda c: "**" + cell("QGaLoreAdamW8bit", c, "measured") + "**"),
+             ("LoQT, published", lambda c: pub("LoQT", c)),
+             ("LoQT, BF16 closed form (no scales)", lambda c: cell("LoQTAdamW", c, "papers")),
+             ("**LoQTAdamW measured**",
+              lambda c: "**" + cell("LoQTAdamW", c, "measured") + "**"),
+             ("LoQTAdamW8bit, BF16 closed form (8-bit moments)",
+              lambda c: cell("LoQTAdamW8bit", c, "papers")),
+             ("**LoQTAdamW8bit measured**",
+              lambda c: "**" + cell("LoQTAdamW8bit", c, "measured") + "**")]
     for label, f in lines:
         add(f"| {label} | " + " | ".join(f(c) for c in cols) + " |")
 
-    def target(c):
-        r = next((r for r in rows if r["config"] == c and r["method"] == "QGaLoreAdamW8bit"),
-                 None)
-        p = PUBLISHED["Q-GaLore"].get(c)
+    def target(c, method="QGaLoreAdamW8bit", paper="Q-GaLore"):
+        r = next((r for r in rows if r["config"] == c and r["method"] == method), None)
+        p = PUBLISHED[paper].get(c)
         if r is None or p is None:
             return "–"
         t = (r["real"] or r["meta"])["total"] / GB
         return f"{t / p:.3f} {'≤ 1 ✓' if t <= p else '> 1 ✗'}"
     add("| QGaLoreAdamW8bit measured / Q-GaLore published (target ≤ 1) | "
         + " | ".join(target(c) for c in cols) + " |")
+    add("| LoQTAdamW measured / LoQT published (target at 1B: ≤ 1) | "
+        + " | ".join(target(c, "LoQTAdamW", "LoQT") for c in cols) + " |")
+    add("| LoQTAdamW8bit measured / LoQT published (target at 1B: ≤ 1) | "
+        + " | ".join(target(c, "LoQTAdamW8bit", "LoQT") for c in cols) + " |")
     if alt is not None:
         p = PUBLISHED["Q-GaLore"]["1b"]
         t = alt["meta"]["total"] / GB

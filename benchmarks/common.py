@@ -174,6 +174,7 @@ CONFIGS: dict[str, ModelConfig] = {
     "llama_350m": ModelConfig(1024, 24, 16, 2736),
     "llama_1b": ModelConfig(2048, 24, 32, 5461),
     "llama_7b": ModelConfig(4096, 32, 32, 11008),
+    "llama_13b": ModelConfig(5120, 40, 40, 13824),
 }
 
 
@@ -255,11 +256,14 @@ class LlamaLM(nn.Module):
     """LLaMA-style causal LM. Parameter names: ``embed``, ``layers.{i}.attn.{q,k,v,o}_proj``,
     ``layers.{i}.mlp.{gate,up,down}_proj``, ``layers.{i}.{attn,mlp}_norm``, ``norm``,
     ``lm_head``. Initialisation: normal(0, 0.02), residual outputs (``o_proj``,
-    ``down_proj``) scaled by 1/sqrt(2·n_layers); seed it with ``torch.manual_seed``."""
+    ``down_proj``) scaled by 1/sqrt(2·n_layers); seed it with ``torch.manual_seed``.
+    ``checkpointing=True`` (or setting ``model.checkpointing``) recomputes each block in
+    backward (``torch.utils.checkpoint``, non-reentrant) instead of keeping its
+    activations; only the blocks' inputs are kept."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, checkpointing: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.checkpointing = cfg, checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -280,7 +284,10 @@ class LlamaLM(nn.Module):
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.embed(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
@@ -417,8 +424,18 @@ def _qgalore(model, a):
     return Prepared(model, lo.QGaLoreAdamW8bit(_quantized_groups(model, a), lr=a.lr,
                                                betas=a.betas, weight_decay=a.weight_decay))
 
-# LoQT goes here: one @register whose factory converts the model (lo.prepare_loqt) and
-# returns Prepared(model, lo.LoQTAdamW(...)).
+
+
+@register("loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
+          description="lowrank_optim.LoQTAdamW: NF4 weights + INT4 basis P frozen, B trained "
+                      "(prepare_loqt), merges at exponentially growing intervals")
+def _loqt(model, a):
+    import lowrank_optim as lo
+    model = lo.prepare_loqt(model, rank=a.rank, bits=4, target_modules=a.target_modules,
+                            scale=a.scale)
+    return Prepared(model, lo.LoQTAdamW(model.parameters(), lr=a.lr, betas=a.betas,
+                                        weight_decay=a.weight_decay,
+                                        update_proj_gap=a.update_proj_gap))
 
 
 # ---------------------------------------------------------------------------------------
