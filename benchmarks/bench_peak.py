@@ -1,0 +1,947 @@
+"""Peak memory of ONE REAL training step of a big LLaMA model, on the CPU.
+
+The targets (issues #4 and #5):
+
+* Q-GaLore: a LLaMA-7B training step (sequence 256, per-layer updates, activation
+  checkpointing allowed) under 16 GB;
+* LoQT: a LLaMA-7B training step under 24 GB without per-layer updates, and LLaMA-13B
+  under 24 GB with per-layer updates and 8-bit moments (on a CPU: with a short sequence).
+
+What is measured: the **peak RSS of a CPU process** (``resource.getrusage(RUSAGE_SELF)
+.ru_maxrss``), one fresh subprocess per (method, config), so that peaks never mix. Inside
+that process the peak is reset (``/proc/self/clear_refs`` = 5, which resets the kernel's
+high-water mark that ``ru_maxrss`` reads) after ``malloc_trim`` at the start of each phase,
+so every phase gets its own peak: building the model, step 0 (the step that computes
+every basis: Q-GaLore's first SVD per matrix, LoQT's first merge), step 1 (an ordinary
+step). The process peak is the largest of them. A peak RSS includes everything the
+process holds: the Python/torch/bitsandbytes runtime (about 0.25 GB, reported as
+"runtime"), weights, optimizer state, gradients, activations, allocator slack.
+
+How the big model is built without ever materialising it in float: ``LlamaLM``
+(``benchmarks/common.py``, vocabulary 32000 as in the papers) is created on the ``meta``
+device, then **one block at a time** the block is materialised in bfloat16 on the CPU
+(random init, normal(0, 0.02), residual outputs 0.02/sqrt(2·layers), as ``LlamaLM``
+does), converted with the package's own swap (``lo.quantize_weights(block, bits=8,
+group_size=256)`` for Q-GaLore: INT8 ``QuantLinear``; ``lo.prepare_loqt(block, rank,
+bits=4, scale=0.5, svd=...)`` for LoQT: NF4 ``Q`` + INT4 ``P`` + bf16 ``B``) and its
+float weights freed before the next block. Embedding, norms and head are materialised
+in bfloat16 (the package's layers compute in ``x.dtype``, so activations are bfloat16
+too; the loss is taken in float32). Nothing else is approximated: the step is the
+package's forward, backward and optimizer update of every parameter, embedding, norms
+and head included.
+
+Methods (``--methods``):
+
+* ``qgalore``            ``QGaLoreAdamW8bit`` on the INT8 model: INT4 bases (groups of
+  256), lazy refresh, 8-bit moments, stochastic rounding, per-layer updates
+  (``opt.register_hooks(model)``), ``update_proj_gap`` 500 (the 7B script), lr 0.004.
+* ``qgalore_step``       the same with a normal ``opt.step()`` (for comparison).
+* ``loqt``               ``LoQTAdamW`` (moments in B's dtype, bf16), normal ``opt.step()``.
+* ``loqt8bit``           ``LoQTAdamW8bit``, normal ``opt.step()`` (the paper's 7B setup).
+* ``loqt8bit_per_layer`` ``LoQTAdamW8bit`` with per-layer updates (the paper's 13B setup).
+
+Ranks (``--rank`` overrides): 128 / 256 / 256 / 512 / 1024 / 1024 for 60m / 130m / 350m /
+1b / 7b / 13b (the papers' and the 7B/13B scripts'). LoQT merges at steps 0, 100, ...
+(``update_proj_gap`` 100), so step 0 is a merge step: every layer's dense gradient is formed
+in backward one layer at a time, SVD'd right there, and the merge with error compensation
+runs in the step (inside backward with per-layer updates).
+
+Time-only settings (they change no tensor that is kept, so not the peak beyond a few
+``m × (rank + 8)`` float32 temporaries of the SVD): ``--svd randomized`` (the package's
+randomized SVD instead of the exact one), ``--svd-niter`` (power iterations of that
+randomized SVD, package default 2; the default here is 0, by wrapping
+``lowrank_optim.projector.compute_basis`` with ``niter=0``, because at rank 1024 on two
+CPU cores each power iteration costs minutes per layer), ``--ec-iters`` (LoQT's
+error-compensation rounds at a merge, package default 5, here 1).
+
+Safety: the parent polls the child's RSS and the machine's ``MemAvailable`` every 0.2 s
+and kills the child if it passes ``--max-rss-gb`` or leaves less than ``--min-free-gb``
+free (the machine is shared); such a case is reported as stopped, with the RSS reached.
+Cases run one after another, never two at once.
+
+GB = 10^9 bytes (the issues' and papers' unit); GiB is given beside the peaks.
+
+Command lines (from the repository root):
+
+    python benchmarks/bench_peak.py                               # the issues' cases (long: about 2 h)
+    python benchmarks/bench_peak.py --configs llama_60m           # every method on 60M, seconds
+    python benchmarks/bench_peak.py --methods qgalore             # the Q-GaLore issue case only
+    python benchmarks/bench_peak.py --configs llama_1b --methods qgalore,loqt8bit --seq 256
+    python benchmarks/bench_peak.py --cases qgalore:llama_7b:256:ckpt --merge   # add a row to peak.md
+    python benchmarks/bench_peak.py --one qgalore:llama_60m:256   # one measurement (what the parent runs)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+# -------------------------------------------------------------------------------------
+# defaults
+cases = "qgalore:llama_7b:256,loqt8bit:llama_7b:256,loqt8bit_per_layer:llama_13b:32"
+steps = 2                 # step 0 (bases/merge) and step 1 (ordinary)
+threads = 1               # torch threads (1 measured faster than 2 on this shared machine)
+svd = "randomized"
+svd_niter = 0             # power iterations of the randomized SVD (package default: 2)
+ec_iters = 1              # LoQT error-compensation rounds at a merge (package default: 5)
+chunk_8bit = 0            # 0: the package as shipped; N: 8-bit Adam in slices of N elements
+batch = 1
+vocab = 32000
+seed = 0
+timeout = 5400            # seconds per case
+max_rss_gb = 21.5         # kill a child whose RSS passes this (10^9 bytes)
+min_free_gb = 0.6         # ... or that leaves less than this MemAvailable on the machine
+out = "benchmarks/results/peak.md"
+# -------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (ROOT, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+GB, GIB = 1e9, 2 ** 30
+SMALL_BOUND = 2e9         # cases whose weights + state + grads stay below run two at a time
+RUNTIME = 0.28e9          # RSS of the child after importing torch, bitsandbytes, the package
+TARGETS = ("attn", "mlp")
+RANKS = {"micro": 16, "tiny": 32, "small": 64, "llama_60m": 128, "llama_130m": 256,
+         "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024, "llama_13b": 1024}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    family: str           # "qgalore" or "loqt"
+    per_layer: bool
+    eight_bit: bool
+    description: str
+
+
+METHODS = {m.name: m for m in (
+    MethodSpec("qgalore", "qgalore", True, True,
+               "QGaLoreAdamW8bit, INT8 weights, INT4 bases, 8-bit moments, per-layer updates"),
+    MethodSpec("qgalore_step", "qgalore", False, True,
+               "QGaLoreAdamW8bit, INT8 weights, INT4 bases, 8-bit moments, opt.step()"),
+    MethodSpec("loqt", "loqt", False, False,
+               "LoQTAdamW (bf16 moments of B), NF4 Q, INT4 P, opt.step()"),
+    MethodSpec("loqt8bit", "loqt", False, True,
+               "LoQTAdamW8bit, NF4 Q, INT4 P, 8-bit moments, opt.step()"),
+    MethodSpec("loqt8bit_per_layer", "loqt", True, True,
+               "LoQTAdamW8bit, NF4 Q, INT4 P, 8-bit moments, per-layer updates"),
+)}
+
+ISSUE_METHODS = ("qgalore", "loqt8bit", "loqt8bit_per_layer")  # --configs without --methods
+
+# The issues' targets: (method family, config, per-layer) -> (GB, issue)
+TARGET_GB = {("qgalore", "llama_7b", True): (16, "#4: 7B, seq 256, per-layer, < 16 GB"),
+             ("loqt", "llama_7b", False): (24, "#5: 7B without per-layer updates, < 24 GB"),
+             ("loqt", "llama_13b", True): (24, "#5: 13B, per-layer + 8-bit moments, < 24 GB")}
+
+
+@dataclass
+class Case:
+    method: str
+    config: str
+    seq: int = 256
+    ckpt: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}:{self.config}:{self.seq}" + (":ckpt" if self.ckpt else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "Case":
+        parts = text.strip().split(":")
+        if len(parts) < 2 or parts[0] not in METHODS:
+            raise ValueError(f"bad case {text!r}: expected METHOD:CONFIG[:SEQ][:ckpt] with "
+                             f"METHOD one of {', '.join(METHODS)}")
+        c = cls(parts[0], _config_name(parts[1]))
+        for extra in parts[2:]:
+            if extra == "ckpt":
+                c.ckpt = True
+            elif extra.isdigit():
+                c.seq = int(extra)
+            else:
+                raise ValueError(f"bad case {text!r}: {extra!r} is neither a length nor 'ckpt'")
+        return c
+
+
+def _config_name(name: str) -> str:
+    import common as C
+    key = name if name in C.CONFIGS else f"llama_{name}"
+    if key not in C.CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose from {', '.join(C.CONFIGS)}")
+    return key
+
+
+# ---- the child: one measurement ---------------------------------------------------------
+def _status_kb(field: str) -> int:
+    import common as C
+    return C._proc_status_kb(field) or 0
+
+
+def rss() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+def trim() -> None:
+    """Collect garbage and give freed heap back (``malloc_trim``), so that a phase's
+    starting RSS is not inflated by memory the allocator merely keeps."""
+    import torch
+    import common as C
+    gc.collect()
+    C.release_memory(torch.device("cpu"))
+
+
+def reset_peak() -> bool:
+    """Reset the high-water mark that ``ru_maxrss`` and VmHWM read (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak() -> int:
+    """``ru_maxrss`` (kB on Linux) in bytes: the peak since the last reset."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def chunk_adam8bit(chunk: int) -> None:
+    """Benchmark-side stand-in for a suggested package fix (see the results file): run
+    ``lowrank_optim.functional.adam8bit_`` over slices of at most ``chunk`` elements
+    (whole 256-element blocks, so the result is bitwise the same). bitsandbytes' CPU kernel
+    dequantizes both moments of the whole tensor to float32 and makes float32 copies of the
+    gradient and the update (about 30 bytes per element at once); for the embedding and the
+    head of a 7B model (131M elements each) that is about 4 GB, only transiently."""
+    import torch
+    import lowrank_optim as lo
+    F = lo.functional
+    orig = F.adam8bit_
+    chunk = max(F.BLOCK_8BIT, chunk - chunk % F.BLOCK_8BIT)
+
+    def adam8bit_(g, state, step, beta1, beta2, eps):
+        n = g.numel()
+        if n <= chunk:
+            return orig(g, state, step, beta1, beta2, eps)
+        out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+        flat_g, flat_out = g.reshape(-1), out.view(-1)
+        codes = {k: state[f"{k}_codes"].view(-1) for k in ("exp_avg", "exp_avg_sq")}
+        absmax = {k: state[f"{k}_absmax"] for k in ("exp_avg", "exp_avg_sq")}
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            sub = {}
+            for k in ("exp_avg", "exp_avg_sq"):
+                sub[f"{k}_codes"] = codes[k][s:e]
+                sub[f"{k}_absmax"] = absmax[k][s // F.BLOCK_8BIT: -(-e // F.BLOCK_8BIT)]
+            flat_out[s:e] = orig(flat_g[s:e], sub, step, beta1, beta2, eps)
+        return out
+
+    F.adam8bit_ = adam8bit_
+
+
+class UpdateMeter:
+    """Splits a step's peak at the 8-bit Adam updates of large tensors: wraps
+    ``lowrank_optim.functional.adam8bit_`` (looked up at each update) and resets the
+    high-water mark before and after each call of at least ``min_numel`` elements, so that
+    the peak *during* those calls and the peak *outside* them are both measured (the step's
+    peak is the larger). Each call is logged with the RSS it started from."""
+
+    def __init__(self, min_numel: int = 1 << 20):
+        import lowrank_optim as lo
+        self.F, self.min_numel = lo.functional, min_numel
+        self.inner = self.F.adam8bit_
+        self.F.adam8bit_ = self
+        self.start()
+
+    def start(self) -> None:
+        self.outside, self.calls = 0, []
+
+    def __call__(self, g, state, *args, **kwargs):
+        if g.numel() < self.min_numel:
+            return self.inner(g, state, *args, **kwargs)
+        self.outside = max(self.outside, peak())
+        before = rss()
+        reset_peak()
+        try:
+            return self.inner(g, state, *args, **kwargs)
+        finally:
+            self.calls.append(dict(numel=g.numel(), rss_before=before, peak=peak()))
+            reset_peak()
+            if len(self.calls) % 64 == 0:
+                log(f"    {len(self.calls)} large 8-bit updates done, RSS {rss() / GB:.2f} GB")
+
+    def summary(self) -> dict:
+        self.outside = max(self.outside, peak())
+        top = max(self.calls, key=lambda c: c["peak"], default=None)
+        return dict(outside=self.outside, n_calls=len(self.calls),
+                    during=max((c["peak"] for c in self.calls), default=0),
+                    top=top, largest_transient=max(
+                        (dict(c, transient=c["peak"] - c["rss_before"]) for c in self.calls),
+                        key=lambda c: c["transient"], default=None))
+
+
+class SVDCounter:
+    """Wraps ``lowrank_optim.projector.compute_basis`` (looked up at each refresh) to count
+    and time the SVDs, and to set the randomized SVD's power iterations."""
+
+    def __init__(self, niter):
+        import lowrank_optim as lo
+        self.count, self.seconds, self.niter = 0, 0.0, niter
+        self._orig = lo.projector.compute_basis
+        lo.projector.compute_basis = self
+
+    def __call__(self, *args, **kwargs):
+        if self.niter is not None:
+            kwargs["niter"] = self.niter
+        t0 = time.perf_counter()
+        try:
+            return self._orig(*args, **kwargs)
+        finally:
+            self.count += 1
+            self.seconds += time.perf_counter() - t0
+            if self.count % 32 == 0:
+                log(f"    {self.count} SVDs ({self.seconds:.0f} s), RSS {rss() / GB:.2f} GB")
+
+
+def build_model(case: Case, method: MethodSpec, rank: int, a):
+    """LlamaLM on meta, then block by block: materialise in bf16, convert, free."""
+    import torch
+    from torch import nn
+    import lowrank_optim as lo
+    import common as C
+
+    cfg = C.get_config(case.config, vocab_size=a.vocab, seq_len=case.seq)
+    torch.manual_seed(a.seed)
+    with torch.device("meta"):
+        model = C.LlamaLM(cfg, checkpointing=case.ckpt)
+    model.to(torch.bfloat16)
+    std_res = 0.02 / math.sqrt(2 * cfg.n_layers)
+
+    @torch.no_grad()
+    def materialise(module: nn.Module, prefix: str) -> None:
+        module.to_empty(device="cpu")
+        for name, p in module.named_parameters():
+            if p.dim() == 2:
+                full = f"{prefix}.{name}"
+                p.normal_(0.0, std_res if full.endswith(("o_proj.weight", "down_proj.weight"))
+                          else 0.02)
+            else:
+                p.fill_(1.0)
+
+    for i, block in enumerate(model.layers):
+        materialise(block, f"layers.{i}")
+        if method.family == "qgalore":
+            lo.quantize_weights(block, bits=8, group_size=256, target_modules=TARGETS)
+        else:
+            lo.prepare_loqt(block, rank=rank, bits=4, target_modules=TARGETS, scale=0.5,
+                            svd=a.svd)
+        if i == 0 or (i + 1) % 8 == 0:
+            trim()
+            log(f"  block {i + 1}/{cfg.n_layers} converted, RSS {rss() / GB:.2f} GB")
+    for name in ("embed", "norm", "lm_head"):
+        materialise(getattr(model, name), name)
+    cos, sin = C.rotary_table(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
+    model._buffers["rope_cos"], model._buffers["rope_sin"] = cos, sin
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"still on meta: {left[:5]}")
+    return model, cfg
+
+
+def build_optimizer(model, method: MethodSpec, rank: int, a):
+    import lowrank_optim as lo
+    import common as C
+
+    if method.family == "qgalore":
+        groups = C._quantized_groups(model, C.MethodArgs(lr=0.004, rank=rank,
+                                                         update_proj_gap=500, scale=0.25))
+        opt = lo.QGaLoreAdamW8bit(groups, lr=0.004, svd=a.svd, seed=a.seed)
+    else:
+        cls = lo.LoQTAdamW8bit if method.eight_bit else lo.LoQTAdamW
+        opt = cls(model.parameters(), lr=1e-3, update_proj_gap=100, ec_iters=a.ec_iters)
+    hooks = opt.register_hooks(model) if method.per_layer else None
+    return opt, hooks
+
+
+def weight_breakdown(model) -> dict:
+    """Bytes of the model's tensors, each storage once: integer codes, float buffers
+    (scales, offsets, absmax, the rotary table) and float parameters (bf16)."""
+    out = dict(codes=0, scales=0, float_params=0, rope=0)
+    seen = set()
+    for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
+        for name, t in items:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            if key in seen:
+                continue
+            seen.add(key)
+            n = t.numel() * t.element_size()
+            if not t.is_floating_point():
+                out["codes"] += n
+            elif name.startswith("rope_"):
+                out["rope"] += n
+            elif kind == "b":
+                out["scales"] += n
+            else:
+                out["float_params"] += n
+            del t
+    out["total"] = out["codes"] + out["scales"] + out["float_params"] + out["rope"]
+    return out
+
+
+def state_breakdown(opt) -> dict:
+    import common as C
+    total = C.state_bytes(opt)
+    basis = 0
+    for st in opt.state.values():
+        for k, v in st.items():
+            if k.startswith("proj") and hasattr(v, "numel"):
+                basis += v.numel() * v.element_size()
+    return dict(total=total, basis=basis)
+
+
+def row_key(case: Case, a) -> str:
+    return case.key + (f":chunk{a.chunk_8bit}" if a.chunk_8bit else "")
+
+
+def mode(r: dict) -> str:
+    m = "per-layer" if METHODS[r["method"]].per_layer else "opt.step()"
+    return m + (" + chunked 8-bit update" if r.get("chunk_8bit") else "")
+
+
+def run_one(case: Case, a) -> dict:
+    import torch
+    torch.set_num_threads(a.threads)
+    import lowrank_optim as lo
+    import common as C
+
+    method = METHODS[case.method]
+    rank = a.rank or RANKS.get(case.config, 128)
+    counter = SVDCounter(a.svd_niter)
+    if a.chunk_8bit:
+        chunk_adam8bit(a.chunk_8bit)
+    meter = UpdateMeter()
+    trim()
+    runtime = rss()
+    can_reset = reset_peak()
+    log(f"{case.key}: building (runtime RSS {runtime / GB:.2f} GB)")
+    t0 = time.perf_counter()
+    model, cfg = build_model(case, method, rank, a)
+    opt, hooks = build_optimizer(model, method, rank, a)
+    build_s = time.perf_counter() - t0
+    build_peak = peak()
+    weights = weight_breakdown(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{case.key}: built in {build_s:.0f} s; weights {weights['total'] / GB:.2f} GB, "
+        f"build peak {build_peak / GB:.2f} GB")
+    loqt_layers = [m for m in model.modules() if isinstance(m, lo.LoQTLinear)]
+    gen = torch.Generator().manual_seed(a.seed)
+    results = []
+
+    def result() -> dict:
+        return dict(case=asdict(case), key=row_key(case, a), method=case.method, rank=rank,
+                    per_layer=method.per_layer, description=method.description,
+                    n_params=n_params, runtime=runtime, build_peak=build_peak, build_s=build_s,
+                    weights=weights, state=state_breakdown(opt),
+                    grads=C.grad_bytes(model, method.per_layer), steps=results,
+                    peak=max([build_peak] + [r["peak"] for r in results]),
+                    peak_reset=can_reset, threads=a.threads, svd=a.svd, svd_niter=a.svd_niter,
+                    ec_iters=a.ec_iters, batch=a.batch, vocab=a.vocab, chunk_8bit=a.chunk_8bit)
+    for i in range(a.steps):
+        idx = torch.randint(0, cfg.vocab_size, (a.batch, case.seq + 1), generator=gen)
+        x, y = idx[:, :-1], idx[:, 1:]
+        trim()
+        before = rss()
+        reset_peak()
+        meter.start()
+        svds0, svd_s0 = counter.count, counter.seconds
+        merges0 = sum(int(m.merges) for m in loqt_layers)
+        t = time.perf_counter()
+        loss = model(x, y)
+        t_fwd = time.perf_counter() - t
+        loss.backward()
+        if not method.per_layer:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t
+        upd = meter.summary()
+        step_peak = max(upd["outside"], upd["during"])
+        svds = counter.count - svds0
+        merges = sum(int(m.merges) for m in loqt_layers) - merges0
+        kind = ("merge" if merges else "ordinary") if loqt_layers else \
+            ("SVD" if svds else "ordinary")
+        results.append(dict(step=i, kind=kind, peak=step_peak, hwm=_status_kb("VmHWM") * 1024,
+                            rss_before=before, rss_after=rss(), seconds=dt, forward_s=t_fwd,
+                            svd_s=counter.seconds - svd_s0, svds=svds, merges=merges,
+                            loss=float(loss.detach()), updates=upd))
+        log(f"{case.key}: step {i} ({kind}, {svds} SVDs, {merges} merges) {dt:.0f} s "
+            f"(SVD {counter.seconds - svd_s0:.0f} s), loss {float(loss.detach()):.4f}, "
+            f"peak {step_peak / GB:.2f} GB (outside large 8-bit updates "
+            f"{upd['outside'] / GB:.2f}, during {upd['during'] / GB:.2f})")
+        del loss
+        if i + 1 < a.steps:  # what was measured so far survives a kill or a timeout
+            print("PARTIAL " + json.dumps(result()), flush=True)
+    return result()
+
+
+# ---- a meta-device count, for cases too big or too slow to run here -------------------
+def estimate(case: Case, method: MethodSpec, rank: int, a) -> dict:
+    """Weights counted on the ``meta`` device after the package's own swap (exact bytes:
+    the same buffers and dtypes as a real build), optimizer state and gradients from the
+    closed form of the package's dtypes (8-bit moments: 1 byte per element and moment plus
+    one float32 absmax per 256, for tensors of >= 4096 elements; else moments in the
+    parameter's dtype; Q-GaLore bases: INT4 packed + float32 scale and offset per 256).
+    A lower bound of the peak: activations, temporaries and the runtime come on top."""
+    import torch
+    import lowrank_optim as lo
+    import common as C
+
+    cfg = C.get_config(case.config, vocab_size=a.vocab, seq_len=case.seq)
+    with torch.device("meta"):
+        model = C.LlamaLM(cfg)
+    model.to(torch.bfloat16)
+    if method.family == "qgalore":
+        lo.quantize_weights(model, bits=8, group_size=256, target_modules=TARGETS)
+    else:
+        lo.prepare_loqt(model, rank=rank, bits=4, target_modules=TARGETS, scale=0.5)
+    w = dict(codes=0, scales=0, float_params=0)
+    for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
+        for name, t in items:
+            if name.startswith("rope_"):
+                continue
+            n = t.numel() * t.element_size()
+            w["codes" if not t.is_floating_point() else "scales" if kind == "b"
+              else "float_params"] += n
+    w["total"] = sum(w.values())
+    q8 = lambda n: 2 * n + 2 * 4 * -(-n // 256)
+    state = basis = grads = 0
+    sizes = []
+    for name, p in model.named_parameters():
+        if isinstance(getattr(p, "quant_owner", None), lo.QuantLinear):   # projected INT8
+            m, n = p.shape
+            r = min(rank, m, n)
+            low = max(m, n) * r
+            state += q8(low)
+            basis += (min(m, n) * r + 1) // 2 + 2 * 4 * -(-min(m, n) * r // 256)
+            sizes.append(4 * p.numel())
+            continue
+        sizes.append(p.numel() * p.element_size())
+        if method.eight_bit and p.numel() >= 4096:
+            state += q8(p.numel())
+        else:
+            state += 2 * p.numel() * p.element_size()
+    state += basis
+    grads = max(sizes) if method.per_layer else sum(sizes)
+    return dict(weights=w, state=state, basis=basis, grads=grads,
+                n_params=sum(p.numel() for p in model.parameters()))
+
+
+# ---- the parent: run the cases, guard memory, write the table -------------------------
+def _meminfo_kb(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _child_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_case(case: Case, a, argv_common: list) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", case.key] + argv_common
+    log(f"running {' '.join(shlex.quote(c) for c in cmd)}")
+    out_path = f"/tmp/bench_peak_{os.getpid()}_{re.sub(r'[^A-Za-z0-9_]', '_', case.key)}.json"
+    t0 = time.perf_counter()
+    with open(out_path, "w") as fout:
+        proc = subprocess.Popen(cmd, stdout=fout, cwd=ROOT)
+        max_seen, stop = 0, None
+        while proc.poll() is None:
+            r = _child_rss(proc.pid)
+            max_seen = max(max_seen, r)
+            avail = _meminfo_kb("MemAvailable") * 1024
+            if r > a.max_rss_gb * GB:
+                stop = f"RSS {r / GB:.2f} GB passed --max-rss-gb {a.max_rss_gb}"
+            elif avail < a.min_free_gb * GB:
+                stop = (f"machine MemAvailable {avail / GB:.2f} GB fell below --min-free-gb "
+                        f"{a.min_free_gb} (child RSS {r / GB:.2f} GB)")
+            elif time.perf_counter() - t0 > a.timeout:
+                stop = f"timeout {a.timeout} s"
+            if stop:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                break
+            time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    text = open(out_path).read()
+    os.remove(out_path)
+    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    partial = [ln for ln in text.splitlines() if ln.startswith("PARTIAL ")]
+    if not lines and partial:
+        why = stop or f"exit code {proc.returncode}"
+        res = json.loads(partial[-1][len("PARTIAL "):])
+        res["incomplete"] = f"stopped after step {res['steps'][-1]['step']}: {why}"
+        log(f"{case.key}: {res['incomplete']}")
+        res["max_rss_seen"], res["wall"] = max_seen, wall
+        return res
+    if stop or proc.returncode != 0 or not lines:
+        why = stop or f"exit code {proc.returncode}"
+        log(f"{case.key}: NOT MEASURED ({why}); max RSS seen {max_seen / GB:.2f} GB")
+        return dict(case=asdict(case), key=row_key(case, a), method=case.method, error=why,
+                    max_rss_seen=max_seen, wall=wall, chunk_8bit=a.chunk_8bit)
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["max_rss_seen"], res["wall"] = max_seen, wall
+    return res
+
+
+def gb(n) -> str:
+    return "–" if n is None else f"{n / GB:.2f}"
+
+
+def _outside(s: dict) -> str:
+    u = s.get("updates")
+    return gb(u["outside"]) if u else "–"
+
+
+def _largest(s: dict) -> str:
+    u = s.get("updates")
+    t = u and u.get("largest_transient")
+    return f"{gb(t['transient'])} ({t['numel'] / 1e6:.0f}M)" if t else "–"
+
+
+def _target(res: dict):
+    fam = METHODS[res["method"]].family
+    return TARGET_GB.get((fam, res["case"]["config"], METHODS[res["method"]].per_layer))
+
+
+def render(rows: list, meta: dict) -> str:
+    L = []
+    add = L.append
+    add("# bench_peak: peak memory of one real training step (LLaMA 7B / 13B on the CPU)\n")
+    add("**What is measured: the peak RSS of a CPU process** (`resource.getrusage(RUSAGE_SELF)"
+        ".ru_maxrss`, one fresh subprocess per row, the high-water mark reset through "
+        "`/proc/self/clear_refs` at the start of each step), not GPU memory: no GPU was "
+        "available. It includes the Python/torch/bitsandbytes runtime, allocator slack and "
+        "every temporary. GB = 10^9 bytes.\n")
+    for k, v in meta.items():
+        add(f"- {k}: {v}")
+    add("")
+    add("## Targets\n")
+    add("| issue target | row | peak RSS GB (GiB) | met |")
+    add("|---|---|---|---|")
+    for r in rows:
+        t = _target(r) if "error" not in r else None
+        if t is None and "error" in r:
+            fam = METHODS[r["method"]].family
+            t = TARGET_GB.get((fam, r["case"]["config"], METHODS[r["method"]].per_layer))
+            if t:
+                add(f"| {t[1]} | `{r['key']}` | not measured: {r['error']} | – |")
+            continue
+        if t is None:
+            continue
+        p = r["peak"]
+        ok = p < t[0] * GB
+        note = f" ({r['incomplete']})" if r.get("incomplete") else ""
+        add(f"| {t[1]} | `{r['key']}`{note} | {gb(p)} ({p / GIB:.2f}) | "
+            f"{'**met**' if ok else '**not met**'} |")
+    add("")
+    add("## Per step\n")
+    add("*peak*: peak RSS during that step (forward + backward + update). *RSS before*: "
+        "what the process held when the step began (after the build, and for step 1 also "
+        "the optimizer state created by step 0). *weights*: integer codes + float32 scales/"
+        "offsets/absmax + float parameters (bf16), each storage once. *state*: every tensor in "
+        "`opt.state` (bitsandbytes' shared maps once). *grads*: what the gradients take "
+        "(computed: all trainable parameters with `opt.step()`; the largest one with per-layer "
+        "updates; float32 for INT8 weights). *SVD s*: time inside "
+        "`lowrank_optim.projector.compute_basis`.\n")
+    add("*outside*: the step's peak outside the 8-bit Adam updates of tensors of >= 2^20 "
+        "elements; *largest update*: the largest RSS rise during one such update (its tensor's "
+        "elements in parentheses; `UpdateMeter` in the script).\n")
+    add("| method | config | seq | checkpointing | mode | step | kind | peak RSS GB | "
+        "outside GB | largest update GB | RSS before GB | weights GB | state GB | grads GB | "
+        "step s | SVD s | loss |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c = r["case"]
+        if "error" in r:
+            add(f"| {r['method']} | {c['config']} | {c['seq']} | {'yes' if c['ckpt'] else 'no'} "
+                f"| {mode(r)} | – | "
+                f"not measured: {r['error']} (max RSS seen {gb(r['max_rss_seen'])}) "
+                "| | | | | | | | | | |")
+            continue
+        for s in r["steps"]:
+            add(f"| {r['method']} | {c['config']} | {c['seq']} | {'yes' if c['ckpt'] else 'no'} "
+                f"| {mode(r)} | {s['step']} | "
+                f"{s['kind']} ({s['svds']} SVDs{', %d merges' % s['merges'] if s['merges'] else ''}) "
+                f"| **{gb(s['peak'])}** | {_outside(s)} | {_largest(s)} | {gb(s['rss_before'])} | "
+                f"{gb(r['weights']['total'])} | "
+                f"{gb(r['state']['total'])} | {gb(r['grads'])} | {s['seconds']:.1f} | "
+                f"{s['svd_s']:.1f} | {s['loss']:.3f} |")
+    add("")
+    add("## Per process\n")
+    add("| row | rank | parameters | runtime GB | build peak GB | build s | process peak GB "
+        "(GiB) | codes GB | scales GB | float params GB | basis in state GB | wall s |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            continue
+        w = r["weights"]
+        add(f"| `{r['key']}` | {r['rank']} | {r['n_params'] / 1e9:.3f} B | {gb(r['runtime'])} | "
+            f"{gb(r['build_peak'])} | {r['build_s']:.0f} | {gb(r['peak'])} "
+            f"({r['peak'] / GIB:.2f}) | {gb(w['codes'])} | {gb(w['scales'])} | "
+            f"{gb(w['float_params'])} | {gb(r['state']['basis'])} | {r['wall']:.0f} |")
+    add("")
+    per_el = [s["updates"]["largest_transient"]["transient"] / s["updates"]["largest_transient"]["numel"]
+              for r in rows if "steps" in r for s in r["steps"]
+              if s.get("updates") and s["updates"].get("largest_transient")]
+    add("## Notes\n")
+    add("- **The 8-bit Adam update of a large tensor costs about "
+        + (f"{min(per_el):.0f}–{max(per_el):.0f}" if per_el else "30")
+        + " bytes per element of transient memory on the CPU** (column *largest update*; "
+        "the tensor is the embedding or the head, 32000 × d). bitsandbytes 0.50's CPU "
+        "kernel (`bitsandbytes/backends/cpu/ops.py`, `_optimizer_update_8bit_blockwise_cpu`) "
+        "dequantizes both moments of the whole tensor to float32, copies the gradient and "
+        "forms the denominator in float32; `lowrank_optim.functional.adam8bit_` adds a "
+        "float32 copy of the gradient and a float32 direction of the full size. On a GPU the "
+        "fused kernel updates in place (only the package's 8 bytes per element remain). "
+        "Processing the tensor in slices of whole 256-element blocks gives bitwise the same "
+        "result with a transient of one slice: `--chunk-8bit N` applies that in the "
+        "benchmark (rows marked *chunked 8-bit update*), standing in for the suggested fix "
+        "in `adam8bit_`.")
+    add("- *Time-only settings*: the randomized SVD's power iterations and LoQT's error-"
+        "compensation rounds change no tensor that is kept; the peak moves by at most a few "
+        "float32 `m × (rank + 8)` / `m × n` temporaries of one layer.")
+    add("- A row marked *incomplete* was stopped (timeout, guard) after the steps listed; "
+        "what those steps measured is kept.")
+    add("")
+    add("## Lower bound from a meta count\n")
+    add("Weights counted on the `meta` device after the package's own swap (same buffers and "
+        "dtypes as the real build), optimizer state and gradients from the closed form of the "
+        "package's dtypes (`estimate()` in the script; it matches the real counts above to "
+        "the byte up to the rotary table). *grads*: all trainable parameters with "
+        "`opt.step()`, the largest one with per-layer updates. *bound* = weights + state + "
+        "grads + the runtime (0.28 GB measured): what any step must hold at its peak, before "
+        "activations and temporaries. *measured − bound*: activations, temporaries, allocator "
+        "slack.\n")
+    add("| row | weights GB | state GB | grads GB | bound GB | measured peak GB | "
+        "measured − bound GB |")
+    add("|---|---|---|---|---|---|---|")
+    for r in rows:
+        e = r.get("estimate")
+        if not e:
+            continue
+        bound = e["weights"]["total"] + e["state"] + e["grads"] + RUNTIME
+        p = r.get("peak")
+        add(f"| `{r['key']}`{' (not run)' if r.get('estimate_only') else ''} | "
+            f"{gb(e['weights']['total'])} | {gb(e['state'])} | {gb(e['grads'])} | {gb(bound)} | "
+            f"{gb(p)} | {gb(None if p is None else p - bound)} |")
+    add("")
+    add("Methods: " + "; ".join(f"`{m.name}`: {m.description}" for m in METHODS.values()
+                                if any(r["method"] == m.name for r in rows)) + ".")
+    add("")
+    add("<!-- bench_peak rows (JSON, read by --merge):")
+    for r in rows:
+        add(json.dumps(r, sort_keys=True))
+    add("-->")
+    return "\n".join(L) + "\n"
+
+
+def read_rows(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    text = open(path).read()
+    m = re.search(r"<!-- bench_peak rows \(JSON, read by --merge\):\n(.*?)\n-->", text, re.S)
+    return [json.loads(ln) for ln in m.group(1).splitlines() if ln.strip()] if m else []
+
+
+def select_cases(a) -> list:
+    if a.cases:
+        chosen = [Case.parse(c) for c in a.cases.split(",") if c.strip()]
+    elif a.configs or a.methods:
+        methods = a.methods.split(",") if a.methods else list(ISSUE_METHODS)
+        for m in methods:
+            if m not in METHODS:
+                raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if a.configs:
+            chosen = [Case(m, _config_name(c)) for c in a.configs.split(",") for m in methods]
+        else:
+            chosen = [c for c in map(Case.parse, cases.split(",")) if c.method in methods]
+    else:
+        chosen = [Case.parse(c) for c in cases.split(",")]
+    for c in chosen:
+        if a.seq:
+            c.seq = a.seq
+        if a.ckpt is not None:
+            c.ckpt = a.ckpt == "on"
+    return chosen
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=None,
+                   help=f"METHOD:CONFIG[:SEQ][:ckpt],...; default: {cases}")
+    p.add_argument("--configs", default=None, help="configs (common.CONFIGS), comma-separated")
+    p.add_argument("--methods", default=None, help=f"methods: {', '.join(METHODS)}")
+    p.add_argument("--seq", type=int, default=None, help="sequence length for every case")
+    p.add_argument("--ckpt", choices=("on", "off"), default=None,
+                   help="activation checkpointing for every case (default: per case)")
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--rank", type=int, default=None, help="override the per-config rank")
+    p.add_argument("--svd", choices=("exact", "randomized"), default=svd)
+    p.add_argument("--svd-niter", type=int, default=svd_niter,
+                   help="power iterations of the randomized SVD (-1: the package's default)")
+    p.add_argument("--ec-iters", type=int, default=ec_iters)
+    p.add_argument("--chunk-8bit", type=int, default=chunk_8bit,
+                   help="run the 8-bit Adam update in slices of this many elements (a "
+                        "benchmark-side patch standing in for a suggested package fix; 0: the "
+                        "package as shipped)")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--vocab", type=int, default=vocab)
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--timeout", type=float, default=timeout, help="seconds per case")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="cases run at once (default: 2 when every case's weights + state + "
+                        "grads stay below 2 GB, else 1)")
+    p.add_argument("--max-rss-gb", type=float, default=max_rss_gb)
+    p.add_argument("--min-free-gb", type=float, default=min_free_gb)
+    p.add_argument("--out", default=out)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows already in --out (replaced by new rows of the same case)")
+    p.add_argument("--estimate-only", default=None, metavar="REASON",
+                   help="do not run: add the cases' meta-count rows, with this reason")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.svd_niter is not None and a.svd_niter < 0:
+        a.svd_niter = None
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.one:
+        res = run_one(Case.parse(a.one), a)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    chosen = select_cases(a)
+    argv_common = ["--threads", str(a.threads), "--steps", str(a.steps), "--svd", a.svd,
+                   "--svd-niter", str(-1 if a.svd_niter is None else a.svd_niter),
+                   "--ec-iters", str(a.ec_iters), "--batch", str(a.batch),
+                   "--chunk-8bit", str(a.chunk_8bit),
+                   "--vocab", str(a.vocab), "--seed", str(a.seed)]
+    if a.rank:
+        argv_common += ["--rank", str(a.rank)]
+    t0 = time.time()
+    load0 = os.getloadavg()[0]
+    old = read_rows(a.out) if a.merge else []
+    rows = []
+
+    def write():
+        import torch
+        try:
+            import bitsandbytes as bnb
+            bnb_v = bnb.__version__
+        except ImportError:
+            bnb_v = "not installed"
+        try:
+            git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.strip()
+        except OSError:
+            git = "?"
+        keys = {r["key"] for r in rows}
+        allrows = [r for r in old if r["key"] not in keys] + rows
+        for r in allrows:
+            if "estimate" not in r:
+                c = Case(**r["case"])
+                r["estimate"] = estimate(c, METHODS[c.method],
+                                         r.get("rank") or a.rank or RANKS.get(c.config, 128), a)
+        cmd = "python benchmarks/bench_peak.py " + " ".join(
+            shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+        cpu = platform.processor() or platform.machine()
+        try:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                       if ln.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        meta = {
+            "command": f"`{cmd.strip()}`" + (" (rows of earlier runs kept: see each row's "
+                                             "settings in the JSON below)" if old else ""),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            + f"; total time {time.time() - t0:.0f} s",
+            "versions": f"torch {torch.__version__}, bitsandbytes {bnb_v}, Python "
+                        f"{platform.python_version()}, git {git}",
+            "device": f"cpu ({cpu}), {a.threads} torch thread(s), {os.cpu_count()} CPUs, "
+                      f"{_meminfo_kb('MemTotal') / 2 ** 20:.1f} GiB RAM, no GPU; load average "
+                      f"{load0:.2f} at start, {os.getloadavg()[0]:.2f} at end (shared machine)",
+            "model": f"benchmarks/common.py LlamaLM (RMSNorm, RoPE, SwiGLU, untied head), "
+                     f"vocabulary {a.vocab}, batch {a.batch}, bf16 activations and float "
+                     "parameters, built on meta and converted block by block",
+            "settings": f"svd={a.svd}, randomized-SVD power iterations "
+                        f"{'package default (2)' if a.svd_niter is None else a.svd_niter}, "
+                        f"LoQT ec_iters={a.ec_iters} (package default 5), LoQT update_proj_gap "
+                        "100 (step 0 merges), scale 0.5; Q-GaLore update_proj_gap 500, scale "
+                        "0.25, lr 0.004; stagger on (no second SVD at step 1)",
+        }
+        with open(a.out, "w") as f:
+            f.write(render(allrows, meta))
+
+    ests = [estimate(c, METHODS[c.method], a.rank or RANKS.get(c.config, 128), a)
+            for c in chosen]
+    bounds = [e["weights"]["total"] + e["state"] + e["grads"] for e in ests]
+    # small cases (the smoke test) two at a time; anything big strictly one at a time
+    jobs = a.jobs or (2 if max(bounds, default=0) < SMALL_BOUND else 1)
+
+    def one(i: int) -> dict:
+        case = chosen[i]
+        if a.estimate_only:
+            row = dict(case=asdict(case), key=row_key(case, a), method=case.method,
+                       error=f"not run: {a.estimate_only}", estimate_only=True,
+                       max_rss_seen=None, chunk_8bit=a.chunk_8bit)
+        else:
+            row = run_case(case, a, argv_common)
+        row["estimate"] = ests[i]
+        return row
+
+    if jobs > 1 and len(chosen) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(jobs) as pool:
+            rows.extend(pool.map(one, range(len(chosen))))
+        write()
+    else:
+        for i in range(len(chosen)):
+            rows.append(one(i))
+            write()
+    log(f"wrote {a.out}")
+    print(open(a.out).read())
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
