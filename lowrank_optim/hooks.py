@@ -27,14 +27,47 @@ What cannot work in this mode raises instead of silently doing nothing:
   ``torch.nn.utils.clip_grad_norm_`` after backward sees no gradients and does nothing.
 * ``opt.step(closure)`` raises ``RuntimeError``.
 
+Under ``DistributedDataParallel`` pass the wrapped model, ``opt.register_hooks(ddp_model)``
+(hooks on ``ddp_model.module`` would step before the gradient all-reduce and the replicas
+would drift apart, as galore-torch's layer-wise mode does):
+
+* each float parameter is stepped by a DDP communication hook right after its gradient
+  bucket is averaged (:mod:`lowrank_optim.distributed`), so every rank steps with the
+  same gradient and the replicas stay bit-identical; integer-coded weights, which DDP
+  does not see, are averaged by their layer's backward and stepped right after;
+* gradient accumulation: run the first micro-batches under ``ddp_model.no_sync()`` as
+  usual; nothing is stepped there (no all-reduce happens), gradients accumulate in
+  ``.grad``, and the parameters are stepped in the synchronized backward. Leave
+  ``accumulation_steps=1`` then: under DDP it counts *synchronized* backward passes;
+* memory: DDP keeps a flat bucket buffer for every gradient it reduces, for good. With
+  the default ``gradient_as_bucket_view=False`` normal stepping holds those buckets plus
+  every ``.grad`` (twice the gradient size) after backward; per-layer mode frees each
+  ``.grad`` once its bucket is stepped, so at most about one bucket's worth of ``.grad``
+  exists beside the buckets: a saving of the gradient size minus the largest bucket
+  (``benchmarks/bench_ddp.py``). Not in DDP's first iteration, which reduces every
+  gradient in one bucket (DDP rebuilds its buckets in the order the gradients arrived,
+  in the second forward). With ``gradient_as_bucket_view=True`` the gradients *are* the
+  buckets and nothing more can be freed, in either mode. Integer-coded weights'
+  gradients are outside the buckets and are freed layer by layer, as without DDP;
+* the communication hook cannot be removed (DDP allows one, for good): after
+  ``handle.remove()`` it only averages and leaves the gradients in ``.grad`` for normal
+  stepping, and another ``register_hooks`` on the same model re-arms it. A DDP model
+  that already has a communication hook (fp16 compression, PowerSGD) raises
+  ``RuntimeError``. With ``find_unused_parameters=True`` a parameter that no rank used
+  in a backward is not stepped, as in normal stepping; parameters that DDP ignores
+  (``_ddp_params_and_buffers_to_ignore``) are stepped by plain gradient hooks.
+
 ``handle.remove()`` restores normal stepping. ``copy.deepcopy(model)`` does not copy
-the hooks (a PyTorch property); register them on the copy.
+the hooks (a PyTorch property); register them on the copy. FSDP2-sharded models raise
+``NotImplementedError`` (:func:`lowrank_optim.distributed.check_not_sharded`).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+from . import distributed
 
 __all__ = ["register_hooks", "HooksHandle"]
 
@@ -92,9 +125,14 @@ def register_hooks(optimizer, model: torch.nn.Module, accumulation_steps: int = 
     params = [p for p in model.parameters() if p in group_of]
     if not params:
         raise ValueError("None of the model's parameters is optimized by this optimizer")
+    for p in params:
+        distributed.check_not_sharded(optimizer, p)
     counts = {}
 
-    def hook(p: torch.Tensor) -> None:
+    def step(p: torch.Tensor) -> None:
+        """The per-parameter unit: count, clip, step, free."""
+        if p not in group_of:  # in a DDP bucket, but optimized by another optimizer
+            return
         n = counts.get(p, 0) + 1
         if n < accumulation_steps:
             counts[p] = n
@@ -112,12 +150,20 @@ def register_hooks(optimizer, model: torch.nn.Module, accumulation_steps: int = 
         # scheduler.step() warns, wrongly here, that it was called before optimizer.step()
         optimizer._opt_called = True
 
-    handles = []
+    handles, quant_hook, grad_hooked = [], step, set(params)
+    if distributed.is_ddp(model):
+        # float parameters: stepped by a DDP communication hook after their bucket's
+        # all-reduce; integer-coded weights: by their backward, in synchronized passes only
+        ddp_handle, quant_hook = distributed.attach_ddp(model, step)
+        handles.append(ddp_handle)
+        # parameters that DDP ignores are not reduced: stepped as without DDP
+        grad_hooked = {p for name, p in model.module.named_parameters()
+                       if name in model.parameters_to_ignore}
     for p in params:
-        if p.requires_grad:
-            handles.append(p.register_post_accumulate_grad_hook(hook))
+        if p.requires_grad and p in grad_hooked:
+            handles.append(p.register_post_accumulate_grad_hook(step))
         elif not p.is_floating_point():  # QuantLinear codes: their backward calls the hook
-            p.lowrank_hook = hook
+            p.lowrank_hook = quant_hook
             handles.append(_AttrHandle(p))
     optimizer._hooks = HooksHandle(optimizer, handles, counts)
     return optimizer._hooks

@@ -1,0 +1,229 @@
+r"""``torch.distributed`` support: DDP in normal and per-layer mode, and the FSDP2 limit.
+
+**DistributedDataParallel, normal stepping** needs nothing from this package: DDP
+all-reduces (averages) every gradient during ``backward()``, so at ``opt.step()`` every
+rank holds the same gradient and computes the same basis, the same moments and the same
+update. Everything the optimizers draw at random is seeded by values that are equal on
+every rank (randomized-SVD sketches by the refresh count, stochastic-rounding noise by
+the group's ``seed``, the parameter's index and its step; the refresh phases of
+``stagger`` by the parameter's position), so replicas stay bit-identical.
+
+The exception is the integer-coded weight of a :class:`~lowrank_optim.nn.QuantLinear`:
+it is a ``uint8`` parameter that does not require grad, so DDP does not see it, and its
+gradient lives in ``weight.quant_grad``. :func:`ddp_sync_group` and
+:func:`all_reduce_mean_` let the layer's backward average that gradient itself, with
+DDP's rule: the decision is taken at forward time, so a forward under
+``ddp.no_sync()`` accumulates locally and the next synchronized backward averages the
+accumulated sum.
+
+**Per-layer mode under DDP** (``opt.register_hooks(ddp_model)``): a parameter may be
+stepped only once its gradient is averaged, so instead of gradient hooks (which fire
+before the all-reduce: the replicas of galore-torch's layer-wise mode drift apart) a DDP
+communication hook steps the parameters of each gradient bucket right after that
+bucket's all-reduce (:func:`attach_ddp`; the mechanism of torch's own
+``_apply_optimizer_in_backward``). See :func:`lowrank_optim.hooks.register_hooks`.
+
+**FSDP2** (``torch.distributed.fsdp.fully_shard``) is not supported: each rank holds a
+row shard (a ``DTensor``) of every matrix and of its gradient, while the basis is the
+SVD of the whole gradient matrix. :func:`check_not_sharded` raises a clear error. Two
+ways it could work, not implemented: all-gather one layer's gradient at a time and
+compute the basis on every rank (then project and update the local rows); or, for a
+right basis of a row-sharded matrix, all-reduce the ``n×n`` Gram matrix
+:math:`\sum_i G_i^\top G_i`, whose top eigenvectors are the right singular vectors, and
+keep the projected moments sharded by rows.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["ddp_sync_group", "all_reduce_mean_", "is_ddp", "attach_ddp", "check_not_sharded",
+           "replica_divergence"]
+
+
+def _dtensor_class():
+    """``DTensor`` if its module is loaded (a DTensor parameter implies it is; importing it
+    here would cost seconds), else ``()`` (``isinstance(x, ())`` is always False)."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5, < 2.5
+        if (mod := sys.modules.get(name)) is not None and hasattr(mod, "DTensor"):
+            return mod.DTensor
+    return ()
+
+
+def _ddp_class():
+    if not dist.is_available():
+        return ()
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel
+
+
+def is_ddp(model: torch.nn.Module) -> bool:
+    """True when ``model`` is wrapped in ``DistributedDataParallel``."""
+    return isinstance(model, _ddp_class())
+
+
+def ddp_sync_group():
+    """The process group that averages this forward's gradients, or ``None``.
+
+    Called during a forward: inside the forward of a ``DistributedDataParallel`` module
+    that synchronizes gradients in this iteration (not under ``no_sync()``), this is its
+    process group; otherwise ``None``. It is the decision DDP itself takes at forward
+    time. (Grad mode is not looked at: it is off inside ``autograd.Function.forward``,
+    and a forward without grad has no backward to synchronize.)
+    """
+    ddp_cls = _ddp_class()
+    if not ddp_cls:
+        return None
+    ddp = ddp_cls._get_active_ddp_module()
+    if ddp is None or not ddp.require_backward_grad_sync:
+        return None
+    return ddp.process_group
+
+
+def all_reduce_mean_(t: Tensor, group) -> Tensor:
+    """Average ``t`` in place over ``group``, as DDP averages gradients (divide, then
+    sum: the same bits on every rank)."""
+    t.div_(group.size())
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def replica_divergence(module: torch.nn.Module, group=None) -> float:
+    """Max |Δ| between this rank's parameters and buffers and rank 0's (0.0: the replicas
+    are bit-identical); the same number on every rank. A collective: call it everywhere."""
+    flat = torch.cat([t.detach().float().reshape(-1) for t in module.state_dict().values()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=dist.get_global_rank(group, 0) if group is not None else 0,
+                   group=group)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=group)
+    return diff.item()
+
+
+def check_not_sharded(optimizer, p: Tensor) -> None:
+    """Raise ``NotImplementedError`` when ``p`` is an FSDP2-sharded parameter (``DTensor``).
+
+    Meant for the optimizer's ``add_param_group`` (FSDP2 has replaced the parameters by
+    ``DTensor`` shards before the optimizer is built) and for ``register_hooks``.
+    """
+    if isinstance(p, _dtensor_class()):
+        raise NotImplementedError(
+            f"{type(optimizer).__name__} does not support FSDP2-sharded parameters "
+            f"(DTensor of shape {tuple(p.shape)}, placements {tuple(p.placements)}): a "
+            "low-rank projection needs the SVD of each layer's whole gradient matrix, and "
+            "each rank holds only a shard of it. Use DistributedDataParallel (the "
+            "optimizer state is already low-rank, and per-layer mode, "
+            "opt.register_hooks(ddp_model), frees each gradient after its bucket's "
+            "all-reduce), or torch.optim.AdamW for an FSDP2 model.")
+
+
+# ---- per-layer mode: a DDP communication hook that steps each bucket --------------------
+
+
+class _CommState:
+    """State of the communication hook; one per DDP module (a hook cannot be removed,
+    so ``register_hooks`` after ``handle.remove()`` re-arms the same one).
+
+    ``steps`` holds the per-parameter unit of :mod:`lowrank_optim.hooks` (count, clip,
+    step, free) of each optimizer in per-layer mode on this model (each skips the
+    parameters it does not optimize); with none, the hook only averages and leaves the
+    gradients in ``.grad`` for a normal ``opt.step()``. ``synced`` is whether
+    the latest forward of the DDP module synchronizes gradients (recorded by a forward
+    pre-hook), for the integer-coded weights that DDP does not reduce.
+    """
+
+    def __init__(self, ddp):
+        self.process_group = ddp.process_group
+        self.find_unused = ddp.find_unused_parameters
+        self.steps: list[Callable[[Tensor], None]] = []
+        self.synced = True
+
+
+def _comm_hook(state: _CommState, bucket):  # no annotations: DDP checks them as objects
+    """Average the bucket (DDP's own ``allreduce_hook``), then step its parameters.
+
+    The wait blocks the backward thread until this bucket is reduced (with NCCL it only
+    orders the CUDA streams), so the parameters are stepped in the backward thread, in
+    the same order on every rank, and the returned future is already complete. The
+    reducer is in optimizer-in-backward mode, so it leaves ``.grad`` as set here: the
+    averaged gradient (a view of the bucket) until ``step`` frees it. With
+    ``find_unused_parameters=True`` a parameter that no rank used keeps ``.grad = None``
+    and is not stepped, as in normal stepping (one more small all-reduce per bucket).
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    params = bucket.parameters()
+    used = None
+    if state.find_unused:  # locally used: backward (or an earlier micro-batch) made .grad
+        used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                            device=bucket.buffer().device)
+        used_work = dist.all_reduce(used, group=state.process_group, async_op=True)
+    allreduce_hook(state.process_group, bucket).wait()
+    if used is not None:
+        used_work.wait()
+        used = used.tolist()
+    for i, (p, g) in enumerate(zip(params, bucket.gradients())):
+        if used is not None and not used[i]:
+            continue
+        p.grad = g
+        for step in state.steps:
+            step(p)
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+class _Handle:
+    """Undoes :func:`attach_ddp`: per-layer stepping off, hooks of quantized weights
+    removed; the communication hook stays as a plain all-reduce."""
+
+    def __init__(self, state: _CommState, step, pre_hook):
+        self.state, self.step, self.pre_hook = state, step, pre_hook
+
+    def remove(self) -> None:
+        if self.step in self.state.steps:
+            self.state.steps.remove(self.step)
+        self.pre_hook.remove()
+
+
+def attach_ddp(ddp, step: Callable[[Tensor], None]) -> tuple[_Handle, Callable[[Tensor], None]]:
+    """Run ``step(p)`` for each DDP-managed parameter right after its bucket's all-reduce.
+
+    Returns a handle and the hook for integer-coded weights (``p.lowrank_hook``), which
+    steps only in a synchronized backward (their gradient is averaged by the layer's
+    backward, see the module docstring). Raises ``RuntimeError`` when the DDP module
+    already has another communication hook.
+    """
+    state = ddp.__dict__.get("_lowrank_comm_state")
+    if state is None:
+        reducer = ddp.reducer
+        if not hasattr(reducer, "_set_optimizer_in_backward"):  # pragma: no cover
+            raise RuntimeError("this torch's DistributedDataParallel has no optimizer-in-"
+                               "backward mode, which per-layer mode under DDP needs")
+        state = _CommState(ddp)
+        try:
+            ddp.register_comm_hook(state, _comm_hook)
+        except RuntimeError as e:
+            raise RuntimeError(
+                "register_hooks on a DistributedDataParallel model registers a DDP "
+                "communication hook, and this model already has one (DDP allows only "
+                f"one); per-layer mode cannot be combined with it ({e})") from e
+        # the reducer must not write the averaged gradients back into .grad at the end of
+        # backward (it would re-create every gradient that step() has freed)
+        reducer._set_optimizer_in_backward()
+        ddp._lowrank_comm_state = state
+    state.steps.append(step)
+
+    def record_sync(module, args):
+        state.synced = module.require_backward_grad_sync
+
+    def quant_hook(p: Tensor) -> None:
+        if state.synced:
+            step(p)
+
+    return _Handle(state, step, ddp.register_forward_pre_hook(record_sync)), quant_hook
