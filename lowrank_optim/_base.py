@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import nn as qnn
+from .distributed import check_not_sharded
 from .projector import PROJ_TYPES, SVD_METHODS, Projector, overlap
 from .refresh import FixedGap
 
@@ -77,10 +78,13 @@ class LowRankOptimizer(Optimizer):
         merged = {**self.defaults, **param_group}
         self._validate_group(merged)
         params = param_group["params"]
-        for p in [params] if isinstance(params, Tensor) else list(params):
+        if not isinstance(params, (Tensor, set)):  # a generator must survive the checks
+            param_group["params"] = params = list(params)
+        for p in [params] if isinstance(params, Tensor) else params:
             if isinstance(p, Tensor) and p.is_complex():
                 raise ValueError(f"Complex parameters are not supported (got one of dtype "
                                  f"{p.dtype}); optimize torch.view_as_real(p) instead")
+            check_not_sharded(self, p)
         super().add_param_group(param_group)
 
     def _validate_group(self, g: dict) -> None:

@@ -25,7 +25,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import quant
+from . import distributed, quant
 from .projector import LEFT, RIGHT, Projector, choose_side
 
 __all__ = ["QuantLinear", "quantize_weights", "is_quantized", "quant_grad",
@@ -39,6 +39,7 @@ class _QuantLinearFn(torch.autograd.Function):
         ctx.module = module
         ctx.save_for_backward(x)
         ctx.has_bias = bias is not None
+        ctx.sync_group = distributed.ddp_sync_group()  # DDP averages this pass's gradients
         return nn.functional.linear(x, w, bias)
 
     @staticmethod
@@ -53,6 +54,8 @@ class _QuantLinearFn(torch.autograd.Function):
         p = module.weight
         prev = getattr(p, "quant_grad", None)
         p.quant_grad = gw if prev is None else prev.add_(gw)
+        if ctx.sync_group is not None:  # DDP does not see this weight: average it here
+            distributed.all_reduce_mean_(p.quant_grad, ctx.sync_group)
         hook = getattr(p, "lowrank_hook", None)
         if hook is not None:
             hook(p)
