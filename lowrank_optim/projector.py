@@ -87,7 +87,9 @@ def compute_basis(g: Tensor, rank: int, svd: str = "exact", oversample: int = 8,
         return u[:, :r].contiguous(), vh[:r].T.contiguous()
     if svd == "randomized":
         q = min(r + oversample, *a.shape)
-        gen = torch.Generator(device=a.device).manual_seed(seed)
+        # meta tensors (memory accounting) have no generator and need no random numbers
+        gen = None if a.device.type == "meta" else \
+            torch.Generator(device=a.device).manual_seed(seed)
         sketch = torch.randn(a.shape[1], q, generator=gen, device=a.device)
         basis = torch.linalg.qr(a @ sketch).Q
         for _ in range(niter):

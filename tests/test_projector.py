@@ -518,3 +518,10 @@ def test_stored_basis_does_not_keep_the_full_svd_alive(svd):
         Projector(4, "std", svd).refresh(state, torch.randn(*shape))
         basis = state["proj"]
         assert basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
+
+
+@pytest.mark.parametrize("svd", SVD_METHODS)
+def test_compute_basis_on_meta_gives_shapes(svd):
+    """Memory accounting on the meta device: shapes and dtypes, no data, no generator."""
+    u, v = compute_basis(torch.empty(64, 32, device="meta"), 4, svd)
+    assert (u.shape, v.shape, u.device.type) == ((64, 4), (32, 4), "meta")
