@@ -1,0 +1,267 @@
+"""Training-memory estimator for the LLaMA configs (60M ... 13B), per method.
+
+For each config and method it adds up, in GB (10^9 bytes):
+
+* **weights** and **optimizer state**: ``bench_memory.closed_form_package`` -- the exact
+  bytes of the tensors the package (and torch / bitsandbytes) allocate, already checked
+  byte for byte against real runs by ``bench_memory.py``;
+* **gradients**: every trainable float parameter's ``.grad`` in the model dtype; Q-GaLore's
+  INT8 weights leave a float32 ``quant_grad``; LoQT has gradients only for ``B`` (and the
+  plain parameters); with per-layer updates (``register_hooks``) only the largest single
+  gradient is alive at once;
+* **activations**: the bytes autograd saves for backward in one forward of ``--batch`` x
+  ``--seq`` tokens, counted with ``torch.autograd.graph.saved_tensors_hooks`` (each
+  storage once) on a model built on the ``meta`` device: real shapes, no memory, so 7B
+  and 13B are counted exactly as small models are. Activations do not depend on the
+  optimizer (the package's quantized layers save the same input a Linear saves); with
+  ``--checkpointing`` only each block's input is kept (plus one block's activations,
+  recomputed in backward).
+
+The CPU runtime, allocator slack and temporaries are not included: this is what the
+papers' memory figures count. The check (``--check``, default ``60m``) builds the config
+for real on the CPU, runs one forward and backward per method and compares the measured
+gradient and saved-activation bytes with the estimate (they must be equal).
+
+    python benchmarks/estimate_memory.py                 # table + bar chart, 60m checked
+    python benchmarks/estimate_memory.py --seq 256 --batch 1 --checkpointing
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (ROOT, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+import bench_memory as bm  # noqa: E402
+from common import LlamaLM, get_config  # noqa: E402
+
+GB = 1e9
+CONFIGS = "60m,130m,350m,1b,7b,13b"
+RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024, "13b": 1024}
+# name -> (bench_memory method, per-layer updates)
+METHODS = {
+    "adamw": ("AdamW", False),
+    "adamw8bit": ("AdamW8bit", False),
+    "galore": ("GaLoreAdamW", False),
+    "galore8bit_per_layer": ("GaLoreAdamW8bit", True),
+    "qgalore_per_layer": ("QGaLoreAdamW8bit", True),
+    "loqt": ("LoQTAdamW", False),
+    "loqt8bit_per_layer": ("LoQTAdamW8bit", True),
+}
+
+
+def grad_bytes(method: str, per_layer: bool, cfg, rank: int, esize: int) -> int:
+    """Bytes of the gradients alive at the optimizer step (all, or the largest one)."""
+    sizes = []
+    for _, shape, proj in bm.shapes_of(cfg):
+        n = shape[0] * (shape[1] if len(shape) > 1 else 1)
+        if proj and method == "QGaLoreAdamW8bit":
+            sizes.append(4 * n)                                    # float32 quant_grad
+        elif proj and method in bm.LOQT:
+            sizes.append(esize * max(shape) * min(rank, *shape))  # only B has a gradient
+        else:
+            sizes.append(esize * n)
+    return max(sizes) if per_layer else sum(sizes)
+
+
+def _counter(model):
+    """A saved_tensors_hooks pack function adding each new storage's bytes to ``out[0]``;
+    the model's own parameters and buffers (weights saved for backward) are not counted."""
+    seen = {bm._storage_id(t) for t in (*model.parameters(), *model.buffers())}
+    out = [0]
+
+    def pack(t):
+        key = bm._storage_id(t)
+        if key not in seen:
+            seen.add(key)
+            out[0] += t.untyped_storage().nbytes()
+        return t
+    return pack, out
+
+
+def _saved_bytes(model, idx, tgt) -> tuple[int, torch.Tensor]:
+    pack, out = _counter(model)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(idx, tgt)
+    return out[0], loss
+
+
+class _FlashSaved(torch.autograd.Function):
+    """What the CPU/GPU flash-attention kernels save for backward (q, k, v, output and a
+    float32 logsumexp per query); on meta, SDPA takes the math path, which would save the
+    t×t attention matrix instead. Forward only: meta graphs are never backpropagated."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = _SDPA(q, k, v, is_causal=True)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+@contextlib.contextmanager
+def _flash_attention_on_meta():
+    torch.nn.functional.scaled_dot_product_attention = \
+        lambda q, k, v, is_causal=True: _FlashSaved.apply(q, k, v)
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = _SDPA
+
+
+def activation_bytes(cfg, batch: int, seq: int, dt, checkpointing: bool) -> int:
+    """Saved-for-backward bytes of one forward, counted on the meta device."""
+    with _flash_attention_on_meta():
+        return _activation_bytes(cfg, batch, seq, dt, checkpointing)
+
+
+def _activation_bytes(cfg, batch: int, seq: int, dt, checkpointing: bool) -> int:
+    with bm.default_dtype(dt), torch.device("meta"):
+        model = LlamaLM(cfg, checkpointing=checkpointing)
+    model.to(dt)
+    idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    total, _ = _saved_bytes(model, idx, idx)
+    if checkpointing:  # backward recomputes one block at a time: add one block's worth
+        total += _saved_bytes_block(cfg, batch, seq, dt)
+    return total
+
+
+def _saved_bytes_block(cfg, batch, seq, dt) -> int:
+    """Saved bytes of one block's forward (what checkpointing recomputes at a time)."""
+    with bm.default_dtype(dt), torch.device("meta"):
+        model = LlamaLM(cfg)
+    model.to(dt)
+    x = torch.zeros(batch, seq, cfg.dim, dtype=dt, device="meta", requires_grad=True)
+    pack, out = _counter(model)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[0](x, model.rope_cos[:seq], model.rope_sin[:seq])
+    return out[0]
+
+
+def estimate(name: str, cfg, rank: int, dt, batch: int, seq: int, ckpt: bool) -> dict:
+    method, per_layer = METHODS[name]
+    esize = torch.empty((), dtype=dt).element_size()
+    w, s = bm.closed_form_package(method, cfg, rank, esize)
+    return dict(weights=w, grads=grad_bytes(method, per_layer, cfg, rank, esize), state=s,
+                activations=activation_bytes(cfg, batch, seq, dt, ckpt))
+
+
+def check(name: str, cfg, rank: int, dt, batch: int, seq: int) -> tuple[dict, dict]:
+    """Real model on the CPU: one forward + backward; measured grads and saved bytes."""
+    method, per_layer = METHODS[name]
+    model = bm.build_model(cfg, dt, "cpu", method, rank)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq))
+    saved, loss = _saved_bytes(model, idx, idx)
+    loss.backward()
+    grads = [p.grad if p.grad is not None else getattr(p, "quant_grad", None)
+             for p in model.parameters()]
+    sizes = [g.numel() * g.element_size() for g in grads if g is not None]
+    real = dict(grads=max(sizes) if per_layer else sum(sizes), activations=saved)
+    est = estimate(name, cfg, rank, dt, batch, seq, False)
+    return real, {k: est[k] for k in real}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default=CONFIGS)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(bm.DTYPES))
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    ap.add_argument("--check", default="60m", help="configs to check for real ('' for none)")
+    ap.add_argument("--out", default="benchmarks/results/estimate.md")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    dt = bm.DTYPES[a.dtype]
+    names = [c.strip() for c in a.configs.split(",") if c.strip()]
+    meths = [m.strip() for m in a.methods.split(",") if m.strip()]
+    rows = {}
+    for c in names:
+        cfg = get_config(c, vocab_size=a.vocab, seq_len=max(a.seq, 256))
+        for m in meths:
+            rows[c, m] = estimate(m, cfg, RANKS[c], dt, a.batch, a.seq, a.checkpointing)
+    checks = []
+    for c in filter(None, (x.strip() for x in a.check.split(","))):
+        cfg = get_config(c, vocab_size=a.vocab, seq_len=max(a.seq, 256))
+        for m in meths:
+            real, est = check(m, cfg, RANKS[c], dt, 1, 32)
+            checks.append((c, m, real, est))
+            print(f"check {c} {m}: real {real} estimate {est} "
+                  f"{'EQUAL' if real == est else 'DIFFER'}", flush=True)
+    cmd = "python " + " ".join(shlex.quote(x) for x in ["benchmarks/estimate_memory.py"]
+                                + (sys.argv[1:] if argv is None else list(argv)))
+    L = ["# Training-memory estimate per method (GB = 10^9 bytes)\n",
+         f"- command: `{cmd}`",
+         f"- torch {torch.__version__}; weights in {dt}; batch {a.batch} x {a.seq} tokens; "
+         f"activation checkpointing {'on' if a.checkpointing else 'off'}; ranks "
+         + ", ".join(f"{c} {RANKS[c]}" for c in names),
+         "- weights and optimizer state: `bench_memory.closed_form_package` (checked against "
+         "real tensors there); gradients: closed form above; activations: bytes saved for "
+         "backward in one forward, counted on the meta device. Not included: runtime, "
+         "allocator slack, temporaries.", ""]
+    L.append("| config | method | weights | grads | optimizer state | activations | total | × AdamW |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for (c, m), r in rows.items():
+        tot = sum(r.values())
+        base = sum(rows[c, "adamw"].values()) if (c, "adamw") in rows else None
+        L.append(f"| {c} | {m} | " + " | ".join(f"{r[k] / GB:.3f}" for k in
+                                                  ("weights", "grads", "state", "activations"))
+                 + f" | **{tot / GB:.3f}** | {'–' if not base else f'{tot / base:.2f}'} |")
+    if checks:
+        L += ["", "## Check against a real forward/backward (1 x 32 tokens, bytes)", "",
+              "| config | method | grads real | grads estimate | saved activations real | "
+              "estimate | equal |", "|---|---|---|---|---|---|---|"]
+        for c, m, real, est in checks:
+            L.append(f"| {c} | {m} | {real['grads']} | {est['grads']} | {real['activations']} "
+                     f"| {est['activations']} | {'yes' if real == est else 'NO'} |")
+    md = "\n".join(L) + "\n"
+    print(md)
+    if a.out:
+        path = os.path.join(ROOT, a.out)
+        with open(path, "w") as f:
+            f.write(md)
+        _plot(rows, names, meths, path.replace(".md", ".png"))
+        print(f"wrote {a.out}")
+    return 0 if all(r == e for _, _, r, e in checks) else 1
+
+
+def _plot(rows, names, meths, path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return
+    parts = ("weights", "grads", "state", "activations")
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 4), squeeze=False)
+    for ax, c in zip(axes[0], names):
+        bottom = [0.0] * len(meths)
+        for part in parts:
+            vals = [rows[c, m][part] / GB for m in meths]
+            ax.bar(range(len(meths)), vals, bottom=bottom, label=part)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(c)
+        ax.set_xticks(range(len(meths)), meths, rotation=70, fontsize=7)
+        ax.set_ylabel("GB")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
