@@ -653,22 +653,30 @@ def render(rows: list, meta: dict) -> str:
         add(f"- {k}: {v}")
     add("")
     add("## Targets\n")
-    add("| issue target | row | peak RSS GB (GiB) | met |")
-    add("|---|---|---|---|")
+    add("*outside*: the largest per-step peak outside the 8-bit Adam updates of tensors of "
+        ">= 2^20 elements, i.e. without the CPU-only transient of bitsandbytes' 8-bit kernel "
+        "(see the notes); a measured part of the peak, not a target reading.\n")
+    add("| issue target | row | peak RSS GB (GiB) | outside GB | met |")
+    add("|---|---|---|---|---|")
     for r in rows:
         t = _target(r) if "error" not in r else None
         if t is None and "error" in r:
             fam = METHODS[r["method"]].family
             t = TARGET_GB.get((fam, r["case"]["config"], METHODS[r["method"]].per_layer))
             if t:
-                add(f"| {t[1]} | `{r['key']}` | not measured: {r['error']} | – |")
+                e = r.get("estimate")
+                lb = "" if not e else (f"; lower bound (weights + state + grads + runtime) "
+                                       f"{gb(e['weights']['total'] + e['state'] + e['grads'] + RUNTIME)}")
+                add(f"| {t[1]} | `{r['key']}` | not measured: {r['error']}{lb} | – | – |")
             continue
         if t is None:
             continue
         p = r["peak"]
         ok = p < t[0] * GB
         note = f" ({r['incomplete']})" if r.get("incomplete") else ""
-        add(f"| {t[1]} | `{r['key']}`{note} | {gb(p)} ({p / GIB:.2f}) | "
+        outside = max((s["updates"]["outside"] for s in r["steps"] if s.get("updates")),
+                      default=None)
+        add(f"| {t[1]} | `{r['key']}`{note} | {gb(p)} ({p / GIB:.2f}) | {gb(outside)} | "
             f"{'**met**' if ok else '**not met**'} |")
     add("")
     add("## Per step\n")
@@ -835,6 +843,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=out)
     p.add_argument("--merge", action="store_true",
                    help="keep the rows already in --out (replaced by new rows of the same case)")
+    p.add_argument("--also", action="append", default=[], metavar="FILE",
+                   help="also keep the rows of this results file (repeatable)")
     p.add_argument("--estimate-only", default=None, metavar="REASON",
                    help="do not run: add the cases' meta-count rows, with this reason")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -860,7 +870,13 @@ def main(argv=None) -> int:
         argv_common += ["--rank", str(a.rank)]
     t0 = time.time()
     load0 = os.getloadavg()[0]
+    command = ("python benchmarks/bench_peak.py " + " ".join(
+        shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))).strip()
     old = read_rows(a.out) if a.merge else []
+    for path in a.also:  # rows of other results files (e.g. runs written elsewhere)
+        extra = read_rows(path)
+        keys = {r["key"] for r in extra}
+        old = [r for r in old if r["key"] not in keys] + extra
     rows = []
 
     def write():
@@ -882,8 +898,6 @@ def main(argv=None) -> int:
                 c = Case(**r["case"])
                 r["estimate"] = estimate(c, METHODS[c.method],
                                          r.get("rank") or a.rank or RANKS.get(c.config, 128), a)
-        cmd = "python benchmarks/bench_peak.py " + " ".join(
-            shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
         cpu = platform.processor() or platform.machine()
         try:
             cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
@@ -891,15 +905,18 @@ def main(argv=None) -> int:
         except (OSError, StopIteration):
             pass
         meta = {
-            "command": f"`{cmd.strip()}`" + (" (rows of earlier runs kept: see each row's "
-                                             "settings in the JSON below)" if old else ""),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            + f"; total time {time.time() - t0:.0f} s",
+            "command(s)": "; ".join(
+                f"`{c}` ({d})" for c, d in {r.get("command", "(not recorded)"): r.get("date", "?")
+                                            for r in allrows}.items()),
+            "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            + f" (this invocation: {time.time() - t0:.0f} s; each row's own date is beside its "
+              "command, its wall time in the per-process table)",
             "versions": f"torch {torch.__version__}, bitsandbytes {bnb_v}, Python "
                         f"{platform.python_version()}, git {git}",
             "device": f"cpu ({cpu}), {a.threads} torch thread(s), {os.cpu_count()} CPUs, "
                       f"{_meminfo_kb('MemTotal') / 2 ** 20:.1f} GiB RAM, no GPU; load average "
-                      f"{load0:.2f} at start, {os.getloadavg()[0]:.2f} at end (shared machine)",
+                      f"{load0:.2f} / {os.getloadavg()[0]:.2f} at the start / end of the last invocation "
+                      "(a shared machine: other developers' jobs ran alongside)",
             "model": f"benchmarks/common.py LlamaLM (RMSNorm, RoPE, SwiGLU, untied head), "
                      f"vocabulary {a.vocab}, batch {a.batch}, bf16 activations and float "
                      "parameters, built on meta and converted block by block",
@@ -926,7 +943,8 @@ def main(argv=None) -> int:
                        max_rss_seen=None, chunk_8bit=a.chunk_8bit)
         else:
             row = run_case(case, a, argv_common)
-        row["estimate"] = ests[i]
+        row["estimate"], row["command"] = ests[i], command
+        row["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         return row
 
     if jobs > 1 and len(chosen) > 1:
