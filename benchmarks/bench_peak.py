@@ -63,11 +63,15 @@ GB = 10^9 bytes (the issues' and papers' unit); GiB is given beside the peaks.
 
 Command lines (from the repository root):
 
-    python benchmarks/bench_peak.py                               # the issues' cases (long: about 2 h)
-    python benchmarks/bench_peak.py --configs llama_60m           # every method on 60M, seconds
+    python benchmarks/bench_peak.py                               # the issues' cases: hours on 2 cores; the
+                                                                  # 13B case needs more than a 24 GB machine
+                                                                  # can safely give (the guard stops it)
+    python benchmarks/bench_peak.py --configs llama_60m           # smoke test: the 3 issue methods on 60M,
+                                                                  # two at a time (~1-2.5 min on a busy 2-core box)
     python benchmarks/bench_peak.py --methods qgalore             # the Q-GaLore issue case only
     python benchmarks/bench_peak.py --configs llama_1b --methods qgalore,loqt8bit --seq 256
-    python benchmarks/bench_peak.py --cases qgalore:llama_7b:256:ckpt --merge   # add a row to peak.md
+    python benchmarks/bench_peak.py --cases qgalore:llama_7b:256:ckpt --merge   # add a row to peak.md (75 min)
+    python benchmarks/bench_peak.py --cases qgalore:llama_7b:256:ckpt --chunk-8bit 4194304 --merge
     python benchmarks/bench_peak.py --one qgalore:llama_60m:256   # one measurement (what the parent runs)
 """
 from __future__ import annotations
