@@ -74,11 +74,21 @@ def adam8bit_(g: Tensor, state: dict, step: int, beta1: float, beta2: float,
 
     q1, q2 = _qmaps(g.device)
     out = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
-    bnbf.optimizer_update_8bit_blockwise(
-        "adam", g.float().contiguous(), out, state["exp_avg_codes"], state["exp_avg_sq_codes"],
-        beta1, beta2, 0.0, 0.0, eps, step, 1.0, q1, q2,
-        state["exp_avg_absmax"], state["exp_avg_sq_absmax"])
+    flat_g, flat_out = g.reshape(-1), out.view(-1)
+    c1, c2 = state["exp_avg_codes"].view(-1), state["exp_avg_sq_codes"].view(-1)
+    a1, a2 = state["exp_avg_absmax"], state["exp_avg_sq_absmax"]
+    # in slices of whole 256-element blocks: bitsandbytes' CPU kernel makes float32 copies
+    # of everything it is given (24-30 bytes per element measured on a 7B embedding)
+    for s in range(0, flat_g.numel(), _CHUNK):
+        e = min(s + _CHUNK, flat_g.numel())
+        bnbf.optimizer_update_8bit_blockwise(
+            "adam", flat_g[s:e].float().contiguous(), flat_out[s:e], c1[s:e], c2[s:e],
+            beta1, beta2, 0.0, 0.0, eps, step, 1.0, q1, q2,
+            a1[s // 256:-(-e // 256)], a2[s // 256:-(-e // 256)])
     return out.neg_()
+
+
+_CHUNK = 1 << 22  # elements per bitsandbytes call (a multiple of its 256-element blocks)
 
 
 def dequantize_adam8bit(state: dict, name: str) -> Tensor:

@@ -509,3 +509,20 @@ def test_stagger_spreads_refreshes(stagger):
         assert list(refreshed.values()) == [[0, 2, 8], [0, 4, 10], [0, 6, 12]]
     else:
         assert list(refreshed.values()) == [[0, 6, 12]] * 3
+
+
+def test_adam8bit_in_slices_is_bitwise_the_whole_update(monkeypatch):
+    """8-bit Adam runs bitsandbytes on slices of whole blocks (bounded temporaries): the
+    direction and the state equal one call on the whole tensor."""
+    from lowrank_optim import functional as F
+
+    g = torch.randn(300, 37)
+    runs = []
+    for chunk in (1 << 22, 256 * 3):
+        monkeypatch.setattr(F, "_CHUNK", chunk)
+        st = {}
+        F.init_adam8bit(st, g)
+        runs.append(([F.adam8bit_(g * (i + 1), st, i + 1, 0.9, 0.999, 1e-8) for i in range(3)], st))
+    (d1, s1), (d2, s2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(d1, d2))
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
