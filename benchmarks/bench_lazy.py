@@ -46,7 +46,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -181,27 +180,8 @@ def _record_overlaps(run: Run, seen: dict) -> None:
         seen[id(p)] = n
 
 
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowrank_optim"],
-                               cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return rev + (" (lowrank_optim modified)" if dirty else "") if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main(argv=None) -> int:
@@ -284,8 +264,8 @@ def render(a, rs, corpus, cfg, cmd, date, load0, load1, secs) -> str:
     add(f"- command: `{cmd}`")
     add(f"- date: {date}; total time {secs:.0f} s")
     add(f"- torch {torch.__version__}, bitsandbytes {bnb.__version__}, lowrank_optim "
-        f"{lo.__version__} (git {git_rev()}), Python {platform.python_version()}")
-    add(f"- device: cpu ({cpu_name()}), {torch.get_num_threads()} torch threads, "
+        f"{lo.__version__} (git {C.git_rev()}), Python {platform.python_version()}")
+    add(f"- device: cpu ({C.cpu_name()}), {torch.get_num_threads()} torch threads, "
         f"{os.cpu_count()} CPUs; load average {load0[0]:.2f} at start, {load1[0]:.2f} at end"
         + (" (**busy machine: timings are noisy**)" if max(load0[0], load1[0]) > 1.5 * (
             os.cpu_count() or 1) / 2 else ""))

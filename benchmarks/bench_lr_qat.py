@@ -85,7 +85,7 @@ from torch import nn  # noqa: E402
 
 import lowrank_optim as lo  # noqa: E402
 import common as C  # noqa: E402
-from bench_memory import cpu_name, git_rev  # noqa: E402
+from common import cpu_name, git_rev  # noqa: E402
 from lowrank_optim.lr_qat import (export_lr_qat, init_scale, lr_qat_param_groups,  # noqa: E402
                                   prepare_lr_qat)
 

@@ -86,7 +86,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 
@@ -116,7 +115,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import lowrank_optim as lo  # noqa: E402
-from common import LlamaLM, get_config  # noqa: E402
+from common import LlamaLM, cpu_name, get_config, git_rev  # noqa: E402
 
 GB = 1e9
 TARGETS = ("attn", "mlp")
@@ -403,27 +402,8 @@ def closed_form_papers(method: str, cfg, rank: int) -> tuple[float, float]:
 
 
 # ---- reporting ----------------------------------------------------------------------------
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowrank_optim"],
-                               cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return rev + (" (lowrank_optim modified)" if dirty else "") if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def gb(x) -> str:

@@ -99,13 +99,15 @@ out = "benchmarks/results/step.md"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # run from a checkout without installing the package
+for _p in (ROOT, HERE):  # run from a checkout without installing the package
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lowrank_optim as lo  # noqa: E402
+from common import cpu_name  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -661,15 +663,6 @@ def md_table(header, rows) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def parse(argv=None):

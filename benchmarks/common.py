@@ -22,6 +22,8 @@ import dataclasses
 import hashlib
 import math
 import os
+import platform
+import subprocess
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -582,3 +584,35 @@ def fmt_bytes(n: Optional[float]) -> str:
     if n is None:
         return "n/a"
     return f"{n / 2 ** 20:.2f}"
+
+
+# ---------------------------------------------------------------------------------------
+# Result-file headers
+# ---------------------------------------------------------------------------------------
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), for the device line of a results file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_rev() -> str:
+    """Short commit of the repository, marked when ``lowrank_optim`` has local changes."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowrank_optim"],
+                               cwd=_ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return rev + (" (lowrank_optim modified)" if dirty else "") if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
