@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, quant
-from .projector import LEFT, RIGHT, Projector, choose_side
+from .projector import RIGHT, Projector, choose_side
 
 __all__ = ["QuantLinear", "quantize_weights", "is_quantized", "quant_grad",
            "dequantized_weight", "store_weight_", "LoQTLinear", "prepare_loqt"]
@@ -387,9 +387,13 @@ class LoQTLinear(nn.Module):
 
     def projection(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``deq(P)``, ``min(m, n) × rank`` (zero before the first merge)."""
+        return self._basis(self._proj_state()).to(dtype)
+
+    def _basis(self, st: dict) -> Tensor:
+        """The one-sided float32 basis stored in projector state ``st``."""
         like = torch.empty(self.out_features, self.in_features, device="meta")
-        left, right = self.projector._bases(self._proj_state(), like)
-        return (left if right is None else right).to(dtype)
+        left, right = self.projector._bases(st, like)
+        return left if right is None else right
 
     def _delta(self, p: Tensor, b: Tensor) -> Tensor:
         return b @ p.T if self.side == RIGHT else p @ b
@@ -415,10 +419,7 @@ class LoQTLinear(nn.Module):
             del g
             st["proj_side"] = self.side
             self._pending = (st, rots)
-        st = self._pending[0]
-        like = torch.empty(self.out_features, self.in_features, device="meta")
-        left, right = self.projector._bases(st, like)
-        return left if right is None else right
+        return self._basis(self._pending[0])
 
     @property
     def merge_ready(self) -> bool:
@@ -449,16 +450,16 @@ class LoQTLinear(nn.Module):
         q, b = self._quantize(w), torch.zeros_like(self.B, dtype=torch.float32)
         if self.bits is not None and ec_iters > 0:
             pinv = torch.linalg.pinv(p)
-            best, target = None, w
-            for _ in range(ec_iters):
-                qc = self._quantize(target)
+            best, qc = None, q  # round 1 quantizes w itself: q
+            for c in range(ec_iters):
                 resid = w - self._dequantize(qc)
                 bc = (resid @ pinv.T if self.side == RIGHT else pinv @ resid) / self.scale
                 low = self._delta(p, bc).mul_(self.scale)
-                err = float(torch.linalg.matrix_norm(resid - low))
+                err = float(torch.linalg.matrix_norm(resid.sub_(low)))
                 if best is None or err < best[0]:
                     best = (err, qc, bc)
-                target = w - low
+                if c + 1 < ec_iters:
+                    qc = self._quantize(w - low)
             _, q, b = best
         self._write_base(q)
         self.B.copy_(b)
