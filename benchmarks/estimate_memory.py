@@ -149,16 +149,19 @@ def _saved_bytes_block(cfg, batch, seq, dt) -> int:
     return out[0]
 
 
-def estimate(name: str, cfg, rank: int, dt, batch: int, seq: int, ckpt: bool) -> dict:
+def estimate(name: str, cfg, rank: int, dt, activations: int) -> dict:
+    """One method's row; ``activations`` (:func:`activation_bytes`) is the same for all."""
     method, per_layer = METHODS[name]
     esize = torch.empty((), dtype=dt).element_size()
     w, s = bm.closed_form_package(method, cfg, rank, esize)
     return dict(weights=w, grads=grad_bytes(method, per_layer, cfg, rank, esize), state=s,
-                activations=activation_bytes(cfg, batch, seq, dt, ckpt))
+                activations=activations)
 
 
-def check(name: str, cfg, rank: int, dt, batch: int, seq: int) -> tuple[dict, dict]:
-    """Real model on the CPU: one forward + backward; measured grads and saved bytes."""
+def check(name: str, cfg, rank: int, dt, batch: int, seq: int,
+          activations: int) -> tuple[dict, dict]:
+    """Real model on the CPU: one forward + backward; measured grads and saved bytes,
+    against the estimate (``activations`` counted on meta for ``batch`` x ``seq``)."""
     method, per_layer = METHODS[name]
     model = bm.build_model(cfg, dt, "cpu", method, rank)
     idx = torch.randint(0, cfg.vocab_size, (batch, seq))
@@ -168,7 +171,7 @@ def check(name: str, cfg, rank: int, dt, batch: int, seq: int) -> tuple[dict, di
              for p in model.parameters()]
     sizes = [g.numel() * g.element_size() for g in grads if g is not None]
     real = dict(grads=max(sizes) if per_layer else sum(sizes), activations=saved)
-    est = estimate(name, cfg, rank, dt, batch, seq, False)
+    est = estimate(name, cfg, rank, dt, activations)
     return real, {k: est[k] for k in real}
 
 
@@ -192,13 +195,15 @@ def main(argv=None) -> int:
     rows = {}
     for c in names:
         cfg = get_config(c, vocab_size=a.vocab, seq_len=max(a.seq, 256))
+        acts = activation_bytes(cfg, a.batch, a.seq, dt, a.checkpointing)
         for m in meths:
-            rows[c, m] = estimate(m, cfg, RANKS[c], dt, a.batch, a.seq, a.checkpointing)
+            rows[c, m] = estimate(m, cfg, RANKS[c], dt, acts)
     checks = []
     for c in filter(None, (x.strip() for x in a.check.split(","))):
         cfg = get_config(c, vocab_size=a.vocab, seq_len=max(a.seq, 256))
+        acts = activation_bytes(cfg, 1, 32, dt, False)
         for m in meths:
-            real, est = check(m, cfg, RANKS[c], dt, 1, 32)
+            real, est = check(m, cfg, RANKS[c], dt, 1, 32, acts)
             checks.append((c, m, real, est))
             print(f"check {c} {m}: real {real} estimate {est} "
                   f"{'EQUAL' if real == est else 'DIFFER'}", flush=True)
