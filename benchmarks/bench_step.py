@@ -280,64 +280,42 @@ def optimizer_specs(a, dev, gt):
     return specs
 
 
-def state_bytes(opt) -> int:
-    """Sum of numel * element_size over every tensor reachable from ``opt.state``
-    (containers and plain Python objects walked), each storage counted once."""
-    seen, total = set(), 0
-
+def _state_tensors(opt):
+    """Every tensor reachable from ``opt.state`` (containers and plain Python objects
+    walked, 6 levels deep at most)."""
     def walk(v, depth=0):
-        nonlocal total
         if depth > 6:
             return
         if isinstance(v, torch.Tensor):
-            key = (v.device, v.data_ptr(), v.numel() * v.element_size())
-            if key not in seen:
-                seen.add(key)
-                total += v.numel() * v.element_size()
+            yield v
         elif isinstance(v, dict):
             for x in v.values():
-                walk(x, depth + 1)
+                yield from walk(x, depth + 1)
         elif isinstance(v, (list, tuple)):
             for x in v:
-                walk(x, depth + 1)
+                yield from walk(x, depth + 1)
         elif hasattr(v, "__dict__") and not isinstance(v, type):
             for x in vars(v).values():
-                walk(x, depth + 1)
+                yield from walk(x, depth + 1)
 
     for st in opt.state.values():
-        walk(st)
-    return total
+        yield from walk(st)
+
+
+def state_bytes(opt) -> int:
+    """Sum of numel * element_size over every tensor reachable from ``opt.state``, each
+    tensor (device, address, size) counted once."""
+    sizes = {(v.device, v.data_ptr(), v.numel() * v.element_size()) for v in _state_tensors(opt)}
+    return sum(size for _, _, size in sizes)
 
 
 def storage_bytes(opt) -> int:
     """Bytes of the distinct storages behind the tensors of ``opt.state``: what memory (and
     a ``torch.save`` of the state) really holds. A view keeps its whole base alive, so this
     exceeds :func:`state_bytes` when the state stores slices of larger tensors."""
-    seen, total = set(), 0
-
-    def walk(v, depth=0):
-        nonlocal total
-        if depth > 6:
-            return
-        if isinstance(v, torch.Tensor):
-            st = v.untyped_storage()
-            key = (v.device, st.data_ptr())
-            if key not in seen:
-                seen.add(key)
-                total += st.nbytes()
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x, depth + 1)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x, depth + 1)
-        elif hasattr(v, "__dict__") and not isinstance(v, type):
-            for x in vars(v).values():
-                walk(x, depth + 1)
-
-    for st in opt.state.values():
-        walk(st)
-    return total
+    storages = {(v.device, v.untyped_storage().data_ptr()): v.untyped_storage().nbytes()
+                for v in _state_tensors(opt)}
+    return sum(storages.values())
 
 
 def closed_form(kind: str, shapes, a) -> int:
