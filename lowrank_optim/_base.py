@@ -165,6 +165,9 @@ class LowRankOptimizer(Optimizer):
         else:
             proj, d = None, self._inner(state, g, state["step"] + 1, group)
         state["step"] += 1
+        del g  # an integer-coded weight's float gradient is freed before its update
+        if qnn.is_quantized(p):
+            p.quant_grad = None
         self._apply(p, d, group, state, proj)
 
     def _apply(self, p: Tensor, d: Tensor, group: dict, state: dict,
@@ -192,7 +195,6 @@ class LowRankOptimizer(Optimizer):
             gen = torch.Generator(device=w.device).manual_seed(
                 (seed + state["step"]) % 2 ** 63)
         qnn.store_weight_(p, w, stochastic=gen is not None, generator=gen)
-        p.quant_grad = None
 
     @staticmethod
     def _update_(w: Tensor, d: Tensor, group: dict, state: dict,

@@ -54,6 +54,7 @@ class _QuantLinearFn(torch.autograd.Function):
         p = module.weight
         prev = getattr(p, "quant_grad", None)
         p.quant_grad = gw if prev is None else prev.add_(gw)
+        del gw, prev  # the hook may step this weight and free its gradient
         if ctx.sync_group is not None:  # DDP does not see this weight: average it here
             distributed.all_reduce_mean_(p.quant_grad, ctx.sync_group)
         hook = getattr(p, "lowrank_hook", None)

@@ -83,8 +83,13 @@ def _grouped(x: Tensor, group_size: int) -> Tensor:
 
 def stochastic_round(y: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     r"""Round to an integer, up with probability :math:`y - \lfloor y \rfloor`; unbiased."""
-    u = torch.rand(y.shape, device=y.device, dtype=y.dtype, generator=generator)
-    return torch.floor(y + u)
+    return _stochastic_round_(y.clone(), generator)
+
+
+def _stochastic_round_(y: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """:func:`stochastic_round` in place (same draws): one temporary of ``y``'s size."""
+    return y.add_(torch.rand(y.shape, device=y.device, dtype=y.dtype,
+                             generator=generator)).floor_()
 
 
 def pack_nibbles(codes: Tensor) -> Tensor:
@@ -117,20 +122,23 @@ def quantize(x: Tensor, bits: int = 8, group_size: int = 256, symmetric: bool = 
     if x.is_complex() or not x.is_floating_point():
         raise TypeError(f"quantize expects a real floating-point tensor, got {x.dtype}")
     g = _grouped(x, group_size)
-    rnd = (lambda y: stochastic_round(y, generator)) if stochastic else torch.round
+    # one float32 temporary of x's size (y, rounded in place) plus the random draws
+    rnd_ = (lambda y: _stochastic_round_(y, generator)) if stochastic else torch.round_
     if symmetric:
         half = 2 ** (bits - 1)
         scale = g.abs().amax(dim=1) / (half - 1)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        k = rnd(g / scale[:, None]).clamp_(-(half - 1), half - 1)
-        codes, offset = (k + half).to(torch.uint8), None
+        y = rnd_(g / scale[:, None]).clamp_(-(half - 1), half - 1)
+        codes, offset = y.add_(half).to(torch.uint8), None
     else:
         qmax = 2 ** bits - 1
         lo = g.amin(dim=1)
         scale = (g.amax(dim=1) - lo) / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = rnd((g - lo[:, None]) / scale[:, None]).clamp_(0, qmax).to(torch.uint8)
+        y = (g - lo[:, None]).div_(scale[:, None])
+        codes = rnd_(y).clamp_(0, qmax).to(torch.uint8)
         offset = lo
+    del g, y
     codes = codes.reshape(-1)[: x.numel()]
     if bits <= 4 and pack:
         codes = pack_nibbles(codes)

@@ -194,6 +194,22 @@ def test_stochastic_round_generator_reproducible():
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_quantize_leaves_input_and_uses_stochastic_round_draws(symmetric, stochastic):
+    # quantize rounds a temporary in place: the caller's tensor must stay as it was, and
+    # the codes must be those of the public rounding functions applied to the same values
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    before = x.clone()
+    q = quant.quantize(x, bits=8, group_size=64, symmetric=symmetric, stochastic=stochastic,
+                       generator=torch.Generator().manual_seed(5))
+    assert torch.equal(x, before)
+    y = x / q.scale[:, None] if symmetric else (x - q.offset[:, None]) / q.scale[:, None]
+    r = quant.stochastic_round(y, torch.Generator().manual_seed(5)) if stochastic else y.round()
+    k = r.clamp(-127, 127) + 128 if symmetric else r.clamp(0, 255)
+    assert torch.equal(q.codes.view(8, 64), k.to(torch.uint8))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quantize_stochastic_unbiased_after_dequantize(symmetric, bits):
     gen = torch.Generator().manual_seed(99)
