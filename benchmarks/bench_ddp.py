@@ -34,7 +34,6 @@ import os
 import platform
 import shlex
 import socket
-import subprocess
 import sys
 
 # -------------------------------------------------------------------------------------
@@ -77,7 +76,12 @@ def _model(quantized: bool) -> nn.Module:
     return model
 
 
+_SETTINGS = ("layers", "width", "batch", "steps", "rank", "world")
+
+
 def _worker(r: int, port: int, cfg: dict, results) -> None:
+    # a spawned rank imports this module afresh: take the parent's settings, not the defaults
+    globals().update({k: cfg[k] for k in _SETTINGS})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r,
                             world_size=world)
@@ -131,22 +135,15 @@ def run(cfg: dict) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(port, cfg, results), nprocs=world)
-    return results.get()
-
-
-def _revision() -> str:
-    git = ["git", "-C", ROOT]
-    rev = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(git + ["status", "--porcelain", "lowrank_optim"],
-                           capture_output=True, text=True).stdout.strip()
-    return (rev.stdout.strip() or "unknown") + (" + local changes" if dirty else "")
+    settings = {k: globals()[k] for k in _SETTINGS}
+    mp.spawn(_worker, args=(port, dict(cfg, **settings), results), nprocs=world)
+    return {k: v for k, v in results.get().items() if k not in settings}
 
 
 def render(rows: list, cmd: str, date: str) -> str:
     L = ["# bench_ddp: DistributedDataParallel, normal vs per-layer stepping\n",
          f"- command: `{cmd}`", f"- date: {date}",
-         f"- torch {torch.__version__}, lowrank_optim {lo.__version__} (git {_revision()}), Python "
+         f"- torch {torch.__version__}, lowrank_optim {lo.__version__} (git {C.git_rev()}), Python "
          f"{platform.python_version()}; device: cpu, {world} ranks (gloo), 1 thread each, "
          f"{os.cpu_count()} CPUs",
          f"- model: {layers} × Linear({width}, {width}), batch {batch} per rank, {steps} steps, "

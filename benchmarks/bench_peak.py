@@ -885,16 +885,13 @@ def main(argv=None) -> int:
 
     def write():
         import torch
+
+        import common as C
         try:
             import bitsandbytes as bnb
             bnb_v = bnb.__version__
         except ImportError:
             bnb_v = "not installed"
-        try:
-            git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                 capture_output=True, text=True).stdout.strip()
-        except OSError:
-            git = "?"
         keys = {r["key"] for r in rows}
         allrows = [r for r in old if r["key"] not in keys] + rows
         for r in allrows:
@@ -902,12 +899,6 @@ def main(argv=None) -> int:
                 c = Case(**r["case"])
                 r["estimate"] = estimate(c, METHODS[c.method],
                                          r.get("rank") or a.rank or RANKS.get(c.config, 128), a)
-        cpu = platform.processor() or platform.machine()
-        try:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                       if ln.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
         meta = {
             "command(s)": "; ".join(
                 f"`{c}` ({d})" for c, d in {r.get("command", "(not recorded)"): r.get("date", "?")
@@ -916,8 +907,8 @@ def main(argv=None) -> int:
             + f" (this invocation: {time.time() - t0:.0f} s; each row's own date is beside its "
               "command, its wall time in the per-process table)",
             "versions": f"torch {torch.__version__}, bitsandbytes {bnb_v}, Python "
-                        f"{platform.python_version()}, git {git}",
-            "device": f"cpu ({cpu}), {a.threads} torch thread(s), {os.cpu_count()} CPUs, "
+                        f"{platform.python_version()}, git {C.git_rev()}",
+            "device": f"cpu ({C.cpu_name()}), {a.threads} torch thread(s), {os.cpu_count()} CPUs, "
                       f"{_meminfo_kb('MemTotal') / 2 ** 20:.1f} GiB RAM, no GPU; load average "
                       f"{load0:.2f} / {os.getloadavg()[0]:.2f} at the start / end of the last invocation "
                       "(a shared machine: other developers' jobs ran alongside)",

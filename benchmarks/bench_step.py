@@ -424,7 +424,6 @@ def bench_time(a, dev, gt, log):
 
     ref = next(b for b in benches if b["label"] == "torch AdamW (foreach)")
     gtb = next((b for b in benches if b["kind"] == "gt"), None)
-    rows = []
     for b in benches:
         t = b["times"]
         windows = [sum(t[i:i + n_steps]) / n_steps for i in range(0, len(t), n_steps)]

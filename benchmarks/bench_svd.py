@@ -64,10 +64,13 @@ out = None              # None: benchmarks/results/svd.md (svd_quick.md with --q
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # run from a checkout without installing the package
+for _p in (HERE, ROOT):  # run from a checkout without installing the package
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import torch  # noqa: E402
+
+import common as C  # noqa: E402
 
 from lowrank_optim.projector import LEFT, choose_side, compute_basis  # noqa: E402
 
@@ -143,16 +146,7 @@ def energy(g: torch.Tensor, basis: torch.Tensor, side: int) -> float:
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(dev)})"
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu ({model or 'unknown'}, {os.cpu_count()} CPUs)"
+    return f"cpu ({C.cpu_name()}, {os.cpu_count()} CPUs)"
 
 
 def load_average() -> str:

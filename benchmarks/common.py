@@ -427,6 +427,14 @@ def _qgalore(model, a):
                                                betas=a.betas, weight_decay=a.weight_decay))
 
 
+@register("qgalore_per_layer", lr=2e-2, default=False, requires=("bitsandbytes",),
+          description="QGaLoreAdamW8bit stepped inside backward (opt.register_hooks(model))")
+def _qgalore_per_layer(model, a):
+    prepared = _qgalore(model, a)
+    prepared.hooks = prepared.optimizer.register_hooks(prepared.model)
+    prepared.per_layer = True
+    return prepared
+
 
 @register("loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
           description="lowrank_optim.LoQTAdamW: NF4 weights + INT4 basis P frozen, B trained "

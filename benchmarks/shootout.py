@@ -43,6 +43,7 @@ import os
 import platform
 import shlex
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -104,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=DEFAULTS["eval_batches"],
                    help="fixed validation batches of --batch-size x --seq-len")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="model init and data order")
+    p.add_argument("--seeds", default=None,
+                   help="comma list of seeds (e.g. 0,1,2): every method runs once per seed and "
+                        "the table gives the mean over seeds (default: --seed only)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="parameter dtype (bfloat16: pure-bf16 training, as the GaLore "
@@ -154,6 +158,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if missing:
         raise SystemExit(f"not available here: {', '.join(missing)}")
     args.method_list = names
+    try:
+        args.seed_list = ([int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds
+                          else [args.seed])
+    except ValueError:
+        raise SystemExit(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
+    if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
+        raise SystemExit(f"--seeds: expected distinct integers, got {args.seeds!r}")
     args.lrs = {n: C.METHODS[n].lr for n in names}
     if args.lr:
         for item in args.lr.split(","):
@@ -320,7 +331,7 @@ def _worker(spec_path: str) -> int:
 
 
 def _run_subprocess(name: str, args: argparse.Namespace, tmp: Path) -> dict:
-    spec, res = tmp / f"{name}.spec.json", tmp / f"{name}.result.json"
+    spec, res = tmp / f"{name}.{args.seed}.spec.json", tmp / f"{name}.{args.seed}.result.json"
     spec.write_text(json.dumps(dict(args=vars(args), method=name, result=str(res))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -330,6 +341,105 @@ def _run_subprocess(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     if res.exists():
         return json.loads(res.read_text())
     return dict(method=name, error=f"worker exited with status {proc.returncode}")
+
+
+# ---------------------------------------------------------------------------------------
+# Seeds
+# ---------------------------------------------------------------------------------------
+
+# averaged over seeds; the byte counts are the same for every seed, the peak is the largest
+_MEAN_KEYS = ("val_loss", "val_ppl", "tokens_per_s", "fwd_ms", "bwd_ms", "step_ms",
+              "bwd_step_ms", "iter_ms", "wall_s")
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per method from its runs (one per seed): the mean of the quality and time
+    measurements, the largest peak memory, the mean validation curve, and the per-seed
+    perplexities (``val_ppl_seeds``, ``val_ppl_std``). A method with one run is unchanged;
+    a method with a failed seed is reported as failed."""
+    rows = []
+    for name in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == name]
+        bad = next((r for r in rs if r.get("error")), None)
+        if len(rs) == 1 or bad:
+            rows.append(rs[0] if not bad or len(rs) == 1 else dict(
+                method=name, seeds=[r["seed"] for r in rs],
+                error=f"seed {bad['seed']}: {bad['error']}"))
+            continue
+        row = dict(rs[0], seeds=[r["seed"] for r in rs],
+                   val_ppl_seeds=[r["val_ppl"] for r in rs],
+                   val_ppl_std=statistics.stdev(r["val_ppl"] for r in rs),
+                   diverged_at=next((r["diverged_at"] for r in rs if r["diverged_at"]), None))
+        for k in _MEAN_KEYS:
+            vals = [r.get(k) for r in rs]
+            row[k] = None if None in vals else statistics.fmean(vals)
+        peaks = [r["peak_b"] for r in rs]
+        if None not in peaks:
+            worst = rs[peaks.index(max(peaks))]
+            row.update(peak_b=worst["peak_b"], baseline_b=worst["baseline_b"],
+                       peak_above_b=worst["peak_above_b"], act_other_b=worst["act_other_b"])
+        curves = [r["curve"] for r in rs]
+        if all([s for s, _ in c] == [s for s, _ in curves[0]] for c in curves):
+            row["curve"] = [(s, statistics.fmean(c[i][1] for c in curves))
+                            for i, (s, _) in enumerate(curves[0])]
+        rows.append(row)
+    return rows
+
+
+# the issue's targets for the main job (#7): (description, check(results by method) ->
+# (measured text, met) or None when a method it needs was not run)
+def _ppl_target(name, ref, limit):
+    def check(by):
+        if name not in by or ref not in by:
+            return None
+        q = by[name]["val_ppl"] / by[ref]["val_ppl"]
+        return f"{q:.3f}× ({by[name]['val_ppl']:.3f} / {by[ref]['val_ppl']:.3f})", q <= limit
+    return f"{name} validation ppl ≤ {limit:g}× {ref}'s", check
+
+
+def _peak_below_adamw(by):
+    low = [n for n in by if n.startswith(("galore", "qgalore", "loqt"))]
+    if "adamw" not in by or not low or by["adamw"].get("peak_above_b") is None:
+        return None
+    ref = by["adamw"]["peak_above_b"]
+    q = {n: by[n]["peak_above_b"] / ref for n in low}
+    return ", ".join(f"{n} {v:.2f}×" for n, v in q.items()), all(v < 1 for v in q.values())
+
+
+def _qgalore_per_layer_lowest(by):
+    name = "qgalore_per_layer"
+    if name not in by or len(by) < 2 or by[name].get("peak_above_b") is None:
+        return None
+    low = min(by, key=lambda n: by[n]["peak_above_b"])
+    return (f"lowest: {low} ({by[low]['peak_above_b'] / 2 ** 20:.1f} MiB); {name} "
+            f"{by[name]['peak_above_b'] / 2 ** 20:.1f} MiB"), low == name
+
+
+def _galore_speed(by):
+    if "galore" not in by or "adamw" not in by or not by["adamw"].get("tokens_per_s"):
+        return None
+    q = by["galore"]["tokens_per_s"] / by["adamw"]["tokens_per_s"]
+    return f"{q:.2f}×", q >= 0.9
+
+
+TARGETS = [
+    _ppl_target("galore", "adamw", 1.03),
+    _ppl_target("qgalore", "galore", 1.02),
+    _ppl_target("loqt", "galore", 1.0),
+    ("peak memory above baseline of every low-rank method < adamw's", _peak_below_adamw),
+    ("qgalore_per_layer has the lowest peak memory above baseline", _qgalore_per_layer_lowest),
+    ("galore tokens/s ≥ 0.9× adamw's", _galore_speed),
+]
+
+
+def target_table(results: list[dict]) -> str:
+    """The targets that the methods run here can check, as a Markdown table ('' if none)."""
+    by = {r["method"]: r for r in results if not r.get("error")}
+    rows = [(what, got) for what, check in TARGETS if (got := check(by)) is not None]
+    if not rows:
+        return ""
+    return "\n".join(["| target | measured | met |", "|---|---|---|"] + [
+        f"| {what} | {text} | {'yes' if ok else '**no**'} |" for what, (text, ok) in rows])
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,9 +470,10 @@ def make_table(results: list[dict]) -> str:
             rows.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 9)
             continue
         div = f" (diverged at {r['diverged_at']})" if r.get("diverged_at") else ""
+        std = f" ± {r['val_ppl_std']:.3f}" if "val_ppl_std" in r else ""
         rows.append(
             f"| {r['method']}{' ¹' if r['per_layer'] else ''} | {r['lr']:g} | "
-            f"{r['val_loss']:.4f}{div} | {r['val_ppl']:.3f} | "
+            f"{r['val_loss']:.4f}{div} | {r['val_ppl']:.3f}{std} | "
             f"{_ratio(r['val_ppl'], ref['val_ppl'])} | {_num(r['tokens_per_s'], ',.0f')} | "
             f"{_num(r['fwd_ms'], '.1f')} | {_num(r['bwd_ms'], '.1f') if not r['per_layer'] else '—'} | "
             f"{_num(r['step_ms'], '.2f') if not r['per_layer'] else '— ¹'} | "
@@ -386,36 +497,17 @@ def make_table(results: list[dict]) -> str:
 def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu ({cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    return f"cpu ({C.cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 def _versions() -> str:
     out = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
     for mod in ("lowrank_optim", "bitsandbytes"):
         try:
-            from importlib.metadata import version
-            out.append(f"{mod} {version(mod.replace('_', '-'))}")
+            out.append(f"{mod} {__import__(mod).__version__}")
         except Exception:
-            try:
-                out.append(f"{mod} {__import__(mod).__version__}")
-            except Exception:
-                pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        if commit:
-            out.append(f"git {commit}{' (dirty)' if dirty else ''}")
-    except Exception:
-        pass
-    return ", ".join(out)
+            pass
+    return ", ".join(out + [f"git {C.git_rev()}"])
 
 
 def make_report(results: list[dict], args, argv: list[str], wall_s: float) -> str:
@@ -438,7 +530,11 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float) -> st
         f"mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}"
         + (f", {params / 1e6:.3f}M parameters" if params else ""),
         f"- budget: {args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} "
-        f"tokens per method, seed {args.seed}; linear warmup {args.warmup} steps then cosine "
+        f"tokens per method and seed, "
+        + (f"seed {args.seed_list[0]}" if len(args.seed_list) == 1 else
+           f"seeds {', '.join(map(str, args.seed_list))} (quality and time: mean over seeds, "
+           "± the standard deviation across seeds; memory: the largest peak)")
+        + f"; linear warmup {args.warmup} steps then cosine "
         f"to {args.min_lr_ratio:g} x lr; weight decay {args.weight_decay:g}; no grad clipping",
         f"- GaLore: rank {args.rank}, update_proj_gap {args.update_proj_gap}, scale "
         f"{args.scale:g}, on attention and MLP matrices (`param_groups(target_modules="
@@ -459,6 +555,19 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float) -> st
         "start, warm-up, evaluations included). activations+other = peak above baseline − "
         "weights − grads − opt state (allocator caches included).",
     ]
+    seeded = [r for r in results if "val_ppl_seeds" in r]
+    if seeded:
+        lines += ["", "Validation perplexity per seed:", "",
+                  "| method | " + " | ".join(f"seed {s}" for s in args.seed_list) + " | mean |",
+                  "|---|" + "---|" * (len(args.seed_list) + 1)]
+        lines += [f"| {r['method']} | " + " | ".join(f"{v:.3f}" for v in r["val_ppl_seeds"])
+                  + f" | {r['val_ppl']:.3f} |" for r in seeded]
+    targets = target_table(results)
+    if targets:
+        lines += ["", "## Targets (issue #7)", "",
+                  "Perplexities and tokens/s are the means over the seeds above; the peak is "
+                  "above each process's baseline, so that libraries loaded before the model do "
+                  "not count.", "", targets]
     return "\n".join(lines) + "\n"
 
 
@@ -594,38 +703,41 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
         "shootout-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = []
+    runs = []
     print(f"shoot-out: {', '.join(args.method_list)} on {args.config}, {args.steps} steps x "
           f"{args.batch_size} x {args.seq_len}, device {args.device} -> {out}", file=sys.stderr)
     if args.in_process:
         corpus = C.load_corpus(args.data, args.val_fraction)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.method_list:
-            t = time.perf_counter()
-            if not args.in_process:
-                results.append(_run_subprocess(name, args, Path(tmp)))
-            else:
-                try:
-                    results.append(run_method(name, args, corpus))
-                except Exception as e:
-                    import traceback
-                    traceback.print_exc()
-                    results.append(dict(method=name, error=f"{type(e).__name__}: {e}"))
-                gc.collect()
-            results[-1]["wall_s"] = time.perf_counter() - t
+            for seed in args.seed_list:
+                run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+                t = time.perf_counter()
+                if not args.in_process:
+                    runs.append(_run_subprocess(name, run_args, Path(tmp)))
+                else:
+                    try:
+                        runs.append(run_method(name, run_args, corpus))
+                    except Exception as e:
+                        import traceback
+                        traceback.print_exc()
+                        runs.append(dict(method=name, error=f"{type(e).__name__}: {e}"))
+                    gc.collect()
+                runs[-1].update(seed=seed, wall_s=time.perf_counter() - t)
+    results = aggregate(runs)
     wall = time.perf_counter() - t0
     report = make_report(results, args, argv, wall)
     files = {"table": out / "results.md", "json": out / "results.json"}
     files["table"].write_text(report)
     files["json"].write_text(json.dumps(dict(
         argv=argv, args={k: v for k, v in vars(args).items()}, wall_s=wall,
-        results=results), indent=1))
+        results=results, runs=runs), indent=1))
     if not args.no_plot and make_plot(results, args, out / "shootout.png"):
         files["plot"] = out / "shootout.png"
     print("\n" + report)
     for k, v in files.items():
         print(f"{k}: {v}")
-    return dict(results=results, table=report, out=out, files=files, wall_s=wall)
+    return dict(results=results, runs=runs, table=report, out=out, files=files, wall_s=wall)
 
 
 if __name__ == "__main__":

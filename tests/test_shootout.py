@@ -88,3 +88,47 @@ def test_corpus_from_data_path(tmp_path):
     assert "split by position" in corpus.name
     default = common.load_corpus()                             # stdlib, split by file
     assert default.n_train_files > 10 * default.n_val_files > 0
+
+
+def test_seeds_are_averaged(tmp_path):
+    out = shootout.main(MICRO + ["--methods", "adamw,galore", "--seeds", "0,1", "--in-process",
+                                 "--no-plot", "--out", str(tmp_path)])
+    runs, results = out["runs"], {r["method"]: r for r in out["results"]}
+    assert [(r["method"], r["seed"]) for r in runs] == [
+        ("adamw", 0), ("adamw", 1), ("galore", 0), ("galore", 1)]
+    assert runs[0]["val_loss"] != runs[1]["val_loss"]          # the seed changes the run
+    for name, r in results.items():
+        mine = [x for x in runs if x["method"] == name]
+        assert r["val_ppl_seeds"] == [x["val_ppl"] for x in mine]
+        assert r["val_ppl"] == pytest.approx(sum(r["val_ppl_seeds"]) / 2)
+        assert r["curve"][-1][1] == pytest.approx(sum(x["val_loss"] for x in mine) / 2)
+        assert r["peak_b"] == max(x["peak_b"] for x in mine)
+    table = out["table"]
+    assert "seeds 0, 1" in table and "| seed 0 | seed 1 | mean |" in table
+    assert "galore validation ppl ≤ 1.03× adamw's" in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["runs"]) == 4 and len(saved["results"]) == 2
+
+
+def test_bad_seeds_are_an_error():
+    with pytest.raises(SystemExit, match="--seeds"):
+        shootout.main(MICRO + ["--methods", "adamw", "--seeds", "0,0"])
+    with pytest.raises(SystemExit, match="--seeds"):
+        shootout.main(MICRO + ["--methods", "adamw", "--seeds", "a"])
+
+
+def test_targets_table():
+    def row(name, ppl, peak, tps=100.0):
+        return dict(method=name, val_ppl=ppl, peak_above_b=peak, tokens_per_s=tps, error=None)
+    results = [row("adamw", 4.0, 100), row("galore", 4.1, 90, 95),
+               row("qgalore_per_layer", 4.2, 80), row("loqt", 4.2, 120)]
+    table = shootout.target_table(results)
+    lines = {l.split(" | ")[0][2:]: l for l in table.splitlines()[2:]}
+    assert lines["galore validation ppl ≤ 1.03× adamw's"].endswith("| yes |")
+    assert lines["loqt validation ppl ≤ 1× galore's"].endswith("| **no** |")
+    assert lines["peak memory above baseline of every low-rank method < adamw's"].endswith(
+        "| **no** |")                                           # loqt's 120 > 100
+    assert lines["qgalore_per_layer has the lowest peak memory above baseline"].endswith("| yes |")
+    assert lines["galore tokens/s ≥ 0.9× adamw's"].endswith("| yes |")
+    assert not any("qgalore validation" in l for l in lines)     # no plain qgalore run
+    assert shootout.target_table([row("adamw8bit", 4.0, 1)]) == ""
