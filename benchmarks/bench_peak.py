@@ -71,7 +71,6 @@ Command lines (from the repository root):
     python benchmarks/bench_peak.py --methods qgalore             # the Q-GaLore issue case only
     python benchmarks/bench_peak.py --configs llama_1b --methods qgalore,loqt8bit --seq 256
     python benchmarks/bench_peak.py --cases qgalore:llama_7b:256:ckpt --merge   # add a row to peak.md (75 min)
-    python benchmarks/bench_peak.py --cases qgalore:llama_7b:256:ckpt --chunk-8bit 4194304 --merge
     python benchmarks/bench_peak.py --one qgalore:llama_60m:256   # one measurement (what the parent runs)
 """
 from __future__ import annotations
@@ -100,7 +99,6 @@ threads = 1               # torch threads (1 measured faster than 2 on this shar
 svd = "randomized"
 svd_niter = 0             # power iterations of the randomized SVD (package default: 2)
 ec_iters = 1              # LoQT error-compensation rounds at a merge (package default: 5)
-chunk_8bit = 0            # 0: the package as shipped; N: 8-bit Adam in slices of N elements
 batch = 1
 vocab = 32000
 seed = 0
@@ -226,39 +224,6 @@ def peak() -> int:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def chunk_adam8bit(chunk: int) -> None:
-    """Benchmark-side stand-in for a suggested package fix (see the results file): run
-    ``lowrank_optim.functional.adam8bit_`` over slices of at most ``chunk`` elements
-    (whole 256-element blocks, so the result is bitwise the same). bitsandbytes' CPU kernel
-    dequantizes both moments of the whole tensor to float32 and makes float32 copies of the
-    gradient and the update (about 30 bytes per element at once); for the embedding and the
-    head of a 7B model (131M elements each) that is about 4 GB, only transiently."""
-    import torch
-    import lowrank_optim as lo
-    F = lo.functional
-    orig = F.adam8bit_
-    chunk = max(F.BLOCK_8BIT, chunk - chunk % F.BLOCK_8BIT)
-
-    def adam8bit_(g, state, step, beta1, beta2, eps):
-        n = g.numel()
-        if n <= chunk:
-            return orig(g, state, step, beta1, beta2, eps)
-        out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-        flat_g, flat_out = g.reshape(-1), out.view(-1)
-        codes = {k: state[f"{k}_codes"].view(-1) for k in ("exp_avg", "exp_avg_sq")}
-        absmax = {k: state[f"{k}_absmax"] for k in ("exp_avg", "exp_avg_sq")}
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            sub = {}
-            for k in ("exp_avg", "exp_avg_sq"):
-                sub[f"{k}_codes"] = codes[k][s:e]
-                sub[f"{k}_absmax"] = absmax[k][s // F.BLOCK_8BIT: -(-e // F.BLOCK_8BIT)]
-            flat_out[s:e] = orig(flat_g[s:e], sub, step, beta1, beta2, eps)
-        return out
-
-    F.adam8bit_ = adam8bit_
 
 
 class UpdateMeter:
@@ -422,13 +387,8 @@ def state_breakdown(opt) -> dict:
     return dict(total=total, basis=basis)
 
 
-def row_key(case: Case, a) -> str:
-    return case.key + (f":chunk{a.chunk_8bit}" if a.chunk_8bit else "")
-
-
 def mode(r: dict) -> str:
-    m = "per-layer" if METHODS[r["method"]].per_layer else "opt.step()"
-    return m + (" + chunked 8-bit update" if r.get("chunk_8bit") else "")
+    return "per-layer" if METHODS[r["method"]].per_layer else "opt.step()"
 
 
 def run_one(case: Case, a) -> dict:
@@ -440,8 +400,6 @@ def run_one(case: Case, a) -> dict:
     method = METHODS[case.method]
     rank = a.rank or RANKS.get(case.config, 128)
     counter = SVDCounter(a.svd_niter)
-    if a.chunk_8bit:
-        chunk_adam8bit(a.chunk_8bit)
     meter = UpdateMeter()
     trim()
     runtime = rss()
@@ -461,14 +419,14 @@ def run_one(case: Case, a) -> dict:
     results = []
 
     def result() -> dict:
-        return dict(case=asdict(case), key=row_key(case, a), method=case.method, rank=rank,
+        return dict(case=asdict(case), key=case.key, method=case.method, rank=rank,
                     per_layer=method.per_layer, description=method.description,
                     n_params=n_params, runtime=runtime, build_peak=build_peak, build_s=build_s,
                     weights=weights, state=state_breakdown(opt),
                     grads=C.grad_bytes(model, method.per_layer), steps=results,
                     peak=max([build_peak] + [r["peak"] for r in results]),
                     peak_reset=can_reset, threads=a.threads, svd=a.svd, svd_niter=a.svd_niter,
-                    ec_iters=a.ec_iters, batch=a.batch, vocab=a.vocab, chunk_8bit=a.chunk_8bit)
+                    ec_iters=a.ec_iters, batch=a.batch, vocab=a.vocab)
     for i in range(a.steps):
         idx = torch.randint(0, cfg.vocab_size, (a.batch, case.seq + 1), generator=gen)
         x, y = idx[:, :-1], idx[:, 1:]
@@ -617,8 +575,8 @@ def run_case(case: Case, a, argv_common: list) -> dict:
     if stop or proc.returncode != 0 or not lines:
         why = stop or f"exit code {proc.returncode}"
         log(f"{case.key}: NOT MEASURED ({why}); max RSS seen {max_seen / GB:.2f} GB")
-        return dict(case=asdict(case), key=row_key(case, a), method=case.method, error=why,
-                    max_rss_seen=max_seen, wall=wall, chunk_8bit=a.chunk_8bit)
+        return dict(case=asdict(case), key=case.key, method=case.method, error=why,
+                    max_rss_seen=max_seen, wall=wall)
     res = json.loads(lines[-1][len("RESULT "):])
     res["max_rss_seen"], res["wall"] = max_seen, wall
     return res
@@ -742,10 +700,10 @@ def render(rows: list, meta: dict) -> str:
         "forms the denominator in float32; `lowrank_optim.functional.adam8bit_` adds a "
         "float32 copy of the gradient and a float32 direction of the full size. On a GPU the "
         "fused kernel updates in place (only the package's 8 bytes per element remain). "
-        "Processing the tensor in slices of whole 256-element blocks gives bitwise the same "
-        "result with a transient of one slice: `--chunk-8bit N` applies that in the "
-        "benchmark (rows marked *chunked 8-bit update*), standing in for the suggested fix "
-        "in `adam8bit_`.")
+        "Since commit ffbfce9 `adam8bit_` calls the kernel on slices of 2^22 elements (whole "
+        "256-element blocks: bitwise the same result), so the transient is that of one "
+        "slice; rows measured before it (dated before 2026-11-22T15:50, with no `git` in "
+        "their JSON) show the whole-tensor transient.")
     add("- *Time-only settings*: the randomized SVD's power iterations and LoQT's error-"
         "compensation rounds change no tensor that is kept; the peak moves by at most a few "
         "float32 `m × (rank + 8)` / `m × n` temporaries of one layer.")
@@ -831,10 +789,6 @@ def parse_args(argv=None):
     p.add_argument("--svd-niter", type=int, default=svd_niter,
                    help="power iterations of the randomized SVD (-1: the package's default)")
     p.add_argument("--ec-iters", type=int, default=ec_iters)
-    p.add_argument("--chunk-8bit", type=int, default=chunk_8bit,
-                   help="run the 8-bit Adam update in slices of this many elements (a "
-                        "benchmark-side patch standing in for a suggested package fix; 0: the "
-                        "package as shipped)")
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--vocab", type=int, default=vocab)
     p.add_argument("--seed", type=int, default=seed)
@@ -868,7 +822,6 @@ def main(argv=None) -> int:
     argv_common = ["--threads", str(a.threads), "--steps", str(a.steps), "--svd", a.svd,
                    "--svd-niter", str(-1 if a.svd_niter is None else a.svd_niter),
                    "--ec-iters", str(a.ec_iters), "--batch", str(a.batch),
-                   "--chunk-8bit", str(a.chunk_8bit),
                    "--vocab", str(a.vocab), "--seed", str(a.seed)]
     if a.rank:
         argv_common += ["--rank", str(a.rank)]
@@ -931,15 +884,18 @@ def main(argv=None) -> int:
     jobs = a.jobs or (2 if max(bounds, default=0) < SMALL_BOUND else 1)
 
     def one(i: int) -> dict:
+        import common as C
+
         case = chosen[i]
         if a.estimate_only:
-            row = dict(case=asdict(case), key=row_key(case, a), method=case.method,
+            row = dict(case=asdict(case), key=case.key, method=case.method,
                        error=f"not run: {a.estimate_only}", estimate_only=True,
-                       max_rss_seen=None, chunk_8bit=a.chunk_8bit)
+                       max_rss_seen=None)
         else:
             row = run_case(case, a, argv_common)
         row["estimate"], row["command"] = ests[i], command
         row["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        row["git"] = C.git_rev()
         return row
 
     if jobs > 1 and len(chosen) > 1:
