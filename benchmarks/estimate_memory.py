@@ -56,7 +56,13 @@ METHODS = {
     "qgalore_per_layer": ("QGaLoreAdamW8bit", True),
     "loqt": ("LoQTAdamW", False),
     "loqt8bit_per_layer": ("LoQTAdamW8bit", True),
+    # the shoot-out's other method names, so that it can compare its peaks with this count
+    "galore8bit": ("GaLoreAdamW8bit", False),
+    "galore_per_layer": ("GaLoreAdamW", True),
+    "qgalore": ("QGaLoreAdamW8bit", False),
 }
+DEFAULT_METHODS = ("adamw,adamw8bit,galore,galore8bit_per_layer,qgalore_per_layer,loqt,"
+                   "loqt8bit_per_layer")
 
 
 def grad_bytes(method: str, per_layer: bool, cfg, rank: int, esize: int) -> int:
@@ -178,7 +184,7 @@ def check(name: str, cfg, rank: int, dt, batch: int, seq: int,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default=CONFIGS)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"from {', '.join(METHODS)}")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=32000)

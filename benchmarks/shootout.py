@@ -386,6 +386,25 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def add_estimates(results: list[dict], args: argparse.Namespace) -> None:
+    """Set ``estimate_b`` of each result: ``estimate_memory.py``'s count for this run's
+    model, method, rank, batch and dtype (weights + gradients + optimizer state + bytes
+    saved for backward, counted on the meta device; no runtime, temporaries or allocator
+    slack), or None for a method it does not model."""
+    import estimate_memory as E
+    cfg = C.get_config(args.config, vocab_size=args.vocab_size,
+                       seq_len=max(args.seq_len, C.get_config(args.config).seq_len))
+    dt = getattr(torch, args.dtype)
+    acts = None
+    for r in results:
+        r["estimate_b"] = None
+        if r.get("error") or r["method"] not in E.METHODS:
+            continue
+        if acts is None:
+            acts = E.activation_bytes(cfg, args.batch_size, args.seq_len, dt, False)
+        r["estimate_b"] = sum(E.estimate(r["method"], cfg, args.rank, dt, acts).values())
+
+
 # the issue's targets for the main job (#7): (description, check(results by method) ->
 # (measured text, met) or None when a method it needs was not run)
 def _ppl_target(name, ref, limit):
@@ -415,6 +434,15 @@ def _qgalore_per_layer_lowest(by):
             f"{by[name]['peak_above_b'] / 2 ** 20:.1f} MiB"), low == name
 
 
+def _estimate_agrees(by):
+    q = {n: r["peak_above_b"] / r["estimate_b"] for n, r in by.items()
+         if r.get("estimate_b") and r.get("peak_above_b") is not None}
+    if not q:
+        return None
+    return ", ".join(f"{n} {v:.2f}×" for n, v in q.items()), all(
+        abs(v - 1) <= 0.1 for v in q.values())
+
+
 def _galore_speed(by):
     if "galore" not in by or "adamw" not in by or not by["adamw"].get("tokens_per_s"):
         return None
@@ -428,6 +456,7 @@ TARGETS = [
     _ppl_target("loqt", "galore", 1.0),
     ("peak memory above baseline of every low-rank method < adamw's", _peak_below_adamw),
     ("qgalore_per_layer has the lowest peak memory above baseline", _qgalore_per_layer_lowest),
+    ("peak memory above baseline within 10% of estimate_memory.py's count", _estimate_agrees),
     ("galore tokens/s ≥ 0.9× adamw's", _galore_speed),
 ]
 
@@ -480,8 +509,9 @@ def make_table(results: list[dict]) -> str:
             f"{_num(r['bwd_step_ms'], '.1f')} | {_num(r.get('wall_s'), '.0f')} |")
     rows += ["", "| method | weights MiB | grads MiB | opt state MiB | activations+other MiB | "
              "peak above baseline MiB | peak MiB | state vs " + rname + " | weights+grads+state vs "
-             + rname + " | peak above baseline vs " + rname + " |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             + rname + " | peak above baseline vs " + rname + " | estimate MiB | peak above "
+             "baseline / estimate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ok:
         wgs = r["weights_b"] + r["grads_b"] + r["state_b"]
         rwgs = ref["weights_b"] + ref["grads_b"] + ref["state_b"]
@@ -490,7 +520,8 @@ def make_table(results: list[dict]) -> str:
             f"{_mib(r['grads_b'])} | {_mib(r['state_b'])} | {_mib(r['act_other_b'])} | "
             f"{_mib(r['peak_above_b'])} | {_mib(r['peak_b'])} | "
             f"{_ratio(r['state_b'], ref['state_b'])} | {_ratio(wgs, rwgs)} | "
-            f"{_ratio(r['peak_above_b'], ref['peak_above_b'])} |")
+            f"{_ratio(r['peak_above_b'], ref['peak_above_b'])} | "
+            f"{_mib(r.get('estimate_b'))} | {_ratio(r['peak_above_b'], r.get('estimate_b'))} |")
     return "\n".join(rows)
 
 
@@ -553,7 +584,10 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float) -> st
         "Times are means over steps 2..N (step 1, with lazy state and the first SVDs, is "
         "excluded); tokens/s excludes evaluation; run s is the method's whole run (process "
         "start, warm-up, evaluations included). activations+other = peak above baseline − "
-        "weights − grads − opt state (allocator caches included).",
+        "weights − grads − opt state (allocator caches included). estimate: "
+        "`benchmarks/estimate_memory.py`'s count for this model, method, rank, batch and "
+        "dtype (weights + grads + optimizer state + the bytes autograd saves for backward; "
+        "no runtime, temporaries or allocator slack).",
     ]
     seeded = [r for r in results if "val_ppl_seeds" in r]
     if seeded:
@@ -725,6 +759,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
                     gc.collect()
                 runs[-1].update(seed=seed, wall_s=time.perf_counter() - t)
     results = aggregate(runs)
+    add_estimates(results, args)
     wall = time.perf_counter() - t0
     report = make_report(results, args, argv, wall)
     files = {"table": out / "results.md", "json": out / "results.json"}
@@ -737,7 +772,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
     print("\n" + report)
     for k, v in files.items():
         print(f"{k}: {v}")
-    return dict(results=results, runs=runs, table=report, out=out, files=files, wall_s=wall)
+    return dict(results=results, runs=runs, table=report, out=out, files=files, wall_s=wall,
+                args=args)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,18 @@ def test_in_process_table_and_files(tmp_path):
     # per-layer stepping is the same arithmetic as normal stepping
     assert hooks["val_loss"] == pytest.approx(galore["val_loss"], abs=1e-5)
 
+    # the estimator's closed forms give exactly the bytes this run measured
+    # (plus the rotary table, resident but not in the state_dict the run counts)
+    import bench_memory
+    import estimate_memory
+    cfg = common.get_config("micro", seq_len=max(32, common.get_config("micro").seq_len))
+    acts = estimate_memory.activation_bytes(cfg, 2, 32, torch.float32, False)
+    for name, r in results.items():
+        est = estimate_memory.estimate(name, cfg, out["args"].rank, torch.float32, acts)
+        assert (est["weights"], est["grads"], est["state"]) == (
+            r["weights_b"] + bench_memory.rope_bytes(cfg, 4), r["grads_b"], r["state_b"]), name
+        assert r["estimate_b"] == sum(est.values())
+
     assert torch.get_num_threads() == threads                  # --threads is undone
     table = out["table"]
     for name in ("adamw", "galore", "galore_per_layer ¹"):
@@ -132,3 +144,24 @@ def test_targets_table():
     assert lines["galore tokens/s ≥ 0.9× adamw's"].endswith("| yes |")
     assert not any("qgalore validation" in l for l in lines)     # no plain qgalore run
     assert shootout.target_table([row("adamw8bit", 4.0, 1)]) == ""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="needs bitsandbytes")
+def test_quantized_methods_match_the_estimator(tmp_path):
+    import bench_memory
+    import estimate_memory
+    out = shootout.main(MICRO + ["--steps", "2", "--methods", "qgalore,qgalore_per_layer,loqt",
+                                 "--in-process", "--no-plot", "--out", str(tmp_path)])
+    cfg = common.get_config("micro", seq_len=max(32, common.get_config("micro").seq_len))
+    acts = estimate_memory.activation_bytes(cfg, 2, 32, torch.float32, False)
+    for r in out["results"]:
+        assert r["error"] is None, r["error"]
+        est = estimate_memory.estimate(r["method"], cfg, out["args"].rank, torch.float32, acts)
+        assert (est["weights"], est["grads"], est["state"]) == (
+            r["weights_b"] + bench_memory.rope_bytes(cfg, 4), r["grads_b"], r["state_b"]), \
+            r["method"]
+    by = {r["method"]: r for r in out["results"]}
+    assert by["qgalore_per_layer"]["grads_b"] < by["qgalore"]["grads_b"]
+    assert by["qgalore_per_layer"]["val_loss"] == pytest.approx(by["qgalore"]["val_loss"],
+                                                                abs=1e-5)
