@@ -124,6 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the methods in this process (peak memory then only indicative)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report-from", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: write the table and plot again from a results.json "
+                        "of an earlier run (into --out, default that file's folder)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.eval_batches < 1:
@@ -553,7 +556,10 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float) -> st
         "# Optimizer shoot-out", "",
         f"- command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/shootout.py'] + argv)}`",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; total wall time "
-        f"{wall_s:.0f} s",
+        f"{wall_s:.0f} s"
+        + (f" (this report written again from `{args.rendered_from}` with `--report-from`: "
+           "the date and git revision are the report's, the measurements the run's)"
+           if getattr(args, "rendered_from", None) else ""),
         f"- versions: {_versions()}",
         f"- device: {ok[0]['device_name'] if ok else args.device}; parameters {args.dtype}",
         f"- corpus: {corpus} (byte tokens)",
@@ -727,6 +733,8 @@ def main(argv=None) -> dict:
     try:
         if args._worker:
             raise SystemExit(_worker(args._worker))
+        if args.report_from:
+            return _report_from(Path(args.report_from), args.out, args.no_plot)
         return _main(resolve(args), argv)
     finally:
         torch.set_num_threads(threads)
@@ -758,9 +766,26 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
                         runs.append(dict(method=name, error=f"{type(e).__name__}: {e}"))
                     gc.collect()
                 runs[-1].update(seed=seed, wall_s=time.perf_counter() - t)
+    return _write(runs, args, argv, time.perf_counter() - t0, out)
+
+
+def _report_from(path: Path, out: str | None, no_plot: bool) -> dict:
+    saved = json.loads(path.read_text())
+    args = argparse.Namespace(**saved["args"])
+    args.no_plot, args.rendered_from = no_plot, str(path)
+    if not hasattr(args, "seed_list"):  # written before --seeds existed
+        args.seed_list = [args.seed]
+    runs = saved.get("runs") or [dict(r, seed=args.seed) for r in saved["results"]]
+    out = Path(out) if out else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    return _write(runs, args, saved["argv"], saved["wall_s"], out)
+
+
+def _write(runs: list[dict], args: argparse.Namespace, argv: list[str], wall: float,
+           out: Path) -> dict:
+    """Aggregate the runs over seeds, then write results.md, results.json and the plot."""
     results = aggregate(runs)
     add_estimates(results, args)
-    wall = time.perf_counter() - t0
     report = make_report(results, args, argv, wall)
     files = {"table": out / "results.md", "json": out / "results.json"}
     files["table"].write_text(report)

@@ -165,3 +165,14 @@ def test_quantized_methods_match_the_estimator(tmp_path):
     assert by["qgalore_per_layer"]["grads_b"] < by["qgalore"]["grads_b"]
     assert by["qgalore_per_layer"]["val_loss"] == pytest.approx(by["qgalore"]["val_loss"],
                                                                 abs=1e-5)
+
+
+def test_report_from_saved_json(tmp_path):
+    first = shootout.main(MICRO + ["--steps", "2", "--methods", "adamw", "--in-process",
+                                   "--no-plot", "--out", str(tmp_path / "a")])
+    again = shootout.main(["--report-from", str(tmp_path / "a" / "results.json"), "--no-plot",
+                           "--out", str(tmp_path / "b")])
+    assert again["results"][0]["val_loss"] == first["results"][0]["val_loss"]
+    strip = lambda t: [l for l in t.splitlines() if not l.startswith(("- date", "- versions"))]
+    assert strip(again["table"]) == strip(first["table"])
+    assert "--report-from" in again["table"]
