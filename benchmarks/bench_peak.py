@@ -700,8 +700,8 @@ def render(rows: list, meta: dict) -> str:
         "forms the denominator in float32; `lowrank_optim.functional.adam8bit_` adds a "
         "float32 copy of the gradient and a float32 direction of the full size. On a GPU the "
         "fused kernel updates in place (only the package's 8 bytes per element remain). "
-        "Since commit ffbfce9 `adam8bit_` calls the kernel on slices of 2^22 elements (whole "
-        "256-element blocks: bitwise the same result), so the transient is that of one "
+        "Since commit ffbfce9 `adam8bit_` calls the kernel on slices of 2^22 elements, 2^20 "
+        "since 2026-11-22T17:00 (whole 256-element blocks: bitwise the same result), so the transient is that of one "
         "slice; rows measured before it (dated before 2026-11-22T15:50, with no `git` in "
         "their JSON) show the whole-tensor transient.")
     add("- *Time-only settings*: the randomized SVD's power iterations and LoQT's error-"
