@@ -40,9 +40,10 @@ def adam_(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: floa
     bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
     if hf_eps:
         return (exp_avg / (exp_avg_sq.sqrt() + eps)).mul_(math.sqrt(bc2) / bc1).float()
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
-    # the quotient in float32, as torch's addcdiv computes it for low-precision moments
-    return (exp_avg.float() / denom.float()).div_(bc1)
+    # the quotient in float32, as torch's addcdiv computes it for low-precision moments,
+    # written over the denominator: one full-size temporary (the direction)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps).float()
+    return torch.div(exp_avg.float(), denom, out=denom).div_(bc1)
 
 
 _QMAPS: dict = {}
