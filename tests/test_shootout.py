@@ -130,8 +130,9 @@ def test_bad_seeds_are_an_error():
 
 
 def test_targets_table():
-    def row(name, ppl, peak, tps=100.0):
-        return dict(method=name, val_ppl=ppl, peak_above_b=peak, tokens_per_s=tps, error=None)
+    def row(name, ppl, peak, tps=100.0, seeds=(0, 1, 2)):
+        return dict(method=name, val_ppl=ppl, peak_above_b=peak, tokens_per_s=tps, error=None,
+                    seeds=list(seeds))
     results = [row("adamw", 4.0, 100), row("galore", 4.1, 90, 95),
                row("qgalore_per_layer", 4.2, 80), row("loqt", 4.2, 120)]
     table = shootout.target_table(results)
@@ -144,6 +145,10 @@ def test_targets_table():
     assert lines["galore tokens/s ≥ 0.9× adamw's"].endswith("| yes |")
     assert not any("qgalore validation" in l for l in lines)     # no plain qgalore run
     assert shootout.target_table([row("adamw8bit", 4.0, 1)]) == ""
+    # one seed: the perplexity targets (on the mean of 3 seeds) are shown, not decided
+    one = shootout.target_table([row("adamw", 4.0, 100, seeds=[0]), row("galore", 4.1, 90)])
+    line = next(l for l in one.splitlines() if l.startswith("| galore validation"))
+    assert "1 seed(s)" in line and line.endswith("| – |")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
