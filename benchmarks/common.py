@@ -387,6 +387,15 @@ def _galore(model, a):
                                           weight_decay=a.weight_decay))
 
 
+@register("galore_nostagger", lr=2e-2, default=False,
+          description="GaLoreAdamW with stagger=False (every matrix refreshes at 0, T, 2T, ... "
+                      "as in the reference)")
+def _galore_nostagger(model, a):
+    import lowrank_optim as lo
+    return Prepared(model, lo.GaLoreAdamW(_galore_groups(model, a), lr=a.lr, betas=a.betas,
+                                          weight_decay=a.weight_decay, stagger=False))
+
+
 @register("galore8bit", lr=2e-2, description="lowrank_optim.GaLoreAdamW8bit (8-bit moments)",
           requires=("bitsandbytes",))
 def _galore8bit(model, a):
@@ -447,6 +456,16 @@ def _loqt(model, a):
     # not GaLore's update_proj_gap: on the shoot-out's defaults (seed 0) the first gap 100
     # gave val ppl 3.973 and 200 gave 4.026; lr 1e-2 / 2e-2 / 4e-2 (gap 200) gave 4.109 /
     # 4.026 / 4.090
+    return Prepared(model, lo.LoQTAdamW(model.parameters(), lr=a.lr, betas=a.betas,
+                                        weight_decay=a.weight_decay))
+
+
+@register("loqt_nq", lr=2e-2, default=False,
+          description="LoQTAdamW without quantization (float W and P: LoQT-nq)")
+def _loqt_nq(model, a):
+    import lowrank_optim as lo
+    model = lo.prepare_loqt(model, rank=a.rank, bits=None, proj_bits=None,
+                            target_modules=a.target_modules, scale=a.scale)
     return Prepared(model, lo.LoQTAdamW(model.parameters(), lr=a.lr, betas=a.betas,
                                         weight_decay=a.weight_decay))
 
