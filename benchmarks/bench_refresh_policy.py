@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+for _p in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
+    if str(_p) not in sys.path:  # run from a checkout without installing the package
+        sys.path.insert(0, str(_p))
 import common  # noqa: E402
 
 import lowrank_optim as lo  # noqa: E402
