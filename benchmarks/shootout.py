@@ -237,12 +237,18 @@ def _warm_up(method: C.Method, args: argparse.Namespace, device: torch.device) -
     C.release_memory(device)
 
 
+def model_config(args: argparse.Namespace) -> C.ModelConfig:
+    """The run's model: ``args.config`` with its vocabulary, and a rotary table long enough
+    for ``--seq-len``."""
+    return C.get_config(args.config, vocab_size=args.vocab_size,
+                        seq_len=max(args.seq_len, C.get_config(args.config).seq_len))
+
+
 def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = None) -> dict:
     """Train ``args.config`` with method ``name``; return the measurements as a dict."""
     device = torch.device(args.device)
     corpus = corpus if corpus is not None else C.load_corpus(args.data, args.val_fraction)
-    cfg = C.get_config(args.config, vocab_size=args.vocab_size,
-                       seq_len=max(args.seq_len, C.get_config(args.config).seq_len))
+    cfg = model_config(args)
     method = C.METHODS[name]
     _warm_up(method, args, device)
     meter = C.MemoryMeter(device)
@@ -375,10 +381,12 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == name]
         bad = next((r for r in rs if r.get("error")), None)
-        if len(rs) == 1 or bad:
-            rows.append(rs[0] if not bad or len(rs) == 1 else dict(
-                method=name, seeds=[r["seed"] for r in rs],
-                error=f"seed {bad['seed']}: {bad['error']}"))
+        if len(rs) == 1:
+            rows.append(rs[0])
+            continue
+        if bad:
+            rows.append(dict(method=name, seeds=[r["seed"] for r in rs],
+                             error=f"seed {bad['seed']}: {bad['error']}"))
             continue
         row = dict(rs[0], seeds=[r["seed"] for r in rs],
                    val_ppl_seeds=[r["val_ppl"] for r in rs],
@@ -406,8 +414,7 @@ def add_estimates(results: list[dict], args: argparse.Namespace) -> None:
     saved for backward, counted on the meta device; no runtime, temporaries or allocator
     slack), or None for a method it does not model."""
     import estimate_memory as E
-    cfg = C.get_config(args.config, vocab_size=args.vocab_size,
-                       seq_len=max(args.seq_len, C.get_config(args.config).seq_len))
+    cfg = model_config(args)
     dt = getattr(torch, args.dtype)
     acts = None
     for r in results:

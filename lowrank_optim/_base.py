@@ -177,10 +177,10 @@ class LowRankOptimizer(Optimizer):
         An integer-coded weight is dequantized (this layer only), updated in float32 and
         requantized with fresh per-group ranges, by stochastic rounding when the group's
         ``stochastic_round`` is true (the default), so updates smaller than one
-        quantization step survive on average (Q-GaLore); its gradient is then freed. The
-        rounding noise comes from a generator seeded by the group's ``seed``, the
-        parameter's index and its step, so a resumed run draws the same noise as an
-        uninterrupted one.
+        quantization step survive on average (Q-GaLore); ``step_param`` has freed its
+        float gradient before this. The rounding noise comes from a generator seeded by
+        the group's ``seed``, the parameter's index and its step, so a resumed run draws
+        the same noise as an uninterrupted one.
         """
         if not qnn.is_quantized(p):
             return self._update_(p, d, group, state, proj)

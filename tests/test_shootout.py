@@ -44,7 +44,7 @@ def test_in_process_table_and_files(tmp_path):
     # (plus the rotary table, resident but not in the state_dict the run counts)
     import bench_memory
     import estimate_memory
-    cfg = common.get_config("micro", seq_len=max(32, common.get_config("micro").seq_len))
+    cfg = shootout.model_config(out["args"])
     acts = estimate_memory.activation_bytes(cfg, 2, 32, torch.float32, False)
     for name, r in results.items():
         est = estimate_memory.estimate(name, cfg, out["args"].rank, torch.float32, acts)
@@ -158,7 +158,7 @@ def test_quantized_methods_match_the_estimator(tmp_path):
     import estimate_memory
     out = shootout.main(MICRO + ["--steps", "2", "--methods", "qgalore,qgalore_per_layer,loqt",
                                  "--in-process", "--no-plot", "--out", str(tmp_path)])
-    cfg = common.get_config("micro", seq_len=max(32, common.get_config("micro").seq_len))
+    cfg = shootout.model_config(out["args"])
     acts = estimate_memory.activation_bytes(cfg, 2, 32, torch.float32, False)
     for r in out["results"]:
         assert r["error"] is None, r["error"]
