@@ -10,6 +10,9 @@ those in full space.
   :math:`d = \hat m / (\sqrt{\hat v} + \epsilon)`; with ``hf_eps=True`` (the GaLore
   reference, from HF transformers' AdamW): :math:`d = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
   \cdot m / (\sqrt{v} + \epsilon)`, i.e. :math:`\epsilon` enters before bias correction.
+  For contiguous float32 CPU tensors the ``hf_eps`` form is one call of torch's fused
+  Adam kernel instead of seven elementwise passes (same values up to float32 rounding;
+  ``benchmarks/bench_step.py`` measures the step).
 * :func:`adam8bit_` — the same Adam with both moments stored as 8-bit blockwise
   dynamic codes (blocks of 256, one float32 absmax per block), through
   ``bitsandbytes.functional.optimizer_update_8bit_blockwise`` (CPU and GPU).
@@ -34,16 +37,47 @@ BLOCK_8BIT = 256
 def adam_(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float,
           beta2: float, eps: float, hf_eps: bool = False) -> Tensor:
     """Update ``exp_avg``/``exp_avg_sq`` with ``g`` (step ``step`` >= 1); return the direction."""
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    if hf_eps and _fusable(g, exp_avg, exp_avg_sq):
+        # one pass of torch's fused Adam kernel instead of seven elementwise ones.
+        # HF's eps placement is torch's with eps / sqrt(bc2):
+        #   sqrt(bc2)/bc1 * m / (sqrt(v) + eps) = m̂ / (sqrt(v̂) + eps / sqrt(bc2)),
+        # and the kernel's parameter update, p -= lr * that, with p = 0 and lr = -1,
+        # leaves the direction in p.
+        d = torch.zeros_like(exp_avg)
+        torch._fused_adam_([d], [g], [exp_avg], [exp_avg_sq], [], [_step_tensor(step)],
+                           lr=-1.0, beta1=beta1, beta2=beta2, weight_decay=0.0,
+                           eps=eps / math.sqrt(bc2), amsgrad=False, maximize=False)
+        return d
     g = g.to(exp_avg.dtype)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
     if hf_eps:
         return (exp_avg / (exp_avg_sq.sqrt() + eps)).mul_(math.sqrt(bc2) / bc1).float()
     # the quotient in float32, as torch's addcdiv computes it for low-precision moments,
     # written over the denominator: one full-size temporary (the direction)
     denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps).float()
     return torch.div(exp_avg.float(), denom, out=denom).div_(bc1)
+
+
+def _fusable(*ts: Tensor) -> bool:
+    """Whether torch's fused Adam kernel takes these tensors: contiguous float32 on the CPU
+    (its CPU kernel walks raw memory, so a strided view would be read wrongly; the CPU is
+    where this path is measured and tested, elsewhere the elementwise path runs)."""
+    return _HAS_FUSED and all(t.dtype is torch.float32 and t.device.type == "cpu"
+                              and t.is_contiguous() for t in ts)
+
+
+_HAS_FUSED = hasattr(torch, "_fused_adam_")
+_STEP = (0, None)  # the last step number and its float tensor (the kernel only reads it)
+
+
+def _step_tensor(step: int) -> Tensor:
+    global _STEP
+    last = _STEP  # one read of an immutable pair: safe if another thread replaces it
+    if last[0] != step:
+        _STEP = last = (step, torch.tensor(float(step)))
+    return last[1]
 
 
 _QMAPS: dict = {}

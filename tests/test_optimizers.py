@@ -526,3 +526,32 @@ def test_adam8bit_in_slices_is_bitwise_the_whole_update(monkeypatch):
     (d1, s1), (d2, s2) = runs
     assert all(torch.equal(a, b) for a, b in zip(d1, d2))
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adam_hf_eps_direction_matches_formula(monkeypatch, fused):
+    """``adam_(hf_eps=True)`` (the projected matrices' Adam; on float32 CPU tensors one
+    call of torch's fused kernel with eps / sqrt(1 - b2^t)) equals HF's formula
+    sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), computed here in float64, on both
+    paths, for contiguous and strided gradients; small gradients so that eps matters."""
+    from lowrank_optim import functional as F
+
+    if not fused:
+        monkeypatch.setattr(F, "_fusable", lambda *ts: False)
+    elif not F._fusable(torch.zeros(1)):
+        pytest.skip("this torch has no fused Adam kernel")
+    gen = torch.Generator().manual_seed(0)
+    m, v = torch.zeros(40, 24), torch.zeros(40, 24)
+    m64, v64 = m.double(), v.double()
+    b1, b2, eps = 0.9, 0.99, 1e-6
+    for t in range(1, 6):
+        g = 1e-6 * torch.randn(24, 40, generator=gen)
+        g = g.T if t % 2 else g.T.contiguous()  # strided gradients must not reach the kernel
+        d = F.adam_(g, m, v, t, b1, b2, eps, hf_eps=True)
+        m64.mul_(b1).add_(g.double(), alpha=1 - b1)
+        v64.mul_(b2).addcmul_(g.double(), g.double(), value=1 - b2)
+        want = math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m64 / (v64.sqrt() + eps)
+        assert d.dtype == torch.float32 and d.shape == g.shape
+        for got, ref in ((d, want), (m, m64), (v, v64)):  # float32 rounding, scaled
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5,
+                                       atol=1e-6 * ref.abs().max().item())
