@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import functional as F
 from . import nn as qnn
 from .distributed import check_not_sharded
 from .projector import PROJ_TYPES, SVD_METHODS, Projector, overlap
@@ -205,7 +206,7 @@ class LowRankOptimizer(Optimizer):
         if wd:
             w.mul_(1 - lr * wd)
         if proj is None:
-            w.add_(d, alpha=-lr)  # float32 d: one rounding into a low-precision w
+            F.add_(w, d, alpha=-lr)  # float32 d: one rounding into a low-precision w
         else:
             proj.add_back_(state, w, d, alpha=-lr * group["scale"])
 

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["adam_", "adam8bit_", "adafactor_", "init_adam8bit", "BLOCK_8BIT"]
+__all__ = ["adam_", "adam8bit_", "adafactor_", "add_", "init_adam8bit", "BLOCK_8BIT"]
 
 BLOCK_8BIT = 256
 
@@ -54,10 +54,34 @@ def adam_(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: floa
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if hf_eps:
         return (exp_avg / (exp_avg_sq.sqrt() + eps)).mul_(math.sqrt(bc2) / bc1).float()
-    # the quotient in float32, as torch's addcdiv computes it for low-precision moments,
-    # written over the denominator: one full-size temporary (the direction)
-    denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps).float()
-    return torch.div(exp_avg.float(), denom, out=denom).div_(bc1)
+    if exp_avg.dtype == torch.float32:
+        # written over the denominator: one full-size temporary (the direction)
+        denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
+        return torch.div(exp_avg, denom, out=denom).div_(bc1)
+    # low-precision moments: the quotient in float32, as torch's addcdiv computes it, in
+    # slices (float32 copies of whole moments would add 8 bytes per element)
+    d = torch.empty(exp_avg.shape, dtype=torch.float32, device=exp_avg.device)
+    for m, v, out in zip(*(_slices(t) for t in (exp_avg, exp_avg_sq, d))):
+        denom = v.sqrt().div_(math.sqrt(bc2)).add_(eps).float()
+        torch.div(m.float(), denom, out=out).div_(bc1)
+    return d
+
+
+def add_(target: Tensor, update: Tensor, alpha: float) -> Tensor:
+    """``target += alpha * update`` in place. A low-precision ``target`` with a float32
+    ``update`` is added in slices: for a mixed-dtype in-place add torch materializes float32
+    copies of the whole target (8 bytes per element measured on CPU); the slices give the
+    same values (one rounding per element) with temporaries of one slice."""
+    if target.dtype == update.dtype or not target.is_contiguous():
+        return target.add_(update, alpha=alpha)
+    for t, u in zip(_slices(target), _slices(update.contiguous())):
+        t.add_(u, alpha=alpha)
+    return target
+
+
+def _slices(t: Tensor) -> tuple:
+    """Flat views of ``t`` (contiguous) in pieces of ``_CHUNK`` elements."""
+    return t.view(-1).split(_CHUNK)
 
 
 def _fusable(*ts: Tensor) -> bool:
@@ -123,9 +147,10 @@ def adam8bit_(g: Tensor, state: dict, step: int, beta1: float, beta2: float,
     return out.neg_()
 
 
-# elements per bitsandbytes call (a multiple of its 256-element blocks): the CPU transient
-# is ~30 bytes per element of one slice; 2^20 also ran faster than 2^22 or 2^18 (16M-element
-# embedding, one thread: 0.73 / 1.02 / 0.86 s per update)
+# elements per slice: per bitsandbytes call (a multiple of its 256-element blocks; the CPU
+# transient is ~30 bytes per element of one slice; 2^20 also ran faster than 2^22 or 2^18:
+# 16M-element embedding, one thread: 0.73 / 1.02 / 0.86 s per update), and per piece of a
+# low-precision tensor's float32 arithmetic (adam_, add_)
 _CHUNK = 1 << 20
 
 

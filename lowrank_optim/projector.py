@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import functional as F
 from . import quant
 
 __all__ = ["Projector", "LEFT", "RIGHT", "BOTH", "PROJ_TYPES", "SVD_METHODS", "choose_side",
@@ -244,7 +245,7 @@ class Projector:
             if left is not None:
                 return target.addmm_(left, low.float(), alpha=alpha)
             return target.addmm_(low.float(), right.T, alpha=alpha)
-        return target.add_(self.project_back(state, low, target), alpha=alpha)
+        return F.add_(target, self.project_back(state, low, target), alpha=alpha)
 
     def low_rank_shape(self, state: dict, shape) -> tuple[int, int]:
         """Shape of ``project``'s output for a parameter of ``shape``."""

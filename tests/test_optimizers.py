@@ -555,3 +555,30 @@ def test_adam_hf_eps_direction_matches_formula(monkeypatch, fused):
         for got, ref in ((d, want), (m, m64), (v, v64)):  # float32 rounding, scaled
             torch.testing.assert_close(got.double(), ref, rtol=1e-5,
                                        atol=1e-6 * ref.abs().max().item())
+
+
+def test_low_precision_plain_update_in_slices_is_bitwise_whole(monkeypatch):
+    """A bf16 plain parameter's Adam quotient and its update (and a bf16 projected
+    matrix's back projection) run in slices, so that no float32 copy of the whole tensor
+    is made: the parameters and moments equal those of one piece."""
+    from lowrank_optim import functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    w0 = [torch.randn(30, 37, generator=gen).bfloat16(), torch.randn(37, generator=gen).bfloat16()]
+    grads = [[torch.randn(w.shape, generator=gen).bfloat16() for w in w0] for _ in range(3)]
+    runs = []
+    for chunk in (1 << 22, 100):
+        monkeypatch.setattr(F, "_CHUNK", chunk)
+        ps = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = lo.GaLoreAdamW([{"params": ps[:1], "rank": 4}, {"params": ps[1:]}], lr=1e-2)
+        plain = torch.nn.Parameter(w0[0].clone())
+        opt_plain = lo.GaLoreAdamW([plain], lr=1e-2, rank=None)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            plain.grad = gs[0].clone()
+            opt.step()
+            opt_plain.step()
+        runs.append([t.clone() for t in (*ps, plain, *opt_plain.state[plain].values())
+                     if isinstance(t, torch.Tensor)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
