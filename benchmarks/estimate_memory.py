@@ -17,8 +17,13 @@ For each config and method it adds up, in GB (10^9 bytes):
   ``--checkpointing`` only each block's input is kept (plus one block's activations,
   recomputed in backward).
 
-The CPU runtime, allocator slack and temporaries are not included: this is what the
-papers' memory figures count. The check (``--check``, default ``60m``) builds the config
+Their sum is what the papers' memory figures count. No training step holds all of it at
+once, and temporaries come on top, so the table also gives a **peak model**
+(:func:`peak_model`): weights + state + the largest of the loss, backward and step phases,
+each with the temporaries the implementations make there. Against measured peak RSS
+(``shootout.py``, LLaMA-60M, CPU) the sum was off by up to 14% and the model by at most
+a few percent (``benchmarks/results/shootout_memory_60m.md``). The runtime and allocator
+slack are in neither. The check (``--check``, default ``60m``) builds the config
 for real on the CPU, runs one forward and backward per method and compares the measured
 gradient and saved-activation bytes with the estimate (they must be equal).
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shlex
 import sys
@@ -65,17 +71,24 @@ DEFAULT_METHODS = ("adamw,adamw8bit,galore,galore8bit_per_layer,qgalore_per_laye
                    "loqt8bit_per_layer")
 
 
+def _grads(method: str, cfg, rank: int, esize: int) -> list[tuple[str, tuple, bool, int]]:
+    """(name, shape, projected, gradient bytes) of every parameter, in model order."""
+    out = []
+    for name, shape, proj in bm.shapes_of(cfg):
+        n = math.prod(shape)
+        if proj and method == "QGaLoreAdamW8bit":
+            b = 4 * n                                    # float32 quant_grad
+        elif proj and method in bm.LOQT:
+            b = esize * max(shape) * min(rank, *shape)   # only B has a gradient
+        else:
+            b = esize * n
+        out.append((name, shape, proj, b))
+    return out
+
+
 def grad_bytes(method: str, per_layer: bool, cfg, rank: int, esize: int) -> int:
     """Bytes of the gradients alive at the optimizer step (all, or the largest one)."""
-    sizes = []
-    for _, shape, proj in bm.shapes_of(cfg):
-        n = shape[0] * (shape[1] if len(shape) > 1 else 1)
-        if proj and method == "QGaLoreAdamW8bit":
-            sizes.append(4 * n)                                    # float32 quant_grad
-        elif proj and method in bm.LOQT:
-            sizes.append(esize * max(shape) * min(rank, *shape))  # only B has a gradient
-        else:
-            sizes.append(esize * n)
+    sizes = [b for *_, b in _grads(method, cfg, rank, esize)]
     return max(sizes) if per_layer else sum(sizes)
 
 
@@ -164,6 +177,121 @@ def estimate(name: str, cfg, rank: int, dt, activations: int) -> dict:
                 activations=activations)
 
 
+# ---- the peak model -----------------------------------------------------------------------
+# elements per bitsandbytes call in the package's 8-bit Adam (functional._CHUNK)
+_CHUNK_8BIT = 1 << 20
+
+
+def _bnb_cpu(n: int, esize: int) -> int:
+    """bitsandbytes 0.50's CPU 8-bit Adam kernel (backends/cpu/ops.py): float32 copies of
+    both moments and of the gradient, sqrt(v) and the denominator alive at once (20 B per
+    element), plus a float32 copy of a lower-precision parameter."""
+    return 20 * n + (4 * n if esize != 4 else 0)
+
+
+def update_transient(method: str, shape: tuple, proj: bool, esize: int, rank: int,
+                     device: str) -> int:
+    """Largest temporary of one parameter's update, on top of its state and gradient,
+    read off the implementation the method uses (not measured)."""
+    n = math.prod(shape)
+    eight = method.endswith("8bit")
+    if method == "AdamW":     # torch's single-tensor AdamW: (sqrt(v) / bc2).add_(eps)
+        return 2 * esize * n if device == "cpu" else 0   # (foreach: see peak_model)
+    if method == "AdamW8bit":
+        return _bnb_cpu(n, esize) if device == "cpu" else 0   # CUDA: one fused kernel
+    if proj and method == "QGaLoreAdamW8bit":
+        return 8 * n          # float32 dequantized weight + the float32 rounding temporary
+    if proj:
+        m = max(shape) * min(rank, *shape)   # low-rank size (GaLore R; LoQT's B)
+        if method in bm.LOQT:
+            n, proj = m, False               # B is stepped like a plain parameter
+        else:
+            extra = 4 * n if esize != 4 else 0   # float32 copy of a low-precision gradient
+            return extra + 2 * 4 * m + (_bnb_cpu(min(m, _CHUNK_8BIT), 4) if eight and
+                                        device == "cpu" else 0)
+    if eight and n >= 4096:   # package 8-bit Adam: float32 direction + one bnb slice
+        return 4 * n + (_bnb_cpu(min(n, _CHUNK_8BIT), 4) if device == "cpu" else 0)
+    return 4 * n   # adam_: the float32 direction (low-precision moments: in slices)
+
+
+def _layer_transient(method: str, cfg, esize: int) -> int:
+    """A quantized layer's backward dequantizes its weight (model dtype; LoQT float32 base
+    weight too): the largest matrix's worth."""
+    if method == "QGaLoreAdamW8bit":
+        return esize * cfg.dim * cfg.mlp_hidden
+    if method in bm.LOQT:
+        return max(esize, 4) * cfg.dim * cfg.mlp_hidden
+    return 0
+
+
+def peak_model(name: str, cfg, rank: int, dt, batch: int, seq: int,
+               checkpointing: bool = False, device: str = "cpu") -> dict:
+    """Model of the peak of one training step: weights + optimizer state + the largest of
+
+    * **backward**, walked from the loss to the embedding: the activations still saved,
+      the gradients accumulated so far and the transients of the moment. At the loss the
+      float32 logits gradient is built (``nll_loss`` and ``log_softmax`` backward: two
+      float32 batch×seq×vocab tensors), then the head's gradient beside it; each block
+      then adds its gradients (and a quantized layer's dequantized weight) while its
+      saved activations are still alive, and frees those activations. With per-layer
+      updates no gradient accumulates: each parameter's gradient and the temporaries of
+      its update are alive only during its hook;
+    * **step** (normal stepping): every gradient plus the largest per-parameter update
+      temporary (:func:`update_transient`; torch's foreach AdamW on CUDA: one sqrt(v)
+      copy of every parameter).
+
+    Not modelled: LoQT's merge steps (one full gradient per layer, rare), the allocator's
+    slack and the runtime. Returns the phase bytes and ``peak``.
+    """
+    method, per_layer = METHODS[name]
+    esize = torch.empty((), dtype=dt).element_size()
+    w, s = bm.closed_form_package(method, cfg, rank, esize)
+    params = _grads(method, cfg, rank, esize)
+    trans = {nm: update_transient(method, sh, pr, esize, rank, device)
+             for nm, sh, pr, _ in params}
+    a_block = _saved_bytes_block(cfg, batch, seq, dt)
+    a_rest = activation_bytes(cfg, batch, seq, dt, False) - cfg.n_layers * a_block
+    kept = a_block
+    if checkpointing:  # each block keeps its input until backward recomputes it
+        kept = (activation_bytes(cfg, batch, seq, dt, True) - a_block - a_rest) // cfg.n_layers
+    N, V, d = batch * seq, cfg.vocab_size, cfg.dim
+    stage = {}
+    for nm, _, _, b in params:
+        key = nm.split(".")[1] if nm.startswith("layers.") else nm.split(".")[0]
+        stage.setdefault(key, []).append((nm, b))
+
+    def hook(grads):  # per-layer: the largest (gradient + update temporaries) of a stage
+        return max(b + trans[nm] for nm, b in grads)
+
+    live = a_rest + cfg.n_layers * kept
+    head = [x for k in ("lm_head", "norm") for x in stage[k]]
+    head_b = sum(b for _, b in head)
+    loss = max(8 * N * V, 4 * N * V + esize * N * V, esize * (N * V + V * d + N * d))
+    phases = {"loss": live + loss}
+    g_acc = 0 if per_layer else head_b
+    if per_layer:
+        phases["loss"] = max(phases["loss"], live + hook(head))
+    live -= a_rest
+    for i in reversed(range(cfg.n_layers)):
+        grads = stage[str(i)]
+        block = (a_block if checkpointing else 0) + _layer_transient(method, cfg, esize)
+        now = hook(grads) if per_layer else sum(b for _, b in grads)
+        phases["backward"] = max(phases.get("backward", 0), live + block + g_acc + now)
+        live -= kept
+        g_acc += 0 if per_layer else sum(b for _, b in grads)
+    emb = stage["embed"]
+    phases["backward"] = max(phases["backward"], g_acc + (hook(emb) if per_layer else
+                                                           sum(b for _, b in emb)))
+    if not per_layer:
+        g_all = sum(b for *_, b in params)
+        step = max(trans.values())
+        if method == "AdamW" and device != "cpu":
+            step = esize * sum(math.prod(sh) for _, sh, _, _ in params)
+        phases["step"] = g_all + step
+    top = max(phases, key=phases.get)
+    return dict(weights=w, state=s, **phases, phase=top, peak=w + s + phases[top])
+
+
 def check(name: str, cfg, rank: int, dt, batch: int, seq: int,
           activations: int) -> tuple[dict, dict]:
     """Real model on the CPU: one forward + backward; measured grads and saved bytes,
@@ -190,6 +318,10 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(bm.DTYPES))
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="whose update temporaries the peak model counts (torch AdamW is "
+                         "single-tensor on CPU, foreach on CUDA; bitsandbytes' CPU kernel "
+                         "makes float32 copies, its CUDA kernel none); only cpu is measured")
     ap.add_argument("--check", default="60m", help="configs to check for real ('' for none)")
     ap.add_argument("--out", default="benchmarks/results/estimate.md")
     ap.add_argument("--threads", type=int, default=1)
@@ -198,12 +330,14 @@ def main(argv=None) -> int:
     dt = bm.DTYPES[a.dtype]
     names = [c.strip() for c in a.configs.split(",") if c.strip()]
     meths = [m.strip() for m in a.methods.split(",") if m.strip()]
-    rows = {}
+    rows, peaks = {}, {}
     for c in names:
         cfg = get_config(c, vocab_size=a.vocab, seq_len=max(a.seq, 256))
         acts = activation_bytes(cfg, a.batch, a.seq, dt, a.checkpointing)
         for m in meths:
             rows[c, m] = estimate(m, cfg, RANKS[c], dt, acts)
+            peaks[c, m] = peak_model(m, cfg, RANKS[c], dt, a.batch, a.seq, a.checkpointing,
+                                     a.device)
     checks = []
     for c in filter(None, (x.strip() for x in a.check.split(","))):
         cfg = get_config(c, vocab_size=a.vocab, seq_len=max(a.seq, 256))
@@ -222,16 +356,20 @@ def main(argv=None) -> int:
          + ", ".join(f"{c} {RANKS[c]}" for c in names),
          "- weights and optimizer state: `bench_memory.closed_form_package` (checked against "
          "real tensors there); gradients: closed form above; activations: bytes saved for "
-         "backward in one forward, counted on the meta device. Not included: runtime, "
-         "allocator slack, temporaries.", ""]
-    L.append("| config | method | weights | grads | optimizer state | activations | total | × AdamW |")
-    L.append("|---|---|---|---|---|---|---|---|")
+         "backward in one forward, counted on the meta device; *total* is their sum (the "
+         "papers' convention). *peak (model)*: `peak_model`, weights + state + the largest of "
+         f"the loss, backward and step phases with their temporaries ({a.device} "
+         "implementations); the phase it lands in. Not included: runtime, allocator slack.", ""]
+    L.append("| config | method | weights | grads | optimizer state | activations | total | "
+             "× AdamW | peak (model) | phase |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
     for (c, m), r in rows.items():
         tot = sum(r.values())
         base = sum(rows[c, "adamw"].values()) if (c, "adamw") in rows else None
         L.append(f"| {c} | {m} | " + " | ".join(f"{r[k] / GB:.3f}" for k in
                                                   ("weights", "grads", "state", "activations"))
-                 + f" | **{tot / GB:.3f}** | {'–' if not base else f'{tot / base:.2f}'} |")
+                 + f" | **{tot / GB:.3f}** | {'–' if not base else f'{tot / base:.2f}'} | "
+                 f"{peaks[c, m]['peak'] / GB:.3f} | {peaks[c, m]['phase']} |")
     if checks:
         L += ["", "## Check against a real forward/backward (1 x 32 tokens, bytes)", "",
               "| config | method | grads real | grads estimate | saved activations real | "

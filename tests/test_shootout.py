@@ -51,6 +51,9 @@ def test_in_process_table_and_files(tmp_path):
         assert (est["weights"], est["grads"], est["state"]) == (
             r["weights_b"] + bench_memory.rope_bytes(cfg, 4), r["grads_b"], r["state_b"]), name
         assert r["estimate_b"] == sum(est.values())
+        peak = estimate_memory.peak_model(name, cfg, out["args"].rank, torch.float32, 2, 32)
+        assert r["peak_model_b"] == peak["peak"] >= est["weights"] + est["state"] + max(
+            est["grads"], est["activations"])
 
     assert torch.get_num_threads() == threads                  # --threads is undone
     table = out["table"]
