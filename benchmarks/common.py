@@ -445,29 +445,36 @@ def _qgalore_per_layer(model, a):
     return prepared
 
 
+def _loqt_prepared(model, a, prep: dict, **opt) -> Prepared:
+    import lowrank_optim as lo
+    model = lo.prepare_loqt(model, rank=a.rank, target_modules=a.target_modules,
+                            scale=a.scale, **prep)
+    return Prepared(model, lo.LoQTAdamW(model.parameters(), lr=a.lr, betas=a.betas,
+                                        weight_decay=a.weight_decay, **opt))
+
+
 @register("loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
           description="lowrank_optim.LoQTAdamW: NF4 weights + INT4 basis P frozen, B trained "
                       "(prepare_loqt), merges at exponentially growing intervals")
 def _loqt(model, a):
-    import lowrank_optim as lo
-    model = lo.prepare_loqt(model, rank=a.rank, bits=4, target_modules=a.target_modules,
-                            scale=a.scale)
     # the merge interval is LoQT's own (its default: first gap 100, growth 1.2, the paper's),
     # not GaLore's update_proj_gap: on the shoot-out's defaults (seed 0) the first gap 100
     # gave val ppl 3.973 and 200 gave 4.026; lr 1e-2 / 2e-2 / 4e-2 (gap 200) gave 4.109 /
     # 4.026 / 4.090
-    return Prepared(model, lo.LoQTAdamW(model.parameters(), lr=a.lr, betas=a.betas,
-                                        weight_decay=a.weight_decay))
+    return _loqt_prepared(model, a, dict(bits=4))
+
+
+@register("loqt_stagger", lr=2e-2, default=False, requires=("bitsandbytes",),
+          description="LoQTAdamW with stagger=True (layer i merges at 0, then from "
+                      "round(tau (i+1) / N) on, so merges are spread over the first interval)")
+def _loqt_stagger(model, a):
+    return _loqt_prepared(model, a, dict(bits=4), stagger=True)
 
 
 @register("loqt_nq", lr=2e-2, default=False,
           description="LoQTAdamW without quantization (float W and P: LoQT-nq)")
 def _loqt_nq(model, a):
-    import lowrank_optim as lo
-    model = lo.prepare_loqt(model, rank=a.rank, bits=None, proj_bits=None,
-                            target_modules=a.target_modules, scale=a.scale)
-    return Prepared(model, lo.LoQTAdamW(model.parameters(), lr=a.lr, betas=a.betas,
-                                        weight_decay=a.weight_decay))
+    return _loqt_prepared(model, a, dict(bits=None, proj_bits=None))
 
 
 # ---------------------------------------------------------------------------------------

@@ -124,15 +124,20 @@ class LowRankOptimizer(Optimizer):
     def _refresh_policy(self, p: Tensor, group: dict):
         return FixedGap(group["update_proj_gap"], self._phase(p, group))
 
-    def _phase(self, p: Tensor, group: dict) -> int:
-        """Offset of ``p``'s second refresh when ``stagger`` is on: projected matrices are
-        spread evenly over one gap, so their SVDs do not all land on the same step."""
-        if not group.get("stagger") or "refresh_next" in self.state[p]:
+    def _phase(self, p: Tensor, group: dict, prefix: str = "refresh") -> int:
+        """Offset of ``p``'s second refresh (``prefix="merge"``: merge) when ``stagger`` is
+        on: the matrices are spread evenly over one gap, so their SVDs do not all land on
+        the same step."""
+        if not group.get("stagger") or f"{prefix}_next" in self.state[p]:
             return 0  # the phase matters only until the first refresh has been scheduled
         mats = [q for grp in self.param_groups for q in grp["params"]
-                if self.is_projected(q, grp)]
+                if self._staggered(q, grp)]
         i = next(k for k, q in enumerate(mats) if q is p)
         return max(1, round(group["update_proj_gap"] * (i + 1) / len(mats)))
+
+    def _staggered(self, p: Tensor, group: dict) -> bool:
+        """Whether ``p`` takes part in the stagger (its own schedule of SVDs)."""
+        return self.is_projected(p, group)
 
     @staticmethod
     def _raw_grad(p: Tensor) -> Optional[Tensor]:

@@ -37,10 +37,13 @@ class _LoQT:
         _check(g["state_on_merge"] in STATE_POLICIES, "state_on_merge", g["state_on_merge"],
                f"one of {STATE_POLICIES}")
 
-    @staticmethod
-    def _merge_policy(group: dict) -> Exponential:
+    def _merge_policy(self, p: Tensor, group: dict) -> Exponential:
         return Exponential(group["update_proj_gap"], group["increment_size"],
-                           group["max_proj_gap"], prefix="merge")
+                           group["max_proj_gap"], prefix="merge",
+                           phase=self._phase(p, group, prefix="merge"))
+
+    def _staggered(self, p: Tensor, group: dict) -> bool:
+        return _owner(p) is not None
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -52,10 +55,10 @@ class _LoQT:
         for p in group["params"]:
             if (layer := _owner(p)) is not None:
                 state = self.state.get(p, {})
-                self._set_capture(layer, group, state, state.get("step", 0))
+                self._set_capture(p, layer, group, state, state.get("step", 0))
 
-    def _set_capture(self, layer, group: dict, state: dict, step: int) -> None:
-        due = self._merge_policy(group).due(state, step)
+    def _set_capture(self, p: Tensor, layer, group: dict, state: dict, step: int) -> None:
+        due = self._merge_policy(p, group).due(state, step)
         layer.capture = (-1 if group["maximize"] else 1) if due else 0
 
     @torch.no_grad()
@@ -63,7 +66,7 @@ class _LoQT:
         layer = _owner(p)
         if layer is None or self._raw_grad(p) is None:
             return super().step_param(p, group)
-        state, policy = self.state[p], self._merge_policy(group)
+        state, policy = self.state[p], self._merge_policy(p, group)
         if not state:
             state["step"] = 0
             self._init_inner(state, p, group)
@@ -78,7 +81,7 @@ class _LoQT:
                               "waits for the next backward pass (no gradient was captured: "
                               "run backward after creating the optimizer)", stacklevel=3)
         super().step_param(p, group)
-        self._set_capture(layer, group, state, state["step"])
+        self._set_capture(p, layer, group, state, state["step"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -90,32 +93,34 @@ class _LoQT:
 
 
 def _loqt_defaults(lr, betas, eps, weight_decay, update_proj_gap, increment_size,
-                   max_proj_gap, ec_iters, state_on_merge, maximize, **extra) -> dict:
+                   max_proj_gap, ec_iters, state_on_merge, stagger, maximize,
+                   **extra) -> dict:
     return dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=None,
                 update_proj_gap=update_proj_gap, increment_size=increment_size,
                 max_proj_gap=max_proj_gap, ec_iters=ec_iters, state_on_merge=state_on_merge,
-                maximize=maximize, **extra)
+                stagger=stagger, maximize=maximize, **extra)
 
 
 class LoQTAdamW(_LoQT, GaLoreAdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, update_proj_gap: int = 100,
                  increment_size: float = 1.2, max_proj_gap: Optional[int] = None,
-                 ec_iters: int = 5, state_on_merge: str = "project", *, maximize: bool = False):
+                 ec_iters: int = 5, state_on_merge: str = "project", stagger: bool = False,
+                 *, maximize: bool = False):
         LowRankOptimizer.__init__(self, params, _loqt_defaults(
             lr, betas, eps, weight_decay, update_proj_gap, increment_size, max_proj_gap,
-            ec_iters, state_on_merge, maximize))
+            ec_iters, state_on_merge, stagger, maximize))
 
 
 class LoQTAdamW8bit(_LoQT, GaLoreAdamW8bit):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, update_proj_gap: int = 100,
                  increment_size: float = 1.2, max_proj_gap: Optional[int] = None,
-                 ec_iters: int = 5, state_on_merge: str = "project",
+                 ec_iters: int = 5, state_on_merge: str = "project", stagger: bool = False,
                  min_8bit_size: int = 4096, *, maximize: bool = False):
         LowRankOptimizer.__init__(self, params, _loqt_defaults(
             lr, betas, eps, weight_decay, update_proj_gap, increment_size, max_proj_gap,
-            ec_iters, state_on_merge, maximize, min_8bit_size=min_8bit_size))
+            ec_iters, state_on_merge, stagger, maximize, min_8bit_size=min_8bit_size))
 
 
 LoQTAdamW.__doc__ = r"""LoQT: train only :math:`B` in :math:`W = \mathrm{deq}(Q) + s\,P B`,
@@ -130,7 +135,8 @@ gradient, :math:`\eta` = ``lr``, :math:`s` the layer's scale, :math:`\tau` =
 
 .. math::
     \begin{aligned}
-    &\textbf{merge steps}: t_0 = 0,\ t_1 = \tau,\ t_{k+1} = t_k + \tau + \lfloor\psi^k\rfloor
+    &\textbf{merge steps}: t_0 = 0,\ t_1 = \tau\ (\text{or } \phi_i),\
+      t_{k+1} = t_k + \tau + \lfloor\psi^k\rfloor
       \quad (\text{each gap capped at ``max\_proj\_gap``}) \\
     &\textbf{if } t = t_k:\quad W \leftarrow \mathrm{deq}(Q) + s\,P B;\quad
       P \leftarrow \mathrm{Q}_P(\text{top-}r \text{ singular vectors of } G_t);\\
@@ -175,6 +181,11 @@ Args:
     ec_iters (int): :math:`C`, error-compensation rounds; 0 quantizes the merged weight
         and sets :math:`B = 0`. Default 5.
     state_on_merge (str): ``"keep"``, ``"project"`` or ``"reset"``. Default ``"project"``.
+    stagger (bool): layer :math:`i` of :math:`N` makes its second merge at
+        :math:`\phi_i = \lceil \tau (i+1)/N \rfloor` instead of :math:`\tau` (the gaps
+        after it are the same), so the layers' merges and SVDs are spread over the first
+        interval instead of all landing on one step. Default False (the reference's
+        schedule).
 
 Example:
     >>> import torch, lowrank_optim as lo

@@ -26,7 +26,8 @@ Policies:
 * :class:`Exponential` ``(first=100, growth=1.2, max_gap=None)`` (LoQT): events at
   :math:`0`, :math:`\tau`, then gaps :math:`\tau + \lfloor\psi^k\rfloor`,
   :math:`k = 1, 2, \dots` (:math:`\tau` = ``first``, :math:`\psi` = ``growth``): 100,
-  101, 101, 101, 102, ... ``max_gap`` caps each gap (not the step position).
+  101, 101, 101, 102, ... ``max_gap`` caps each gap (not the step position). A
+  ``phase`` > 0 replaces the first gap :math:`\tau` (staggered merges).
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ class Exponential:
     growth: float = 1.2
     max_gap: Optional[int] = None
     prefix: str = "merge"
+    phase: int = 0
 
     def __post_init__(self):
         _positive_int("first", self.first)
@@ -112,11 +114,15 @@ class Exponential:
             raise ValueError(f"Invalid growth: {self.growth!r} (expected >= 1)")
         if self.max_gap is not None:
             _positive_int("max_gap", self.max_gap)
+        if not isinstance(self.phase, int) or isinstance(self.phase, bool) or self.phase < 0:
+            raise ValueError(f"Invalid phase: {self.phase!r} (expected an int >= 0)")
 
     def gap(self, k: int) -> int:
-        """Gap after the k-th event (k = 0 is the event at step 0)."""
+        """Gap after the k-th event (k = 0 is the event at step 0; a ``phase`` > 0
+        replaces that first gap, so staggered schedules differ only in their offset)."""
         if k == 0:
-            return min(self.first, self.max_gap or self.first)
+            first = self.phase or self.first
+            return min(first, self.max_gap or first)
         if self.max_gap and k * math.log(self.growth) >= math.log(self.max_gap):
             return self.max_gap  # already capped; also avoids float overflow of growth ** k
         g = self.first + math.floor(self.growth ** k)

@@ -201,11 +201,11 @@ def test_prepare_loqt_targets():
 # ---- the optimizer ---------------------------------------------------------------------
 
 
-def _merge_steps(opt_kwargs, steps, accumulate=1, hooks=False, **prep):
+def _merge_steps(opt_kwargs, steps, accumulate=1, hooks=False, per_layer=False, **prep):
     m = lo.prepare_loqt(make_model(), target_modules=None, **{"rank": 4, **prep})
     opt = lo.LoQTAdamW(m.parameters(), lr=1e-2, **opt_kwargs)
     handle = opt.register_hooks(m, accumulation_steps=accumulate) if hooks else None
-    fired, last = [], 0
+    fired, last = {"fc1": [], "fc2": []}, {"fc1": 0, "fc2": 0}
     batches = make_batches(steps * accumulate)
     for t in range(steps):
         for b in batches[t * accumulate:(t + 1) * accumulate]:
@@ -215,14 +215,17 @@ def _merge_steps(opt_kwargs, steps, accumulate=1, hooks=False, **prep):
         if not hooks:
             opt.step()
             opt.zero_grad()
-        merges = int(m.fc1.merges)
-        assert int(m.fc2.merges) == merges
-        if merges != last:
-            fired.append(t)
-            last = merges
+        for name in fired:
+            merges = int(getattr(m, name).merges)
+            if merges != last[name]:
+                fired[name].append(t)
+                last[name] = merges
     if handle is not None:
         handle.remove()
-    return fired
+    if per_layer:
+        return fired
+    assert fired["fc1"] == fired["fc2"]
+    return fired["fc1"]
 
 
 @pytest.mark.parametrize("mode", ["normal", "hooks", "hooks_accumulate"])
@@ -239,25 +242,38 @@ def test_merge_schedule_fires_at_the_listed_steps(mode):
     assert fired == expected
 
 
+def test_stagger_offsets_each_layers_merges():
+    """stagger=True: layer i of N merges at 0, then at phi_i = round(tau (i+1) / N), then
+    with the same growing gaps; the last layer keeps the unstaggered schedule."""
+    kw = dict(update_proj_gap=4, increment_size=1.5)
+    fired = _merge_steps({**kw, "stagger": True}, 30, per_layer=True)
+    plain = _merge_steps(kw, 30)
+    assert plain == [0, 4, 9, 15, 22]  # gaps 4, 4+1, 4+2, 4+3
+    assert fired["fc2"] == plain
+    assert fired["fc1"] == [0, 2, 7, 13, 20, 29]  # phi = 2, then gaps 5, 6, 7, 9
+
+
 def test_max_proj_gap_caps_the_interval():
     fired = _merge_steps(dict(update_proj_gap=3, increment_size=2.0, max_proj_gap=6), 30)
     assert fired == [0, 3, 8, 14, 20, 26]  # gaps 3, 3+2, then capped at 6
 
 
-@pytest.mark.parametrize("policy", ["keep", "project"])
-def test_unquantized_loqt_equals_one_sided_galore(policy):
+@pytest.mark.parametrize("policy,stagger", [("keep", False), ("project", False),
+                                            ("project", True)])
+def test_unquantized_loqt_equals_one_sided_galore(policy, stagger):
     """With W and P unquantized, LoQT's effective weight deq(Q) + s·P·B follows GaLore
-    (proj_type "std", the same refresh steps, scale s, eps/s) step by step, across merges."""
+    (proj_type "std", the same refresh steps, scale s, eps/s) step by step, across merges;
+    with ``stagger`` both spread their layers' refreshes the same way."""
     s, eps, tau = 0.5, 1e-10, 4
     batches = make_batches(14)
     m1 = lo.prepare_loqt(make_model(), rank=4, scale=s, bits=None, proj_bits=None,
                          target_modules=None)
     o1 = lo.LoQTAdamW(m1.parameters(), lr=1e-2, eps=eps, update_proj_gap=tau,
-                      max_proj_gap=tau, state_on_merge=policy)
+                      max_proj_gap=tau, state_on_merge=policy, stagger=stagger)
     m2 = make_model()
     o2 = lo.GaLoreAdamW([{"params": [m2.emb.weight, m2.fc1.bias, m2.fc2.bias], "rank": None},
                          {"params": [m2.fc1.weight, m2.fc2.weight], "rank": 4}], lr=1e-2,
-                        eps=eps / s, update_proj_gap=tau, scale=s, stagger=False,
+                        eps=eps / s, update_proj_gap=tau, scale=s, stagger=stagger,
                         state_on_refresh=policy)
     for b in batches:
         train(m1, o1, [b])
