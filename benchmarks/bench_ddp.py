@@ -47,20 +47,14 @@ world = 2
 out = "benchmarks/results/ddp.md"
 # -------------------------------------------------------------------------------------
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-
-import common as C  # noqa: E402
-import lowrank_optim as lo  # noqa: E402
+import common as C
+import lowrank_optim as lo
 
 MB = 2 ** 20
 
@@ -175,7 +169,13 @@ def render(rows: list, cmd: str, date: str) -> str:
 
 def main() -> None:
     for arg in sys.argv[1:]:
-        key, value = arg.removeprefix("--").split("=")
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            return
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in (*_SETTINGS, "out") or not value:
+            sys.exit(f"bench_ddp.py: expected --name=value, name one of "
+                     f"{', '.join((*_SETTINGS, 'out'))}; got {arg!r}")
         globals()[key] = type(globals()[key])(value)
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # read by the spawned ranks' malloc
     methods = ["galore"] + (["q_galore"] if hasattr(lo.nn, "distributed") else [])

@@ -71,17 +71,13 @@ data = None               # None: the stdlib corpus
 out = "benchmarks/results/lazy.md"
 # -------------------------------------------------------------------------------------
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _paths import ROOT
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-import lowrank_optim as lo  # noqa: E402
-import common as C  # noqa: E402
+import lowrank_optim as lo
+import common as C
 
 TARGETS = ("attn", "mlp")
 

@@ -73,20 +73,16 @@ data = None                # None: the stdlib corpus
 out = "benchmarks/results/lr_qat.md"
 # -------------------------------------------------------------------------------------
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _paths import ROOT
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import lowrank_optim as lo  # noqa: E402
-import common as C  # noqa: E402
-from common import cpu_name, git_rev  # noqa: E402
-from lowrank_optim.lr_qat import (export_lr_qat, init_scale, lr_qat_param_groups,  # noqa: E402
+import lowrank_optim as lo
+import common as C
+from common import cpu_name, git_rev
+from lowrank_optim.lr_qat import (export_lr_qat, init_scale, lr_qat_param_groups,
                                   prepare_lr_qat)
 
 TARGETS = ("attn", "mlp")

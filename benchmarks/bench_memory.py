@@ -105,17 +105,13 @@ also_float32 = True      # add a meta-only table with float32 weights (checked a
 out = "benchmarks/results/memory.md"
 # -------------------------------------------------------------------------------------
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _paths import ROOT
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+from torch import Tensor, nn
 
-import lowrank_optim as lo  # noqa: E402
-from common import LlamaLM, cpu_name, get_config, git_rev  # noqa: E402
+import lowrank_optim as lo
+from common import LlamaLM, cpu_name, get_config, git_rev
 
 GB = 1e9
 TARGETS = ("attn", "mlp")

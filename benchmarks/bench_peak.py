@@ -108,11 +108,7 @@ min_free_gb = 0.6         # ... or that leaves less than this MemAvailable on th
 out = "benchmarks/results/peak.md"
 # -------------------------------------------------------------------------------------
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _paths import ROOT
 
 GB, GIB = 1e9, 2 ** 30
 SMALL_BOUND = 2e9         # cases whose weights + state + grads stay below run two at a time

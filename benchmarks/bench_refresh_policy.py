@@ -24,12 +24,9 @@ from pathlib import Path
 
 import torch
 
-for _p in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
-    if str(_p) not in sys.path:  # run from a checkout without installing the package
-        sys.path.insert(0, str(_p))
-import common  # noqa: E402
+import common
 
-import lowrank_optim as lo  # noqa: E402
+import lowrank_optim as lo
 
 CONFIG, STEPS, GAP, RANK, LR, BATCH, SEQ, SEEDS = "tiny", 400, 50, 32, 1e-2, 16, 128, (0, 1)
 POLICIES = ("keep", "project", "reset")

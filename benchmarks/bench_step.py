@@ -97,17 +97,13 @@ device = "auto"         # "auto": cuda when available, else cpu
 out = "benchmarks/results/step.md"
 # -------------------------------------------------------------------------------------
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):  # run from a checkout without installing the package
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _paths import ROOT
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-import lowrank_optim as lo  # noqa: E402
-from common import cpu_name  # noqa: E402
+import lowrank_optim as lo
+from common import cpu_name
 
 MiB = 2 ** 20
 

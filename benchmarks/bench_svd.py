@@ -62,17 +62,13 @@ device = "auto"         # "auto": cuda when available, else cpu
 out = None              # None: benchmarks/results/svd.md (svd_quick.md with --quick)
 # -------------------------------------------------------------------------------------
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (HERE, ROOT):  # run from a checkout without installing the package
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _paths import HERE, ROOT
 
-import torch  # noqa: E402
+import torch
 
-import common as C  # noqa: E402
+import common as C
 
-from lowrank_optim.projector import LEFT, choose_side, compute_basis  # noqa: E402
+from lowrank_optim.projector import LEFT, choose_side, compute_basis
 
 
 def parse_args(argv=None) -> argparse.Namespace:

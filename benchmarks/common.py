@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from _paths import ROOT  # also puts the checkout's package first on sys.path
+
 # ---------------------------------------------------------------------------------------
 # Corpus
 # ---------------------------------------------------------------------------------------
@@ -627,9 +629,6 @@ def fmt_bytes(n: Optional[float]) -> str:
 # Result-file headers
 # ---------------------------------------------------------------------------------------
 
-_ROOT = Path(__file__).resolve().parent.parent
-
-
 def cpu_name() -> str:
     """The CPU model (``/proc/cpuinfo``), for the device line of a results file."""
     try:
@@ -645,10 +644,10 @@ def cpu_name() -> str:
 def git_rev() -> str:
     """Short commit of the repository, marked when ``lowrank_optim`` has local changes."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT,
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowrank_optim"],
-                               cwd=_ROOT, capture_output=True, text=True,
+                               cwd=ROOT, capture_output=True, text=True,
                                timeout=10).stdout.strip()
         return rev + (" (lowrank_optim modified)" if dirty else "") if rev else "unknown"
     except (OSError, subprocess.SubprocessError):

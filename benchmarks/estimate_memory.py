@@ -39,16 +39,12 @@ import os
 import shlex
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _paths import ROOT
 
-import torch  # noqa: E402
+import torch
 
-import bench_memory as bm  # noqa: E402
-from common import LlamaLM, get_config  # noqa: E402
+import bench_memory as bm
+from common import LlamaLM, get_config
 
 GB = 1e9
 CONFIGS = "60m,130m,350m,1b,7b,13b"

@@ -54,15 +54,11 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _p in (str(HERE), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _paths import HERE, ROOT
 
-import torch  # noqa: E402
+import torch
 
-import common as C  # noqa: E402
+import common as C
 
 # Defaults: "tiny" (0.86M parameters) for 500 steps of 16 x 128 bytes (1.02M tokens per
 # method): ~170-230 ms per step on 2 idle CPU cores, so about 1.5 minutes per method and

@@ -1,0 +1,15 @@
+"""Where the benchmarks live, and the repository root first on ``sys.path``.
+
+Every benchmark script imports this module before ``lowrank_optim``, so the scripts run
+from a checkout whose package is not installed (and use the checkout's package when
+another version is). It imports nothing heavy: ``bench_peak.py``'s parent process,
+which only spawns and watches the measured children, does not load torch.
+"""
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent   # benchmarks/
+ROOT = HERE.parent                        # the repository root
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
