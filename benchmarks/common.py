@@ -457,7 +457,7 @@ def _loqt_prepared(model, a, prep: dict, **opt) -> Prepared:
 
 @register("loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
           description="lowrank_optim.LoQTAdamW: NF4 weights + INT4 basis P frozen, B trained "
-                      "(prepare_loqt), merges at exponentially growing intervals")
+                      "(prepare_loqt), merges at exponentially growing intervals (staggered)")
 def _loqt(model, a):
     # the merge interval is LoQT's own (its default: first gap 100, growth 1.2, the paper's),
     # not GaLore's update_proj_gap: on the shoot-out's defaults (seed 0) the first gap 100
@@ -466,11 +466,11 @@ def _loqt(model, a):
     return _loqt_prepared(model, a, dict(bits=4))
 
 
-@register("loqt_stagger", lr=2e-2, default=False, requires=("bitsandbytes",),
-          description="LoQTAdamW with stagger=True (layer i merges at 0, then from "
-                      "round(tau (i+1) / N) on, so merges are spread over the first interval)")
-def _loqt_stagger(model, a):
-    return _loqt_prepared(model, a, dict(bits=4), stagger=True)
+@register("loqt_nostagger", lr=2e-2, default=False, requires=("bitsandbytes",),
+          description="LoQTAdamW with stagger=False (every layer merges at the same steps, "
+                      "as in the reference)")
+def _loqt_nostagger(model, a):
+    return _loqt_prepared(model, a, dict(bits=4), stagger=False)
 
 
 @register("loqt_nq", lr=2e-2, default=False,

@@ -105,7 +105,7 @@ class LoQTAdamW(_LoQT, GaLoreAdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, update_proj_gap: int = 100,
                  increment_size: float = 1.2, max_proj_gap: Optional[int] = None,
-                 ec_iters: int = 5, state_on_merge: str = "project", stagger: bool = False,
+                 ec_iters: int = 5, state_on_merge: str = "project", stagger: bool = True,
                  *, maximize: bool = False):
         LowRankOptimizer.__init__(self, params, _loqt_defaults(
             lr, betas, eps, weight_decay, update_proj_gap, increment_size, max_proj_gap,
@@ -116,7 +116,7 @@ class LoQTAdamW8bit(_LoQT, GaLoreAdamW8bit):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, update_proj_gap: int = 100,
                  increment_size: float = 1.2, max_proj_gap: Optional[int] = None,
-                 ec_iters: int = 5, state_on_merge: str = "project", stagger: bool = False,
+                 ec_iters: int = 5, state_on_merge: str = "project", stagger: bool = True,
                  min_8bit_size: int = 4096, *, maximize: bool = False):
         LowRankOptimizer.__init__(self, params, _loqt_defaults(
             lr, betas, eps, weight_decay, update_proj_gap, increment_size, max_proj_gap,
@@ -183,9 +183,11 @@ Args:
     state_on_merge (str): ``"keep"``, ``"project"`` or ``"reset"``. Default ``"project"``.
     stagger (bool): layer :math:`i` of :math:`N` makes its second merge at
         :math:`\phi_i = \lceil \tau (i+1)/N \rfloor` instead of :math:`\tau` (the gaps
-        after it are the same), so the layers' merges and SVDs are spread over the first
-        interval instead of all landing on one step. Default False (the reference's
-        schedule).
+        after it are the same), so after the first step the layers' merges and SVDs are
+        spread out instead of all landing on one step. ``False`` is the reference's
+        schedule. Default True, by measurement: on the main job (tiny LLaMA, 500 steps,
+        3 seeds, ``benchmarks/results/loqt_stagger.md``) validation perplexity 3.932 vs
+        3.976, lower on every seed.
 
 Example:
     >>> import torch, lowrank_optim as lo

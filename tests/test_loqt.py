@@ -231,7 +231,7 @@ def _merge_steps(opt_kwargs, steps, accumulate=1, hooks=False, per_layer=False, 
 @pytest.mark.parametrize("mode", ["normal", "hooks", "hooks_accumulate"])
 def test_merge_schedule_fires_at_the_listed_steps(mode):
     # tau = 3, psi = 1.5: gaps 3, 3+1, 3+2, 3+3, 3+5, 3+7 -> 0, 3, 7, 12, 18, 26, 36
-    kw = dict(update_proj_gap=3, increment_size=1.5)
+    kw = dict(update_proj_gap=3, increment_size=1.5, stagger=False)
     fired = _merge_steps(kw, 40, accumulate=2 if mode == "hooks_accumulate" else 1,
                          hooks=mode != "normal")
     assert fired == [0, 3, 7, 12, 18, 26, 36]
@@ -246,15 +246,16 @@ def test_stagger_offsets_each_layers_merges():
     """stagger=True: layer i of N merges at 0, then at phi_i = round(tau (i+1) / N), then
     with the same growing gaps; the last layer keeps the unstaggered schedule."""
     kw = dict(update_proj_gap=4, increment_size=1.5)
-    fired = _merge_steps({**kw, "stagger": True}, 30, per_layer=True)
-    plain = _merge_steps(kw, 30)
+    fired = _merge_steps(kw, 30, per_layer=True)  # stagger is the default
+    plain = _merge_steps({**kw, "stagger": False}, 30)
     assert plain == [0, 4, 9, 15, 22]  # gaps 4, 4+1, 4+2, 4+3
     assert fired["fc2"] == plain
     assert fired["fc1"] == [0, 2, 7, 13, 20, 29]  # phi = 2, then gaps 5, 6, 7, 9
 
 
 def test_max_proj_gap_caps_the_interval():
-    fired = _merge_steps(dict(update_proj_gap=3, increment_size=2.0, max_proj_gap=6), 30)
+    fired = _merge_steps(dict(update_proj_gap=3, increment_size=2.0, max_proj_gap=6,
+                              stagger=False), 30)
     assert fired == [0, 3, 8, 14, 20, 26]  # gaps 3, 3+2, then capped at 6
 
 
@@ -300,7 +301,8 @@ def test_plain_parameters_follow_torch_adamw():
 def test_state_on_merge(policy):
     """B's first moment across a merge: kept, rotated by P_oldᵀP_new, or restarted."""
     m = lo.prepare_loqt(make_model(), rank=4, bits=None, proj_bits=None, target_modules=None)
-    opt = lo.LoQTAdamW(m.parameters(), lr=1e-2, update_proj_gap=3, state_on_merge=policy)
+    opt = lo.LoQTAdamW(m.parameters(), lr=1e-2, update_proj_gap=3, state_on_merge=policy,
+                       stagger=False)
     batches = make_batches(4)
     train(m, opt, batches[:3])  # a merge at step 0 only
     st, b = opt.state[m.fc1.B], m.fc1.B
@@ -319,7 +321,7 @@ def test_state_on_merge(policy):
 def test_merge_waits_for_a_backward_with_a_warning():
     m = lo.prepare_loqt(make_model(), rank=4, target_modules=None)
     loss_fn(m, make_batches(1)[0]).backward()  # before the optimizer exists: not captured
-    opt = lo.LoQTAdamW(m.parameters(), lr=1e-2, update_proj_gap=3)
+    opt = lo.LoQTAdamW(m.parameters(), lr=1e-2, update_proj_gap=3, stagger=False)
     with pytest.warns(UserWarning, match="waits for the next backward pass"):
         opt.step()
     assert int(m.fc1.merges) == 0 and opt.state[m.fc1.B]["step"] == 1
