@@ -54,12 +54,14 @@ def adam_(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: floa
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if hf_eps:
         return (exp_avg / (exp_avg_sq.sqrt() + eps)).mul_(math.sqrt(bc2) / bc1).float()
-    if exp_avg.dtype == torch.float32:
-        # written over the denominator: one full-size temporary (the direction)
-        denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
-        return torch.div(exp_avg, denom, out=denom).div_(bc1)
-    # low-precision moments: the quotient in float32, as torch's addcdiv computes it, in
-    # slices (float32 copies of whole moments would add 8 bytes per element)
+    if exp_avg.dtype == torch.float32 or not (exp_avg.is_contiguous()
+                                             and exp_avg_sq.is_contiguous()):
+        # the quotient in float32, as torch's addcdiv computes it for low-precision
+        # moments, written over the denominator: one full-size temporary (the direction)
+        denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps).float()
+        return torch.div(exp_avg.float(), denom, out=denom).div_(bc1)
+    # low-precision moments: the same in slices (float32 copies of whole moments would add
+    # 8 bytes per element)
     d = torch.empty(exp_avg.shape, dtype=torch.float32, device=exp_avg.device)
     for m, v, out in zip(*(_slices(t) for t in (exp_avg, exp_avg_sq, d))):
         denom = v.sqrt().div_(math.sqrt(bc2)).add_(eps).float()

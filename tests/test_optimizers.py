@@ -582,3 +582,19 @@ def test_low_precision_plain_update_in_slices_is_bitwise_whole(monkeypatch):
         runs.append([t.clone() for t in (*ps, plain, *opt_plain.state[plain].values())
                      if isinstance(t, torch.Tensor)])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_channels_last_bf16_parameter_steps_like_a_contiguous_one():
+    """Moments keep a parameter's memory format; a strided (channels_last) bf16 tensor
+    takes the whole-tensor path instead of flat slices, with the same values."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, generator=gen).bfloat16()
+    p = torch.nn.Parameter(w.clone().to(memory_format=torch.channels_last))
+    q = torch.nn.Parameter(w.clone())
+    opt = lo.GaLoreAdamW([p, q], lr=1e-2)
+    for _ in range(3):
+        g = torch.randn(w.shape, generator=gen).bfloat16()
+        p.grad, q.grad = g.to(memory_format=torch.channels_last), g.clone()
+        opt.step()
+    assert p.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(p.contiguous(), q)
