@@ -29,7 +29,9 @@ columns are then only indicative). Measured per method:
   minus weights, gradients and state. On CPU the workers run with glibc's
   ``MALLOC_MMAP_THRESHOLD_=131072`` (``--malloc-default`` to keep the dynamic threshold):
   otherwise freed temporaries of up to 32 MB stay in the heap and peak RSS measures
-  fragmentation (LLaMA-60M, 6 steps: Q-GaLore per-layer 978 vs 620 MiB above baseline);
+  fragmentation (LLaMA-60M, 6 steps: Q-GaLore per-layer 978 vs 620 MiB above baseline;
+  a 4 MiB threshold still put the peaks 16-29% above the peak model). The price is speed:
+  each larger tensor is mapped and unmapped, ~1.7x slower steps on the tiny default.
   ``estimate_memory.py``'s sum (weights + gradients + state + saved activations) and its
   peak model for the same run are printed beside each peak.
 
@@ -61,8 +63,10 @@ import torch
 import common as C
 
 # Defaults: "tiny" (0.86M parameters) for 500 steps of 16 x 128 bytes (1.02M tokens per
-# method): ~170-230 ms per step on 2 idle CPU cores, so about 1.5 minutes per method and
-# 8-9 minutes for all five (much longer when other jobs share the cores).
+# method): ~330 ms per step on 2 idle CPU cores with the workers' small mmap threshold
+# (~190 ms with glibc's default, which measures heap fragmentation instead of live memory),
+# about 3.3 minutes per method and 17 for the five default methods; `make bench` passes
+# --steps 300 to stay near 10 minutes.
 DEFAULTS = dict(config="tiny", steps=500, batch_size=16, eval_every=50, eval_batches=8,
                 update_proj_gap=200, scale=0.25, seed=0)
 
