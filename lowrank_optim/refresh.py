@@ -43,6 +43,11 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected a positive int)")
 
 
+def _check_phase(phase) -> None:
+    if not isinstance(phase, int) or isinstance(phase, bool) or phase < 0:
+        raise ValueError(f"Invalid phase: {phase!r} (expected an int >= 0)")
+
+
 @dataclass(frozen=True)
 class FixedGap:
     gap: int
@@ -51,8 +56,7 @@ class FixedGap:
 
     def __post_init__(self):
         _positive_int("update_proj_gap", self.gap)
-        if not isinstance(self.phase, int) or isinstance(self.phase, bool) or self.phase < 0:
-            raise ValueError(f"Invalid phase: {self.phase!r} (expected an int >= 0)")
+        _check_phase(self.phase)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}_{name}"
@@ -114,8 +118,7 @@ class Exponential:
             raise ValueError(f"Invalid growth: {self.growth!r} (expected >= 1)")
         if self.max_gap is not None:
             _positive_int("max_gap", self.max_gap)
-        if not isinstance(self.phase, int) or isinstance(self.phase, bool) or self.phase < 0:
-            raise ValueError(f"Invalid phase: {self.phase!r} (expected an int >= 0)")
+        _check_phase(self.phase)
 
     def gap(self, k: int) -> int:
         """Gap after the k-th event (k = 0 is the event at step 0; a ``phase`` > 0
