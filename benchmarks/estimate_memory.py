@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import shlex
@@ -45,6 +46,7 @@ import torch
 
 import bench_memory as bm
 from common import LlamaLM, get_config
+from lowrank_optim.functional import _CHUNK  # elements per bitsandbytes call in adam8bit_
 
 GB = 1e9
 CONFIGS = "60m,130m,350m,1b,7b,13b"
@@ -135,6 +137,7 @@ def _flash_attention_on_meta():
         torch.nn.functional.scaled_dot_product_attention = _SDPA
 
 
+@functools.lru_cache(maxsize=None)  # the same count is asked for once per method
 def activation_bytes(cfg, batch: int, seq: int, dt, checkpointing: bool) -> int:
     """Saved-for-backward bytes of one forward, counted on the meta device."""
     with _flash_attention_on_meta():
@@ -150,6 +153,14 @@ def _activation_bytes(cfg, batch: int, seq: int, dt, checkpointing: bool) -> int
     if checkpointing:  # backward recomputes one block at a time: add one block's worth
         total += _saved_bytes_block(cfg, batch, seq, dt)
     return total
+
+
+@functools.lru_cache(maxsize=None)
+def block_bytes(cfg, batch: int, seq: int, dt) -> int:
+    """Saved-for-backward bytes of one block's forward, counted on the meta device with
+    the flash-attention saves, as :func:`activation_bytes` counts them."""
+    with _flash_attention_on_meta():
+        return _saved_bytes_block(cfg, batch, seq, dt)
 
 
 def _saved_bytes_block(cfg, batch, seq, dt) -> int:
@@ -174,9 +185,6 @@ def estimate(name: str, cfg, rank: int, dt, activations: int) -> dict:
 
 
 # ---- the peak model -----------------------------------------------------------------------
-# elements per bitsandbytes call in the package's 8-bit Adam (functional._CHUNK)
-_CHUNK_8BIT = 1 << 20
-
 
 def _bnb_cpu(n: int, esize: int) -> int:
     """bitsandbytes 0.50's CPU 8-bit Adam kernel (backends/cpu/ops.py): float32 copies of
@@ -200,13 +208,13 @@ def update_transient(method: str, shape: tuple, proj: bool, esize: int, rank: in
     if proj:
         m = max(shape) * min(rank, *shape)   # low-rank size (GaLore R; LoQT's B)
         if method in bm.LOQT:
-            n, proj = m, False               # B is stepped like a plain parameter
+            n = m                            # B is stepped like a plain parameter
         else:
             extra = 4 * n if esize != 4 else 0   # float32 copy of a low-precision gradient
-            return extra + 2 * 4 * m + (_bnb_cpu(min(m, _CHUNK_8BIT), 4) if eight and
+            return extra + 2 * 4 * m + (_bnb_cpu(min(m, _CHUNK), 4) if eight and
                                         device == "cpu" else 0)
     if eight and n >= 4096:   # package 8-bit Adam: float32 direction + one bnb slice
-        return 4 * n + (_bnb_cpu(min(n, _CHUNK_8BIT), 4) if device == "cpu" else 0)
+        return 4 * n + (_bnb_cpu(min(n, _CHUNK), 4) if device == "cpu" else 0)
     return 4 * n   # adam_: the float32 direction (low-precision moments: in slices)
 
 
@@ -245,7 +253,7 @@ def peak_model(name: str, cfg, rank: int, dt, batch: int, seq: int,
     params = _grads(method, cfg, rank, esize)
     trans = {nm: update_transient(method, sh, pr, esize, rank, device)
              for nm, sh, pr, _ in params}
-    a_block = _saved_bytes_block(cfg, batch, seq, dt)
+    a_block = block_bytes(cfg, batch, seq, dt)
     a_rest = activation_bytes(cfg, batch, seq, dt, False) - cfg.n_layers * a_block
     kept = a_block
     if checkpointing:  # each block keeps its input until backward recomputes it

@@ -184,3 +184,18 @@ def test_report_from_saved_json(tmp_path):
     strip = lambda t: [l for l in t.splitlines() if not l.startswith(("- date", "- versions"))]
     assert strip(again["table"]) == strip(first["table"])
     assert "--report-from" in again["table"]
+
+
+def test_peak_models_block_is_the_block_that_activation_bytes_counts():
+    """The peak model walks backward block by block with ``block_bytes``: one more layer
+    adds exactly that many saved bytes to ``activation_bytes`` (both with flash
+    attention's saves, not the math path's attention matrix)."""
+    import dataclasses
+
+    import estimate_memory
+    cfg = common.get_config("micro")
+    deeper = dataclasses.replace(cfg, n_layers=cfg.n_layers + 1)
+    for dt in (torch.float32, torch.bfloat16):
+        grow = (estimate_memory.activation_bytes(deeper, 2, 32, dt, False)
+                - estimate_memory.activation_bytes(cfg, 2, 32, dt, False))
+        assert grow == estimate_memory.block_bytes(cfg, 2, 32, dt) > 0
