@@ -105,6 +105,8 @@ seed = 0
 timeout = 5400            # seconds per case
 max_rss_gb = 21.5         # kill a child whose RSS passes this (10^9 bytes)
 min_free_gb = 0.6         # ... or that leaves less than this MemAvailable on the machine
+mmap_threshold = 0        # glibc MALLOC_MMAP_THRESHOLD_ for the child (0: glibc's default,
+                          # a dynamic threshold that lets freed big temporaries stay in the heap)
 out = "benchmarks/results/peak.md"
 # -------------------------------------------------------------------------------------
 
@@ -422,7 +424,8 @@ def run_one(case: Case, a) -> dict:
                     grads=C.grad_bytes(model, method.per_layer), steps=results,
                     peak=max([build_peak] + [r["peak"] for r in results]),
                     peak_reset=can_reset, threads=a.threads, svd=a.svd, svd_niter=a.svd_niter,
-                    ec_iters=a.ec_iters, batch=a.batch, vocab=a.vocab)
+                    ec_iters=a.ec_iters, batch=a.batch, vocab=a.vocab,
+                    mmap_threshold=int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 0)))
     for i in range(a.steps):
         idx = torch.randint(0, cfg.vocab_size, (a.batch, case.seq + 1), generator=gen)
         x, y = idx[:, :-1], idx[:, 1:]
@@ -538,7 +541,10 @@ def run_case(case: Case, a, argv_common: list) -> dict:
     out_path = f"/tmp/bench_peak_{os.getpid()}_{re.sub(r'[^A-Za-z0-9_]', '_', case.key)}.json"
     t0 = time.perf_counter()
     with open(out_path, "w") as fout:
-        proc = subprocess.Popen(cmd, stdout=fout, cwd=ROOT)
+        env = dict(os.environ)
+        if a.mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
+        proc = subprocess.Popen(cmd, stdout=fout, cwd=ROOT, env=env)
         max_seen, stop = 0, None
         while proc.poll() is None:
             r = _child_rss(proc.pid)
@@ -794,6 +800,9 @@ def parse_args(argv=None):
                         "grads stay below 2 GB, else 1)")
     p.add_argument("--max-rss-gb", type=float, default=max_rss_gb)
     p.add_argument("--min-free-gb", type=float, default=min_free_gb)
+    p.add_argument("--mmap-threshold", type=int, default=mmap_threshold,
+                   help="bytes; set glibc's MALLOC_MMAP_THRESHOLD_ for the measured process "
+                        "(0: glibc's default), so freed big temporaries go back to the system")
     p.add_argument("--out", default=out)
     p.add_argument("--merge", action="store_true",
                    help="keep the rows already in --out (replaced by new rows of the same case)")

@@ -4,8 +4,8 @@ GaLore recomputes every projected matrix's basis from its gradient once per
 ``update_proj_gap`` steps; at 1B scale that SVD is the most expensive thing the optimizer
 does. This script times ``lowrank_optim.projector.compute_basis`` with
 ``svd="exact"`` (``torch.linalg.svd``, O(m n min(m, n))) and ``svd="randomized"``
-(``torch.svd_lowrank`` with ``rank + oversample`` columns and ``niter`` power
-iterations, O(m n r)) on the shapes of LLaMA-1B (hidden 2048, intermediate 5461:
+(the package's range finder: a Gaussian sketch of ``rank + oversample`` columns and
+``niter`` power iterations, O(m n r)) on the shapes of LLaMA-1B (hidden 2048, intermediate 5461:
 attention 2048x2048, MLP 2048x5461) for ranks 128 and 512.
 
 Test matrices are gradient-like and seeded: G = U diag(s) V^T + E with U, V random
@@ -219,7 +219,7 @@ def main(argv=None) -> str:
         "Time: median of "
         f"{a.repeats} calls of `lowrank_optim.projector.compute_basis` after {a.warmup} "
         "warm-up call(s), exact and randomized alternating. Exact: `torch.linalg.svd` "
-        "(full_matrices=False). Randomized: `torch.svd_lowrank` with q = rank + "
+        "(full_matrices=False). Randomized: the package's range finder with q = rank + "
         f"{a.oversample} columns and niter = {a.niter}. Energy: ‖PᵀG‖²/‖G‖² for the basis "
         "side GaLore's `proj_type=\"std\"` keeps (left when m < n, else right); the exact "
         "value is the optimum for that rank. Subspace overlap: ‖P_exactᵀ P_rand‖²_F / r.\n\n"

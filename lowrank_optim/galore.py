@@ -84,7 +84,8 @@ Args:
     proj_type (str): ``"std"`` (compress the smaller side), ``"reverse_std"``,
         ``"left"``, ``"right"`` or ``"full"``; see :mod:`lowrank_optim.projector`.
     svd (str): ``"exact"`` (``torch.linalg.svd``) or ``"randomized"``
-        (``torch.svd_lowrank``, much cheaper for :math:`r \ll \min(m, n)`).
+        (a Gaussian sketch with power iterations, see :mod:`lowrank_optim.projector`;
+        much cheaper for :math:`r \ll \min(m, n)`).
     state_on_refresh (str): what happens to the moments when the basis changes:
         ``"keep"`` (the reference: moments are reused as they are), ``"project"``
         (first moment rotated into the new basis, :math:`R^\top M`; second moment with

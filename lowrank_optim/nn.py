@@ -263,8 +263,10 @@ class LoQTLinear(nn.Module):
 
     Storage, all in ``state_dict()``: ``Q`` as buffers ``weight_codes``/``weight_scale``
     (/``weight_offset``): NF4 through bitsandbytes in absmax blocks of ``group_size``
-    (``quant_type="nf4"``, 4 bits only) or asymmetric min-max integer codes from
-    :mod:`lowrank_optim.quant` (``quant_type="int"``, 4 bits packed two per byte, or 8);
+    (``quant_type="nf4"``, 4 bits only; ``double_quant=True`` stores the absmax as 8-bit
+    codes, ``weight_scale_codes``/``_scale``/``_offset``, QLoRA's double quantization) or
+    asymmetric min-max integer codes from :mod:`lowrank_optim.quant` (``quant_type="int"``,
+    4 bits packed two per byte, or 8);
     with ``bits=None`` a float buffer ``weight`` (LoQT-nq). ``P`` as the shared
     :class:`~lowrank_optim.projector.Projector` stores it: ``proj_bits``-bit codes in groups
     of ``proj_group_size`` (``proj_codes``/``proj_scale``/``proj_offset``) or a float32
@@ -281,13 +283,14 @@ class LoQTLinear(nn.Module):
     Until its first merge ``P`` is zero, so the layer computes ``deq(Q)·x``.
     """
 
-    _FP32_BUFFERS = ("weight_scale", "weight_offset", "proj", "proj_scale", "proj_offset")
+    _FP32_BUFFERS = ("weight_scale", "weight_offset", "weight_scale_scale",
+                     "weight_scale_offset", "proj", "proj_scale", "proj_offset")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  rank: int = 128, scale: float = 0.5, bits: Optional[int] = 4,
                  quant_type: Optional[str] = None, group_size: int = 64,
                  proj_bits: Optional[int] = 4, proj_group_size: int = 64, svd: str = "exact",
-                 device=None, dtype: Optional[torch.dtype] = None):
+                 double_quant: bool = False, device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         if not scale > 0:
             raise ValueError(f"Invalid scale: {scale!r} (expected scale > 0)")
@@ -299,8 +302,12 @@ class LoQTLinear(nn.Module):
                 raise ValueError(f"Invalid bits: {bits!r} (quant_type='nf4' has 4 bits; use "
                                  "quant_type='int' for 2 to 8 bits, or bits=None)")
             quant._check(bits, group_size, "nf4" if quant_type == "nf4" else "asym")
+        if double_quant and (bits is None or quant_type != "nf4"):
+            raise ValueError(f"Invalid double_quant: {double_quant!r} (it quantizes NF4's "
+                             "absmax: needs bits=4 with quant_type='nf4')")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.quant_type, self.group_size = bits, quant_type, group_size
+        self.double_quant = bool(double_quant)
         self.scale = float(scale)
         self.projector = Projector(rank, "std", svd, proj_bits, proj_group_size)
         m, n = out_features, in_features
@@ -311,6 +318,10 @@ class LoQTLinear(nn.Module):
             self.register_buffer("weight", torch.zeros(m, n, dtype=dtype, **kw))
         else:
             self._register_codes("weight", m * n, bits, group_size, quant_type == "int", kw)
+            if self.double_quant:  # the absmax as 8-bit codes, zero: an all-zero weight
+                groups = self._buffers.pop("weight_scale").numel()
+                self._register_codes("weight_scale", groups, 8, quant.DQ_GROUP, True, kw)
+                self.weight_scale_scale.fill_(1.0)
         numel = min(m, n) * r
         if proj_bits is None:
             self.register_buffer("proj", torch.zeros(min(m, n), r, **kw))
@@ -353,7 +364,7 @@ class LoQTLinear(nn.Module):
         if self.bits is None:
             return w
         if self.quant_type == "nf4":
-            return quant.nf4_quantize(w, self.group_size)
+            return quant.nf4_quantize(w, self.group_size, self.double_quant)
         return quant.quantize(w, self.bits, self.group_size)
 
     def _dequantize(self, q, dtype=torch.float32) -> Tensor:
@@ -367,9 +378,10 @@ class LoQTLinear(nn.Module):
         if isinstance(q, Tensor):
             self.weight.copy_(q)
         else:
-            for key, t in (("codes", q.codes), ("scale", q.scale), ("offset", q.offset)):
-                if t is not None:
-                    getattr(self, f"weight_{key}").copy_(t)
+            flat = {}
+            quant.put(flat, "weight", q)
+            for key, t in flat.items():
+                self._buffers[key].copy_(t)
 
     def base_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``deq(Q)``, ``out × in``, in ``dtype``."""
@@ -474,6 +486,8 @@ class LoQTLinear(nn.Module):
 
     def extra_repr(self) -> str:
         q = "none" if self.bits is None else "nf4" if self.quant_type == "nf4" else f"int{self.bits}"
+        if self.bits is not None:
+            q += f"/{self.group_size}" + ("+dq" if self.double_quant else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, rank={self.rank}, scale={self.scale}, "
                 f"quant={q}, proj_bits={self.projector.quant_bits}")
@@ -485,7 +499,8 @@ def prepare_loqt(model: nn.Module, rank: int = 128, bits: Optional[int] = 4,
     """Replace, in place, every ``nn.Linear`` whose qualified name contains one of
     ``target_modules`` (every Linear when ``None``) by a :class:`LoQTLinear` whose ``Q``
     is the quantized weight; returns ``model``. ``kwargs`` go to :class:`LoQTLinear`
-    (``quant_type``, ``group_size``, ``proj_bits``, ``proj_group_size``, ``svd``).
+    (``quant_type``, ``group_size``, ``double_quant``, ``proj_bits``, ``proj_group_size``,
+    ``svd``).
     Other parameters (embeddings, norms, head) are untouched and stay trainable."""
     return _swap_linears(model, target_modules, lambda linear: LoQTLinear.from_linear(
         linear, rank=rank, scale=scale, bits=bits, **kwargs))

@@ -28,8 +28,8 @@ The rank is clipped to :math:`\min(m, n)` (a basis cannot have more orthonormal 
 The basis is computed in float32 by exact SVD (``svd="exact"``, ``torch.linalg.svd``) or
 randomized SVD (``svd="randomized"``: a Gaussian sketch of ``r + oversample`` columns,
 ``niter`` QR-orthonormalised power iterations, then the exact SVD of the small
-:math:`(r+p) \times n` matrix (Halko, Martinsson & Tropp, 2011); :math:`O(mnr)` instead of
-:math:`O(mn\min(m,n))`). The sketch is drawn from its own generator seeded by the caller
+:math:`(r+p) \times n` matrix, through the :math:`(r+p)`-square triangle of its QR when it is
+wide (Halko, Martinsson & Tropp, 2011); :math:`O(mnr)` instead of :math:`O(mn\min(m,n))`). The sketch is drawn from its own generator seeded by the caller
 (the optimizers use the refresh count), never from the global RNG, so runs are
 reproducible and do not depend on the order in which layers are refreshed.
 
@@ -95,8 +95,15 @@ def compute_basis(g: Tensor, rank: int, svd: str = "exact", oversample: int = 8,
         basis = torch.linalg.qr(a @ sketch).Q
         for _ in range(niter):
             basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
-        ub, _, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
-        return (basis @ ub)[:, :r].contiguous(), vh[:r].T.contiguous()
+        b = basis.T @ a  # q x n: a ≈ basis @ b
+        if b.shape[1] <= b.shape[0]:
+            ub, _, vh = torch.linalg.svd(b, full_matrices=False)
+            return (basis @ ub)[:, :r].contiguous(), vh[:r].T.contiguous()
+        # a wide b: the SVD of the q x q triangle of b's QR has the same singular vectors
+        # (b = rᵀ·qᵀ, rᵀ = ub·s·wh, so b = ub·s·(qb·whᵀ)ᵀ) and costs half of svd(b)
+        qb, rb = torch.linalg.qr(b.T)
+        ub, _, wh = torch.linalg.svd(rb.T)
+        return (basis @ ub[:, :r]).contiguous(), qb @ wh[:r].T
     raise ValueError(f"Invalid svd: {svd!r} (expected one of {SVD_METHODS})")
 
 

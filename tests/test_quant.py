@@ -276,6 +276,33 @@ def test_nf4_round_trip_error_bounded(seed, shape, blocksize, dtype):
     assert bool((err <= bound * (1 + 1e-4) + 1e-7).all()), float((err - bound).max())
 
 
+@given(seed=st.integers(0, 2**31 - 1),
+       n=st.integers(1, 40000),
+       blocksize=st.sampled_from([32, 64]))
+def test_nf4_double_quant_absmax_close_and_storage_flat(seed, n, blocksize):
+    """Double quantization stores the absmax as 8-bit codes in groups of DQ_GROUP blocks:
+    it dequantizes within half a step of its group, the NF4 codes are the same, and put/get
+    round-trip it through flat keys (tensors only)."""
+    x = _make(seed, [n], "gauss", torch.float32)
+    plain, dq = quant.nf4_quantize(x, blocksize), quant.nf4_quantize(x, blocksize, True)
+    assert torch.equal(plain.codes, dq.codes)
+    assert isinstance(dq.scale, quant.QTensor) and dq.scale.bits == 8
+    assert dq.scale.group_size == quant.DQ_GROUP
+    groups = -(-n // blocksize)
+    absmax = dq.scale.dequantize()
+    step = _per_element(dq.scale.scale, quant.DQ_GROUP, groups)
+    assert bool(((absmax - plain.scale).abs() <= step / 2 * (1 + 1e-4) + 1e-12).all())
+    assert quant.nbytes(dq) == plain.codes.numel() + groups + 8 * (-(-groups // quant.DQ_GROUP))
+    store = {}
+    quant.put(store, "w", dq)
+    assert set(store) == {"w_codes", "w_scale_codes", "w_scale_scale", "w_scale_offset"}
+    back = quant.get(store, "w", (n,), 4, blocksize, "nf4")
+    assert torch.equal(back.dequantize(), dq.dequantize())
+    # the weights move by at most what the absmax moved, scaled by the largest |level| (1)
+    assert float((dq.dequantize() - plain.dequantize()).abs().max()) <= \
+        float((absmax - plain.scale).abs().max()) * (1 + 1e-5) + 1e-12
+
+
 @pytest.mark.parametrize("shape", [(64,), (128,), (100,), (7,), (129,), (3, 40), (4, 64)])
 def test_nf4_dequantize_keeps_shape(shape):
     x = torch.randn(shape)
