@@ -389,6 +389,14 @@ def _galore(model, a):
                                           weight_decay=a.weight_decay))
 
 
+@register("galore_randomized", lr=2e-2, default=False,
+          description="GaLoreAdamW with svd=\"randomized\" (range finder, 2 power iterations)")
+def _galore_randomized(model, a):
+    import lowrank_optim as lo
+    return Prepared(model, lo.GaLoreAdamW(_galore_groups(model, a), lr=a.lr, betas=a.betas,
+                                          weight_decay=a.weight_decay, svd="randomized"))
+
+
 @register("galore_nostagger", lr=2e-2, default=False,
           description="GaLoreAdamW with stagger=False (every matrix refreshes at 0, T, 2T, ... "
                       "as in the reference)")
@@ -464,6 +472,14 @@ def _loqt(model, a):
     # gave val ppl 3.973 and 200 gave 4.026; lr 1e-2 / 2e-2 / 4e-2 (gap 200) gave 4.109 /
     # 4.026 / 4.090
     return _loqt_prepared(model, a, dict(bits=4))
+
+
+@register("loqt_dq32", lr=2e-2, default=False, requires=("bitsandbytes",),
+          description="LoQTAdamW on NF4 blocks of 32 with a double-quantized absmax "
+                      "(prepare_loqt(group_size=32, double_quant=True): 4.26 bits per weight, "
+                      "the default blocks of 64 take 4.5)")
+def _loqt_dq32(model, a):
+    return _loqt_prepared(model, a, dict(bits=4, group_size=32, double_quant=True))
 
 
 @register("loqt_nostagger", lr=2e-2, default=False, requires=("bitsandbytes",),
