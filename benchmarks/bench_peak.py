@@ -49,7 +49,7 @@ runs in the step (inside backward with per-layer updates).
 Time-only settings (they change no tensor that is kept, so not the peak beyond a few
 ``m × (rank + 8)`` float32 temporaries of the SVD): ``--svd randomized`` (the package's
 randomized SVD instead of the exact one), ``--svd-niter`` (power iterations of that
-randomized SVD, package default 2; the default here is 0, by wrapping
+randomized SVD, package default 1; the default here is 0, by wrapping
 ``lowrank_optim.projector.compute_basis`` with ``niter=0``, because at rank 1024 on two
 CPU cores each power iteration costs minutes per layer), ``--ec-iters`` (LoQT's
 error-compensation rounds at a merge, package default 5, here 1).
@@ -97,7 +97,7 @@ cases = "qgalore:llama_7b:256,loqt8bit:llama_7b:256,loqt8bit_per_layer:llama_13b
 steps = 2                 # step 0 (bases/merge) and step 1 (ordinary)
 threads = 1               # torch threads (1 measured faster than 2 on this shared machine)
 svd = "randomized"
-svd_niter = 0             # power iterations of the randomized SVD (package default: 2)
+svd_niter = 0             # power iterations of the randomized SVD (package default: 1)
 ec_iters = 1              # LoQT error-compensation rounds at a merge (package default: 5)
 batch = 1
 vocab = 32000

@@ -32,6 +32,17 @@ Command lines (from the repository root):
     python benchmarks/bench_svd.py --ranks 64,128,256,512 --repeats 5
     python benchmarks/bench_svd.py --niter 0 --oversample 16   # cheaper randomized SVD
     python benchmarks/bench_svd.py --device cuda               # the same on a GPU
+    python benchmarks/bench_svd.py --real llama_60m            # real gradients (below)
+
+``--real CONFIG`` measures on real gradients instead: a ``LlamaLM`` of that config (byte
+vocabulary) is trained with ``GaLoreAdamW`` on the stdlib corpus for ``--real-steps``
+steps; the gradients of its projected (attention and MLP) matrices are kept at that step
+and ``--lag`` steps later. For the exact SVD and the randomized SVD with each of
+``--niters`` power iterations, reported are the mean over the matrices of the energy the
+basis of the first gradient captures of that gradient (*now*) and of the later one
+(*later*: what GaLore uses a basis for, until its next refresh), each also relative to
+the exact SVD's, and the total time of the bases. Written to ``--out`` (default
+``benchmarks/results/svd_real.md``).
 """
 from __future__ import annotations
 
@@ -53,13 +64,17 @@ quick_ranks = "16,64"
 repeats = 3             # timed calls per method; the median is reported
 warmup = 1              # untimed calls per method before timing
 oversample = 8          # randomized SVD: rank + oversample columns (the projector's default)
-niter = 2               # randomized SVD: power iterations (the projector's default)
+niter = 1               # randomized SVD: power iterations (the projector's default)
 decay = 1.0             # singular values s_k = k ** -decay
 noise = 0.05            # ||noise||_F / ||low-rank part||_F
 seed = 0
 threads = None          # torch intra-op threads; None = torch's default
 device = "auto"         # "auto": cuda when available, else cpu
 out = None              # None: benchmarks/results/svd.md (svd_quick.md with --quick)
+real = None             # --real CONFIG: real gradients of that LlamaLM config instead
+real_steps = 100        # --real: GaLoreAdamW steps before the first gradient is kept
+lag = 20                # --real: steps between the two gradients kept
+niters = "0,1,2"        # --real: power iterations of the randomized SVDs compared
 # -------------------------------------------------------------------------------------
 
 from _paths import HERE, ROOT
@@ -89,10 +104,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=threads)
     p.add_argument("--device", default=device)
     p.add_argument("--out", default=out)
+    p.add_argument("--real", default=real, metavar="CONFIG",
+                   help="real gradients of a LlamaLM config (e.g. llama_60m), see above")
+    p.add_argument("--real-steps", type=int, default=real_steps)
+    p.add_argument("--lag", type=int, default=lag)
+    p.add_argument("--niters", default=niters, help="--real: comma list of power iterations")
+    p.add_argument("--batch-size", type=int, default=4, help="--real: sequences per step")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="--real: tokens per sequence (default: the config's)")
     a = p.parse_args(argv)
     a.shapes = a.shapes or (quick_shapes if a.quick else shapes)
     a.ranks = a.ranks or (quick_ranks if a.quick else ranks)
-    a.out = a.out or os.path.join(HERE, "results", "svd_quick.md" if a.quick else "svd.md")
+    a.out = a.out or os.path.join(HERE, "results", "svd_real.md" if a.real else
+                                  "svd_quick.md" if a.quick else "svd.md")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.repeats < 1 or a.warmup < 0:
@@ -152,6 +176,86 @@ def load_average() -> str:
         return "n/a"
 
 
+def real_gradients(a, dev: torch.device) -> tuple[list, list, str]:
+    """The projected matrices' gradients at step ``a.real_steps`` and ``a.lag`` steps later
+    of a LlamaLM trained with GaLoreAdamW (rank: the first of ``--ranks``)."""
+    import lowrank_optim as lo
+
+    torch.manual_seed(a.seed)
+    cfg = C.get_config(a.real)
+    model = C.LlamaLM(cfg).to(dev)
+    corpus = C.load_corpus()
+    seq_len = a.seq_len or cfg.seq_len
+    batches = C.Batches(corpus, a.batch_size, seq_len, a.seed, 1, dev)
+    rank = int(a.ranks.split(",")[0])
+    groups = lo.param_groups(model, rank=rank, target_modules=("attn", "mlp"))
+    opt = lo.GaLoreAdamW(groups, lr=1e-2)
+    mats = [p for g in groups if g.get("rank") for p in g["params"]]
+    kept = {}
+    for step in range(a.real_steps + a.lag + 1):
+        x, y = batches.next_train()
+        model(x, y).backward()
+        if step in (a.real_steps, a.real_steps + a.lag):
+            kept[step] = [p.grad.detach().clone() for p in mats]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    what = (f"`{a.real}` LlamaLM (byte vocabulary), {len(mats)} attention/MLP matrices, "
+            f"trained with GaLoreAdamW (rank {rank}, lr 1e-2) on {corpus.describe()}, "
+            f"{a.batch_size}×{seq_len} tokens per step; gradients at step {a.real_steps} "
+            f"(*now*) and {a.real_steps + a.lag} (*later*)")
+    return kept[a.real_steps], kept[a.real_steps + a.lag], what
+
+
+def real_main(a, dev: torch.device, command: str) -> str:
+    started, load_start = time.perf_counter(), load_average()
+    now, later, what = real_gradients(a, dev)
+    rank = int(a.ranks.split(",")[0])
+    methods = [("exact", dict(svd="exact"))] + [
+        (f"randomized, niter {k}", dict(svd="randomized", oversample=a.oversample, niter=int(k)))
+        for k in a.niters.split(",")]
+    for _, kw in methods:  # warm-up: first calls pay for library initialisation
+        compute_basis(now[0], rank, **kw)
+    rows = []
+    for name, kw in methods:
+        e_now = e_later = secs = 0.0
+        for g, g2 in zip(now, later):
+            side = choose_side(g.shape, "std")
+            t, (u, v) = timed(lambda: compute_basis(g, rank, **kw), dev)
+            basis = u if side == LEFT else v
+            e_now += energy(g, basis, side) / len(now)
+            e_later += energy(g2, basis, side) / len(now)
+            secs += t
+        rows.append((name, e_now, e_later, secs))
+        print(f"{name}: energy now {e_now:.5f}, later {e_later:.5f}, {secs:.2f} s", flush=True)
+    ex_now, ex_later = rows[0][1], rows[0][2]
+    table = ("| basis | energy now | now / exact | energy later | later / exact | time s |\n"
+             "|---|---|---|---|---|---|\n" + "".join(
+                 f"| {n} | {en:.5f} | {en / ex_now:.5f} | {el:.5f} | {el / ex_later:.5f} "
+                 f"| {t:.2f} |\n" for n, en, el, t in rows))
+    doc = (
+        "# bench_svd: exact vs randomized SVD on real gradients\n\n"
+        f"- command: `{command}`\n"
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
+        f"- torch {torch.__version__}, Python {platform.python_version()}, git {C.git_rev()}\n"
+        f"- device: {device_name(dev)}, {torch.get_num_threads()} torch threads; "
+        f"load average {load_start} at start, {load_average()} at end\n"
+        f"- total time: {time.perf_counter() - started:.0f} s\n\n"
+        f"{what}. Energy: ‖PᵀG‖²/‖G‖² (or ‖GQ‖²/‖G‖²) of the basis of the *now* gradient, "
+        "for the side GaLore's `proj_type=\"std\"` keeps, mean over the matrices; rank "
+        f"{rank}, randomized sketches of rank + {a.oversample} columns. Time: all the "
+        "matrices' bases, one call each.\n\n" + table)
+    return doc
+
+
+def write(doc: str, path: str) -> None:
+    print()
+    print(doc)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(doc)
+    print(f"written to {os.path.relpath(path, os.getcwd())}")
+
+
 def main(argv=None) -> str:
     a = parse_args(argv)
     if a.threads:
@@ -164,6 +268,10 @@ def main(argv=None) -> str:
     command = "python " + shlex.join(
         [os.path.relpath(sys.argv[0], ROOT) if sys.argv[0].endswith(".py") else sys.argv[0]]
         + sys.argv[1:])
+    if a.real:
+        doc = real_main(a, dev, command)
+        write(doc, a.out)
+        return doc
 
     rows = []
     for (m, n) in shape_list:
@@ -224,12 +332,7 @@ def main(argv=None) -> str:
         "side GaLore's `proj_type=\"std\"` keeps (left when m < n, else right); the exact "
         "value is the optimum for that rank. Subspace overlap: ‖P_exactᵀ P_rand‖²_F / r.\n\n"
         + table)
-    print()
-    print(doc)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write(doc)
-    print(f"written to {os.path.relpath(a.out, os.getcwd())}")
+    write(doc, a.out)
     return doc
 
 

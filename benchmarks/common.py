@@ -390,7 +390,7 @@ def _galore(model, a):
 
 
 @register("galore_randomized", lr=2e-2, default=False,
-          description="GaLoreAdamW with svd=\"randomized\" (range finder, 2 power iterations)")
+          description="GaLoreAdamW with svd=\"randomized\" (range finder, 1 power iteration)")
 def _galore_randomized(model, a):
     import lowrank_optim as lo
     return Prepared(model, lo.GaLoreAdamW(_galore_groups(model, a), lr=a.lr, betas=a.betas,
