@@ -51,6 +51,8 @@ Each measured figure is compared with two closed forms, written out below
   moments, float32 moments below 4096 elements in bitsandbytes, model-dtype moments for
   small plain parameters in the package; INT8 weight codes + float32 scale and offset per
   group of 256; INT4 bases packed two per byte + float32 scale and offset per 256;
+  LoQT's NF4 codes two per byte + a uint8 absmax per 32 + float32 scale and offset per
+  256 absmaxes, its INT8 basis + float32 scale and offset per 64;
   torch AdamW's 4-byte step tensor per parameter). The measured count must equal it.
 * **papers (BF16 convention)** -- the papers' estimate: every weight and state element in
   BF16 (2 bytes) unless quantized: AdamW 2P weights + 4P states; GaLore 2P + (4 P_plain +
@@ -151,8 +153,9 @@ def default_dtype(dt: torch.dtype):
 
 def build_model(cfg, dt: torch.dtype, device: str, method: str, rank: int) -> nn.Module:
     """LlamaLM in ``dt`` on ``device``; for Q-GaLore the attention and MLP Linears become
-    INT8 ``QuantLinear`` (groups of 256), for LoQT ``LoQTLinear`` (NF4 weight in blocks of
-    64, INT4 basis in groups of 64, ``dt`` factor B), quantized from the ``dt`` weights."""
+    INT8 ``QuantLinear`` (groups of 256), for LoQT ``LoQTLinear`` (its defaults: NF4 weight
+    in blocks of 32 with a double-quantized absmax, INT8 basis in groups of 64, ``dt`` factor
+    B), quantized from the ``dt`` weights."""
     torch.manual_seed(seed)
     with default_dtype(dt), torch.device(device):
         model = LlamaLM(cfg)
@@ -331,9 +334,10 @@ def closed_form_package(method: str, cfg, rank: int, esize: int) -> tuple[int, i
         n = math.prod(shape)
         if method in LOQT and proj:
             r = min(rank, *shape)
-            w += _cdiv(n, 2) + 4 * _cdiv(n, 64)                     # NF4 Q: codes + absmax/64
+            blocks = _cdiv(n, 32)                                   # NF4 Q: codes, absmax/32
+            w += _cdiv(n, 2) + blocks + 2 * 4 * _cdiv(blocks, 256)  # as uint8 + scale, offset/256
             p = min(shape) * r
-            w += _cdiv(p, 2) + 2 * 4 * _cdiv(p, 64)                 # INT4 P + scale, offset/64
+            w += p + 2 * 4 * _cdiv(p, 64)                           # INT8 P + scale, offset/64
             w += max(shape) * r * esize + 8                         # B (model dtype), merges
             low = max(shape) * r                                    # B's moments:
             s += 2 * low * esize if method == "LoQTAdamW" or low < 4096 else q8(low)
@@ -540,8 +544,9 @@ def render(rows, checks, a, dt, names, rank_of, real_set, meths, cmd, date, bnb,
         "(INT8 codes + float32 scale/offset per 256), INT4 bases (packed, float32 scale/offset "
         "per 256), 8-bit moments; embedding, norms and head keep the model dtype; "
         "**LoQTAdamW** = `lowrank_optim.LoQTAdamW` on the model after `lo.prepare_loqt(model, "
-        "rank=r, bits=4, target_modules=('attn', 'mlp'))` (NF4 Q with a float32 absmax per 64, "
-        "INT4 P with float32 scale/offset per 64, B in the model dtype; Adam moments of B and "
+        "rank=r, bits=4, target_modules=('attn', 'mlp'))` (its defaults: NF4 Q in blocks of 32 "
+        "with the absmax as uint8 codes + float32 scale/offset per 256 blocks, INT8 P with "
+        "float32 scale/offset per 64, B in the model dtype; Adam moments of B and "
         "of the plain parameters in the model dtype); **LoQTAdamW8bit** = the same with 8-bit moments "
         "(bitsandbytes blockwise, tensors of at least 4096 elements).")
     add("")

@@ -95,7 +95,7 @@ def main(argv=None) -> None:
         f"{a.threads} thread(s)",
         f"- {corpus.describe()}",
         f"- model `{a.config}`; "
-        + (f"LoQTAdamW on prepare_loqt(attn+MLP, NF4 W, INT4 P), rank {a.rank}, merges from "
+        + (f"LoQTAdamW on prepare_loqt(attn+MLP, NF4 W, INT8 P), rank {a.rank}, merges from "
            f"gap {a.gap} growing by 1.2, " if a.method == "loqt" else
            f"GaLoreAdamW on attn+MLP matrices, rank {a.rank}, update_proj_gap {a.gap}, ")
         + f"scale 0.25, lr {a.lr}, warmup {a.steps // 10} + cosine; "

@@ -464,7 +464,7 @@ def _loqt_prepared(model, a, prep: dict, **opt) -> Prepared:
 
 
 @register("loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
-          description="lowrank_optim.LoQTAdamW: NF4 weights + INT4 basis P frozen, B trained "
+          description="lowrank_optim.LoQTAdamW: NF4 weights + INT8 basis P frozen, B trained "
                       "(prepare_loqt), merges at exponentially growing intervals (staggered)")
 def _loqt(model, a):
     # the merge interval is LoQT's own (its default: first gap 100, growth 1.2, the paper's),
@@ -474,12 +474,12 @@ def _loqt(model, a):
     return _loqt_prepared(model, a, dict(bits=4))
 
 
-@register("loqt_dq32", lr=2e-2, default=False, requires=("bitsandbytes",),
-          description="LoQTAdamW on NF4 blocks of 32 with a double-quantized absmax "
-                      "(prepare_loqt(group_size=32, double_quant=True): 4.26 bits per weight, "
-                      "the default blocks of 64 take 4.5)")
-def _loqt_dq32(model, a):
-    return _loqt_prepared(model, a, dict(bits=4, group_size=32, double_quant=True))
+@register("loqt_nf4_64", lr=2e-2, default=False, requires=("bitsandbytes",),
+          description="LoQTAdamW with the earlier storage: NF4 blocks of 64 with a float32 "
+                      "absmax (4.5 bits per weight) and an INT4 P (the defaults: NF4 blocks of "
+                      "32 with a double-quantized absmax, 4.26 bits, and an INT8 P)")
+def _loqt_nf4_64(model, a):
+    return _loqt_prepared(model, a, dict(bits=4, group_size=64, double_quant=False, proj_bits=4))
 
 
 @register("loqt_nostagger", lr=2e-2, default=False, requires=("bitsandbytes",),

@@ -272,6 +272,19 @@ class LoQTLinear(nn.Module):
     of ``proj_group_size`` (``proj_codes``/``proj_scale``/``proj_offset``) or a float32
     ``proj``. ``B`` is the only parameter besides the bias; ``merges`` counts the merges.
 
+    Defaults: NF4 ``Q`` in blocks of 32 with a double-quantized absmax (4.26 bits per
+    weight; ``group_size=None`` and ``double_quant=None`` mean that for NF4, and blocks of
+    64 without double quantization for ``quant_type="int"``) and an INT8 ``P``. The
+    reference stores ``Q`` and ``P`` as NF4 in blocks of 64 (4.13 bits with its always-on
+    double quantization). Chosen by measurement (``benchmarks/results/loqt_quant.md``: main
+    job, 3 seeds, validation perplexity): NF4/64 with an INT4 ``P`` (this package's earlier
+    default) 3.932, NF4/32 + double quantization 3.920, INT8 ``P`` 3.922, both 3.899 (lower
+    on every seed), against 3.898 for LoQT without any quantization and 3.906 for
+    :class:`~lowrank_optim.GaLoreAdamW`. The INT8 ``P`` costs
+    :math:`4\,r\min(m,n)` bits more per layer, the finer ``Q`` blocks save
+    :math:`0.24\,mn`: at rank :math:`r \le 0.06\max(m,n)` the two cancel, at LLaMA-1B's
+    rank 512 the weights grow 1.5%.
+
     Forward is ``y = x·deq(Q)ᵀ + s·(x·P)·Bᵀ`` (or ``s·(x·Bᵀ)·Pᵀ``): no dense weight is
     trained and no dense weight gradient exists, except that when
     :class:`~lowrank_optim.LoQTAdamW` arms the layer before a merge, its backward forms
@@ -288,15 +301,19 @@ class LoQTLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  rank: int = 128, scale: float = 0.5, bits: Optional[int] = 4,
-                 quant_type: Optional[str] = None, group_size: int = 64,
-                 proj_bits: Optional[int] = 4, proj_group_size: int = 64, svd: str = "exact",
-                 double_quant: bool = False, device=None, dtype: Optional[torch.dtype] = None):
+                 quant_type: Optional[str] = None, group_size: Optional[int] = None,
+                 proj_bits: Optional[int] = 8, proj_group_size: int = 64, svd: str = "exact",
+                 double_quant: Optional[bool] = None, device=None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         if not scale > 0:
             raise ValueError(f"Invalid scale: {scale!r} (expected scale > 0)")
         quant_type = quant_type or ("nf4" if bits == 4 else "int")
         if quant_type not in ("nf4", "int"):
             raise ValueError(f"Invalid quant_type: {quant_type!r} (expected 'nf4' or 'int')")
+        nf4 = bits is not None and quant_type == "nf4"
+        group_size = (32 if nf4 else 64) if group_size is None else group_size
+        double_quant = nf4 if double_quant is None else double_quant
         if bits is not None:
             if quant_type == "nf4" and bits != 4:
                 raise ValueError(f"Invalid bits: {bits!r} (quant_type='nf4' has 4 bits; use "

@@ -164,16 +164,33 @@ def test_merge_without_a_captured_basis_raises():
 
 
 def test_storage_dtypes_sizes_and_bf16():
-    layer = lo.LoQTLinear(256, 128, rank=16)  # NF4 blocks of 64, INT4 P groups of 64
+    # the defaults: NF4 blocks of 32 with an 8-bit absmax (groups of 256 blocks), INT8 P
+    layer = lo.LoQTLinear(256, 128, rank=16)
     sd = layer.state_dict()
+    assert sd["weight_codes"].dtype == torch.uint8 and sd["weight_codes"].numel() == 128 * 256 // 2
+    assert sd["weight_scale_codes"].dtype == torch.uint8
+    assert sd["weight_scale_codes"].numel() == 128 * 256 // 32
+    assert sd["weight_scale_scale"].numel() == sd["weight_scale_offset"].numel() == 4
+    assert sd["proj_codes"].numel() == 128 * 16 and sd["proj_offset"].numel() == 32
+    assert set(sd) == {"weight_codes", "weight_scale_codes", "weight_scale_scale",
+                       "weight_scale_offset", "proj_codes", "proj_scale", "proj_offset",
+                       "merges", "B", "bias"}
+    assert "nf4/32+dq" in repr(layer) and "proj_bits=8" in repr(layer)
+    # the reference's layout: NF4 blocks of 64 with a float32 absmax, INT4 P groups of 64
+    ref = lo.LoQTLinear(256, 128, rank=16, group_size=64, double_quant=False, proj_bits=4)
+    sd = ref.state_dict()
     assert sd["weight_codes"].dtype == torch.uint8 and sd["weight_codes"].numel() == 128 * 256 // 2
     assert sd["weight_scale"].dtype == torch.float32 and sd["weight_scale"].numel() == 512
     assert sd["proj_codes"].numel() == 128 * 16 // 2 and sd["proj_offset"].numel() == 32
     assert set(sd) == {"weight_codes", "weight_scale", "proj_codes", "proj_scale",
                        "proj_offset", "merges", "B", "bias"}
-    layer.to(torch.bfloat16)
-    assert layer.B.dtype == torch.bfloat16 and layer.weight_scale.dtype == torch.float32
-    assert layer.proj_scale.dtype == torch.float32 and layer.weight_codes.dtype == torch.uint8
+    # integer Q: blocks of 64 and no double quantization unless asked
+    assert "int4/64" in repr(lo.LoQTLinear(256, 128, rank=16, quant_type="int"))
+    for lay in (layer, ref):
+        lay.to(torch.bfloat16)
+        assert lay.B.dtype == torch.bfloat16 and lay.proj_scale.dtype == torch.float32
+        assert lay.weight_codes.dtype == torch.uint8 and lay.proj_codes.dtype == torch.uint8
+    assert ref.weight_scale.dtype == layer.weight_scale_scale.dtype == torch.float32
 
 
 def test_double_quant_storage_is_smaller_and_close():
@@ -184,8 +201,8 @@ def test_double_quant_storage_is_smaller_and_close():
     lin = nn.Linear(256, 128)
     nbytes = lambda layer: sum(b.numel() * b.element_size()
                                for k, b in layer.named_buffers() if k.startswith("weight"))
-    plain64 = lo.LoQTLinear.from_linear(lin, rank=16)
-    plain32 = lo.LoQTLinear.from_linear(lin, rank=16, group_size=32)
+    plain64 = lo.LoQTLinear.from_linear(lin, rank=16, group_size=64, double_quant=False)
+    plain32 = lo.LoQTLinear.from_linear(lin, rank=16, group_size=32, double_quant=False)
     dq32 = lo.LoQTLinear.from_linear(lin, rank=16, group_size=32, double_quant=True)
     assert nbytes(dq32) == 128 * 256 // 2 + 1024 + 8 * 4 < nbytes(plain64) < nbytes(plain32)
     assert set(dq32.state_dict()) == {"weight_codes", "weight_scale_codes", "weight_scale_scale",
