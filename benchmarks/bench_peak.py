@@ -23,7 +23,9 @@ device, then **one block at a time** the block is materialised in bfloat16 on th
 (random init, normal(0, 0.02), residual outputs 0.02/sqrt(2·layers), as ``LlamaLM``
 does), converted with the package's own swap (``lo.quantize_weights(block, bits=8,
 group_size=256)`` for Q-GaLore: INT8 ``QuantLinear``; ``lo.prepare_loqt(block, rank,
-bits=4, scale=0.5, svd=...)`` for LoQT: NF4 ``Q`` + INT8 ``P`` + bf16 ``B``, the defaults) and its
+bits=4, scale=0.5, svd=...)`` for LoQT: ``prepare_loqt``'s storage defaults at the row's git
+revision, NF4 ``Q`` in blocks of 64 + INT4 ``P`` before 8b58d5b, NF4 blocks of 32 with a
+double-quantized absmax + INT8 ``P`` from it; bf16 ``B``) and its
 float weights freed before the next block. Embedding, norms and head are materialised
 in bfloat16 (the package's layers compute in ``x.dtype``, so activations are bfloat16
 too; the loss is taken in float32). Nothing else is approximated: the step is the
@@ -135,11 +137,11 @@ METHODS = {m.name: m for m in (
     MethodSpec("qgalore_step", "qgalore", False, True,
                "QGaLoreAdamW8bit, INT8 weights, INT4 bases, 8-bit moments, opt.step()"),
     MethodSpec("loqt", "loqt", False, False,
-               "LoQTAdamW (bf16 moments of B), NF4 Q, INT8 P, opt.step()"),
+               "LoQTAdamW (bf16 moments of B), prepare_loqt's storage, opt.step()"),
     MethodSpec("loqt8bit", "loqt", False, True,
-               "LoQTAdamW8bit, NF4 Q, INT8 P, 8-bit moments, opt.step()"),
+               "LoQTAdamW8bit, prepare_loqt's storage, 8-bit moments, opt.step()"),
     MethodSpec("loqt8bit_per_layer", "loqt", True, True,
-               "LoQTAdamW8bit, NF4 Q, INT8 P, 8-bit moments, per-layer updates"),
+               "LoQTAdamW8bit, prepare_loqt's storage, 8-bit moments, per-layer updates"),
 )}
 
 ISSUE_METHODS = ("qgalore", "loqt8bit", "loqt8bit_per_layer")  # --configs without --methods
