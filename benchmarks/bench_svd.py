@@ -206,8 +206,7 @@ def real_gradients(a, dev: torch.device) -> tuple[list, list, str]:
     return kept[a.real_steps], kept[a.real_steps + a.lag], what
 
 
-def real_main(a, dev: torch.device, command: str) -> str:
-    started, load_start = time.perf_counter(), load_average()
+def real_main(a, dev: torch.device, command: str, load_start: str, started: float) -> str:
     now, later, what = real_gradients(a, dev)
     rank = int(a.ranks.split(",")[0])
     methods = [("exact", dict(svd="exact"))] + [
@@ -233,18 +232,23 @@ def real_main(a, dev: torch.device, command: str) -> str:
                  f"| {n} | {en:.5f} | {en / ex_now:.5f} | {el:.5f} | {el / ex_later:.5f} "
                  f"| {t:.2f} |\n" for n, en, el, t in rows))
     doc = (
-        "# bench_svd: exact vs randomized SVD on real gradients\n\n"
-        f"- command: `{command}`\n"
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
-        f"- torch {torch.__version__}, Python {platform.python_version()}, git {C.git_rev()}\n"
-        f"- device: {device_name(dev)}, {torch.get_num_threads()} torch threads; "
-        f"load average {load_start} at start, {load_average()} at end\n"
-        f"- total time: {time.perf_counter() - started:.0f} s\n\n"
-        f"{what}. Energy: ‖PᵀG‖²/‖G‖² (or ‖GQ‖²/‖G‖²) of the basis of the *now* gradient, "
+        preamble("exact vs randomized SVD on real gradients", command, dev, load_start, started)
+        + f"{what}. Energy: ‖PᵀG‖²/‖G‖² (or ‖GQ‖²/‖G‖²) of the basis of the *now* gradient, "
         "for the side GaLore's `proj_type=\"std\"` keeps, mean over the matrices; rank "
         f"{rank}, randomized sketches of rank + {a.oversample} columns. Time: all the "
         "matrices' bases, one call each.\n\n" + table)
     return doc
+
+
+def preamble(title: str, command: str, dev: torch.device, load_start: str, started: float) -> str:
+    """A results file's title and its lines of command, date, versions, device and time."""
+    return (f"# bench_svd: {title}\n\n"
+            f"- command: `{command}`\n"
+            f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
+            f"- torch {torch.__version__}, Python {platform.python_version()}, git {C.git_rev()}\n"
+            f"- device: {device_name(dev)}, {torch.get_num_threads()} torch threads; "
+            f"load average {load_start} at start, {load_average()} at end\n"
+            f"- total time: {time.perf_counter() - started:.0f} s\n\n")
 
 
 def write(doc: str, path: str) -> None:
@@ -269,7 +273,7 @@ def main(argv=None) -> str:
         [os.path.relpath(sys.argv[0], ROOT) if sys.argv[0].endswith(".py") else sys.argv[0]]
         + sys.argv[1:])
     if a.real:
-        doc = real_main(a, dev, command)
+        doc = real_main(a, dev, command, load_start, started)
         write(doc, a.out)
         return doc
 
@@ -313,16 +317,10 @@ def main(argv=None) -> str:
         f"| {w['shape']} | {w['rank']} | {w['side']} | {w['t_ex']:.3f} | {w['t_rd']:.3f} "
         f"| {w['t_ex'] / w['t_rd']:.2f} | {w['e_ex']:.5f} | {w['e_rd']:.5f} "
         f"| {w['e_rd'] / w['e_ex']:.5f} | {w['ov']:.4f} |\n" for w in rows)
-    total = time.perf_counter() - started
     doc = (
-        "# bench_svd: exact vs randomized SVD for the projector basis\n\n"
-        f"- command: `{command}`\n"
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
-        f"- torch {torch.__version__}, Python {platform.python_version()}\n"
-        f"- device: {device_name(dev)}, {torch.get_num_threads()} torch threads; "
-        f"load average {load_start} at start, {load_average()} at end\n"
-        f"- total time: {total:.0f} s\n\n"
-        f"Gradient-like float32 matrices G = U diag(s) Vᵀ + E, s_k = k^-{a.decay:g} "
+        preamble("exact vs randomized SVD for the projector basis", command, dev, load_start,
+               started)
+        + f"Gradient-like float32 matrices G = U diag(s) Vᵀ + E, s_k = k^-{a.decay:g} "
         f"(k = 1..min(m, n)), ‖E‖_F = {a.noise:g}·‖U diag(s) Vᵀ‖_F, seed {a.seed}. "
         "Time: median of "
         f"{a.repeats} calls of `lowrank_optim.projector.compute_basis` after {a.warmup} "

@@ -283,7 +283,7 @@ class LoQTLinear(nn.Module):
     :class:`~lowrank_optim.GaLoreAdamW`. The INT8 ``P`` costs
     :math:`4\,r\min(m,n)` bits more per layer, the finer ``Q`` blocks save
     :math:`0.24\,mn`: at rank :math:`r \le 0.06\max(m,n)` the two cancel, at LLaMA-1B's
-    rank 512 the weights grow 1.5%.
+    rank 512 weights + optimizer state grow 1.5% (``benchmarks/results/memory.md``).
 
     Forward is ``y = x·deq(Q)ᵀ + s·(x·P)·Bᵀ`` (or ``s·(x·Bᵀ)·Pᵀ``): no dense weight is
     trained and no dense weight gradient exists, except that when

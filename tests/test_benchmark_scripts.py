@@ -43,3 +43,20 @@ def test_scripts_answer_help(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, f"{script.name}: {res.stderr[-2000:]}"
         assert res.stdout.strip(), script.name
+
+
+def test_bench_svd_writes_both_reports(tmp_path):
+    """bench_svd's synthetic (--quick) and real-gradient (--real) modes run end to end and
+    write their tables; the real mode compares the exact SVD with each --niters value."""
+    for args, rows in ((["--quick", "--ranks", "8", "--repeats", "1", "--warmup", "0"], 2),
+                       (["--real", "micro", "--real-steps", "1", "--lag", "1", "--ranks", "4",
+                         "--niters", "0,1"], 3)):
+        out = tmp_path / "svd.md"
+        res = subprocess.run([sys.executable, str(BENCH / "bench_svd.py"), *args, "--out",
+                              str(out)], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        text = out.read_text()
+        assert text.startswith("# bench_svd: ") and "- command: `" in text
+        table = [line for line in text.splitlines() if line.startswith("|")]
+        assert len(table) == 2 + rows, text  # header, rule, one row per shape or basis
