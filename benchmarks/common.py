@@ -436,7 +436,7 @@ def _quantized_groups(model: nn.Module, a: MethodArgs) -> list[dict]:
                                 "update_proj_gap": a.update_proj_gap, "scale": a.scale}]
 
 
-@register("qgalore", lr=2e-2, default=False, requires=("bitsandbytes",),
+@register("qgalore", lr=2e-2, requires=("bitsandbytes",),
           description="lowrank_optim.QGaLoreAdamW8bit: INT8 weights (quantize_weights), "
                       "INT4 bases, lazy refresh, 8-bit moments")
 def _qgalore(model, a):
@@ -463,7 +463,7 @@ def _loqt_prepared(model, a, prep: dict, **opt) -> Prepared:
                                         weight_decay=a.weight_decay, **opt))
 
 
-@register("loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
+@register("loqt", lr=2e-2, requires=("bitsandbytes",),
           description="lowrank_optim.LoQTAdamW: NF4 weights + INT8 basis P frozen, B trained "
                       "(prepare_loqt), merges at exponentially growing intervals (staggered)")
 def _loqt(model, a):
