@@ -105,7 +105,7 @@ class LoQTAdamW(_LoQT, GaLoreAdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, update_proj_gap: int = 100,
                  increment_size: float = 1.2, max_proj_gap: Optional[int] = None,
-                 ec_iters: int = 5, state_on_merge: str = "project", stagger: bool = True,
+                 ec_iters: int = 5, state_on_merge: str = "reset", stagger: bool = True,
                  *, maximize: bool = False):
         LowRankOptimizer.__init__(self, params, _loqt_defaults(
             lr, betas, eps, weight_decay, update_proj_gap, increment_size, max_proj_gap,
@@ -116,7 +116,7 @@ class LoQTAdamW8bit(_LoQT, GaLoreAdamW8bit):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, update_proj_gap: int = 100,
                  increment_size: float = 1.2, max_proj_gap: Optional[int] = None,
-                 ec_iters: int = 5, state_on_merge: str = "project", stagger: bool = True,
+                 ec_iters: int = 5, state_on_merge: str = "reset", stagger: bool = True,
                  min_8bit_size: int = 4096, *, maximize: bool = False):
         LowRankOptimizer.__init__(self, params, _loqt_defaults(
             lr, betas, eps, weight_decay, update_proj_gap, increment_size, max_proj_gap,
@@ -164,10 +164,13 @@ made) waits for the next backward pass, with a warning.
 
 Moments of :math:`B` at a merge (``state_on_merge``): ``"keep"`` (the reference: reused
 as they are), ``"project"`` (rotated into the new basis with :math:`P_{old}^\top
-P_{new}`, as :class:`GaLoreAdamW`'s ``state_on_refresh="project"``; the default: it
-costs one small matrix product and measured best, ``benchmarks/results/state_on_merge.md``:
-tiny LLaMA, 400 steps, merges from gap 50, 2 seeds, validation perplexity keep +2.1%,
-reset +3.1% over project) or ``"reset"`` (zeroed, bias correction restarted).
+P_{new}`, as :class:`GaLoreAdamW`'s ``state_on_refresh="project"``) or ``"reset"``
+(zeroed, bias correction restarted; the default, by measurement with the current storage
+and staggered merges: main job, 3 seeds, validation perplexity 3.854 against 3.899 for
+project, lower on every seed, ``benchmarks/results/loqt_quant.md``; tiny LLaMA, 400
+steps, merges from gap 50, 2 seeds, ``benchmarks/results/state_on_merge.md``: project
++0.5%, keep +2.7% over reset. With NF4 blocks of 64, an INT4 ``P`` and unstaggered merges
+project had been best, reset +3.1%).
 
 Args:
     params: parameters or param groups; a LoQT model's ``parameters()`` (the factors
@@ -180,7 +183,7 @@ Args:
         the reference). Default None.
     ec_iters (int): :math:`C`, error-compensation rounds; 0 quantizes the merged weight
         and sets :math:`B = 0`. Default 5.
-    state_on_merge (str): ``"keep"``, ``"project"`` or ``"reset"``. Default ``"project"``.
+    state_on_merge (str): ``"keep"``, ``"project"`` or ``"reset"``. Default ``"reset"``.
     stagger (bool): layer :math:`i` of :math:`N` makes its second merge at
         :math:`\phi_i = \lceil \tau (i+1)/N \rfloor` instead of :math:`\tau` (the gaps
         after it are the same), so after the first step the layers' merges and SVDs are

@@ -93,7 +93,8 @@ CONFIGS = [
     *[OptConfig(f"loqt_{name}", cls, dict(_L, **kw), loqt=dict(_Q, **q))
       for name, cls, kw, q in (
           ("nf4", lo.LoQTAdamW, {}, {}),
-          ("nf4_64_p4", lo.LoQTAdamW, {}, dict(group_size=64, double_quant=False, proj_bits=4)),
+          ("nf4_64_p4_project", lo.LoQTAdamW, dict(state_on_merge="project"),
+           dict(group_size=64, double_quant=False, proj_bits=4)),
           ("int8_keep", lo.LoQTAdamW, dict(state_on_merge="keep"), dict(bits=8)),
           ("nq_reset", lo.LoQTAdamW, dict(state_on_merge="reset"), dict(bits=None, proj_bits=None)),
           ("8bit", lo.LoQTAdamW8bit, dict(min_8bit_size=64, weight_decay=0.01), {}))],
