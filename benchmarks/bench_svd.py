@@ -176,9 +176,9 @@ def load_average() -> str:
         return "n/a"
 
 
-def real_gradients(a, dev: torch.device) -> tuple[list, list, str]:
+def real_gradients(a, dev: torch.device, rank: int) -> tuple[list, list, str]:
     """The projected matrices' gradients at step ``a.real_steps`` and ``a.lag`` steps later
-    of a LlamaLM trained with GaLoreAdamW (rank: the first of ``--ranks``)."""
+    of a LlamaLM trained with GaLoreAdamW at ``rank``."""
     import lowrank_optim as lo
 
     torch.manual_seed(a.seed)
@@ -187,7 +187,6 @@ def real_gradients(a, dev: torch.device) -> tuple[list, list, str]:
     corpus = C.load_corpus()
     seq_len = a.seq_len or cfg.seq_len
     batches = C.Batches(corpus, a.batch_size, seq_len, a.seed, 1, dev)
-    rank = int(a.ranks.split(",")[0])
     groups = lo.param_groups(model, rank=rank, target_modules=("attn", "mlp"))
     opt = lo.GaLoreAdamW(groups, lr=1e-2)
     mats = [p for g in groups if g.get("rank") for p in g["params"]]
@@ -207,8 +206,8 @@ def real_gradients(a, dev: torch.device) -> tuple[list, list, str]:
 
 
 def real_main(a, dev: torch.device, command: str, load_start: str, started: float) -> str:
-    now, later, what = real_gradients(a, dev)
-    rank = int(a.ranks.split(",")[0])
+    rank = int(a.ranks.split(",")[0])  # the first of --ranks
+    now, later, what = real_gradients(a, dev, rank)
     methods = [("exact", dict(svd="exact"))] + [
         (f"randomized, niter {k}", dict(svd="randomized", oversample=a.oversample, niter=int(k)))
         for k in a.niters.split(",")]

@@ -277,10 +277,10 @@ class LoQTLinear(nn.Module):
     64 without double quantization for ``quant_type="int"``) and an INT8 ``P``. The
     reference stores ``Q`` and ``P`` as NF4 in blocks of 64 (4.13 bits with its always-on
     double quantization). Chosen by measurement (``benchmarks/results/loqt_quant.md``: main
-    job, 3 seeds, validation perplexity, ``state_on_merge="project"``): NF4/64 with an INT4 ``P`` (this package's earlier
-    default) 3.932, NF4/32 + double quantization 3.920, INT8 ``P`` 3.922, both 3.899 (lower
-    on every seed), against 3.898 for LoQT without any quantization and 3.906 for
-    :class:`~lowrank_optim.GaLoreAdamW`. The INT8 ``P`` costs
+    job, 3 seeds, validation perplexity, ``state_on_merge="project"``): NF4/64 with an
+    INT4 ``P`` (this package's earlier default) 3.932, NF4/32 + double quantization 3.920,
+    INT8 ``P`` 3.922, both 3.899 (lower on every seed), against 3.898 for LoQT without any
+    quantization and 3.906 for :class:`~lowrank_optim.GaLoreAdamW`. The INT8 ``P`` costs
     :math:`4\,r\min(m,n)` bits more per layer, the finer ``Q`` blocks save
     :math:`0.24\,mn`: at rank :math:`r \le 0.06\max(m,n)` the two cancel, at LLaMA-1B's
     rank 512 weights + optimizer state grow 1.5% (``benchmarks/results/memory.md``).
