@@ -212,9 +212,15 @@ def make_model(seed: int = 0, dtype=torch.float32, **kw) -> Net:
     return Net(**kw).to(dtype)
 
 
+def generator(seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` on the test device (``LOWRANK_TEST_DEVICE``, see
+    conftest.py): where the factories of the tests put their tensors."""
+    return torch.Generator(torch.empty(0).device).manual_seed(seed)
+
+
 def make_batches(n: int, seed: int = 1, batch: int = 16):
     """``n`` fixed (tok, x, y) batches; y is a smooth function of the inputs."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     w = torch.randn(16, 8, generator=g) / 4
     t = torch.randn(10, 8, generator=g)
     out = []

@@ -11,6 +11,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_")
                  and p.name != "common.py")
+pytestmark = pytest.mark.cpu_only(reason="benchmark scripts in CPU subprocesses")
+
 PATH_SETTERS = {"_paths", "common", "bench_memory"}  # bench_memory imports _paths first
 
 

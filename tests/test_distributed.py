@@ -46,6 +46,7 @@ import lowrank_optim.nn as lo_nn
 from registry import loss_fn, make_batches, make_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
+              pytest.mark.cpu_only(reason="gloo process groups of forked CPU processes"),
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="needs torch.distributed with gloo")]
 

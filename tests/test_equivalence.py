@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import lowrank_optim as lo
-from registry import Block, loss_fn, make_batches, make_model, train
+from registry import Block, generator, loss_fn, make_batches, make_model, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
@@ -33,7 +33,7 @@ STEPS = 20
 
 
 def _grad_seq(model, steps=STEPS, seed=0, dtype=None):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     return [[torch.randn(p.shape, generator=g).to(dtype or p.dtype) for p in model.parameters()]
             for _ in range(steps)]
 
@@ -245,7 +245,7 @@ def _shapes():
 
 def _synthetic(shape, steps, seed):
     """Gradients with a decaying spectrum (a meaningful top-r subspace) plus noise."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     m, n = shape
     out = []
     for _ in range(steps):

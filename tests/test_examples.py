@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
+pytestmark = [pytest.mark.usefixtures("single_thread"),  # see conftest.py
+              pytest.mark.cpu_only(reason="the example trains with use_cpu=True")]
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import lowrank_optim as lo
 from lowrank_optim.projector import LEFT, RIGHT
-from registry import loss_fn, make_batches, make_model, roundtrip, train
+from registry import generator, loss_fn, make_batches, make_model, roundtrip, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
@@ -30,7 +30,7 @@ SHAPES = [(48, 32), (32, 48), (40, 40)]  # (in, out): tall (RIGHT), wide (LEFT),
 
 def _armed_backward(layer, x, seed=0):
     layer.capture = 1
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     y = layer(x)
     (y * torch.randn(y.shape, generator=g)).sum().backward()
 
@@ -157,15 +157,16 @@ def test_unquantized_merge_keeps_the_function():
     torch.testing.assert_close(layer.effective_weight(), before, rtol=0, atol=1e-6)
 
 
-def test_merge_without_a_captured_basis_raises():
-    layer = lo.LoQTLinear(8, 8, rank=2)
+def test_merge_without_a_captured_basis_raises(device):
+    layer = lo.LoQTLinear(8, 8, rank=2, device=device)
     with pytest.raises(RuntimeError, match="no basis captured"):
         layer.merge_()
 
 
-def test_storage_dtypes_sizes_and_bf16():
+def test_storage_dtypes_sizes_and_bf16(device):
     # the defaults: NF4 blocks of 32 with an 8-bit absmax (groups of 256 blocks), INT8 P
-    layer = lo.LoQTLinear(256, 128, rank=16)
+    # (device=: conftest's test device covers the tests' own factory calls, not the package's)
+    layer = lo.LoQTLinear(256, 128, rank=16, device=device)
     sd = layer.state_dict()
     assert sd["weight_codes"].dtype == torch.uint8 and sd["weight_codes"].numel() == 128 * 256 // 2
     assert sd["weight_scale_codes"].dtype == torch.uint8
@@ -177,7 +178,8 @@ def test_storage_dtypes_sizes_and_bf16():
                        "merges", "B", "bias"}
     assert "nf4/32+dq" in repr(layer) and "proj_bits=8" in repr(layer)
     # the reference's layout: NF4 blocks of 64 with a float32 absmax, INT4 P groups of 64
-    ref = lo.LoQTLinear(256, 128, rank=16, group_size=64, double_quant=False, proj_bits=4)
+    ref = lo.LoQTLinear(256, 128, rank=16, group_size=64, double_quant=False, proj_bits=4,
+                        device=device)
     sd = ref.state_dict()
     assert sd["weight_codes"].dtype == torch.uint8 and sd["weight_codes"].numel() == 128 * 256 // 2
     assert sd["weight_scale"].dtype == torch.float32 and sd["weight_scale"].numel() == 512
@@ -185,7 +187,7 @@ def test_storage_dtypes_sizes_and_bf16():
     assert set(sd) == {"weight_codes", "weight_scale", "proj_codes", "proj_scale",
                        "proj_offset", "merges", "B", "bias"}
     # integer Q: blocks of 64 and no double quantization unless asked
-    assert "int4/64" in repr(lo.LoQTLinear(256, 128, rank=16, quant_type="int"))
+    assert "int4/64" in repr(lo.LoQTLinear(256, 128, rank=16, quant_type="int", device=device))
     for lay in (layer, ref):
         lay.to(torch.bfloat16)
         assert lay.B.dtype == torch.bfloat16 and lay.proj_scale.dtype == torch.float32

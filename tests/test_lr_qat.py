@@ -14,6 +14,7 @@ import lowrank_optim as lo
 from lowrank_optim import quant
 from lowrank_optim.lr_qat import (IntLinear, LRQATLinear, downcast, export_lr_qat, init_scale,
                                   lr_qat_param_groups, prepare_lr_qat)
+from registry import generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -86,7 +87,7 @@ def test_range_search_beats_absmax():
 @given(bits=st.integers(2, 8), seed=st.integers(0, 2 ** 16), group=st.sampled_from([None, 8]))
 def test_fixed_point_keeps_code_and_fraction(bits, seed, group):
     """int8 Phi_0: its rounding is the RTN code, and it is within 2^-F of W/s (F = 8 - bits)."""
-    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(seed))
+    w = torch.randn(6, 16, generator=generator(seed))
     s = init_scale(w, bits, group)
     phi = downcast(w, s, bits, group)
     assert phi.dtype == torch.int8

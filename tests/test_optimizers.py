@@ -10,7 +10,7 @@ from torch import nn
 
 import lowrank_optim as lo
 from registry import (CONFIGS, ERRORS, Block, assert_params_equal, assert_states_equal,
-                      loss_fn, make_batches, make_model, mat, roundtrip, train)
+                      generator, loss_fn, make_batches, make_model, mat, roundtrip, train)
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),  # see conftest.py
@@ -24,7 +24,7 @@ STATE_TYPES = (torch.Tensor, int, float, bool, str, list)
 
 
 def _set_grads(model, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     for p in model.parameters():
         p.grad = (scale * torch.randn(p.shape, generator=g)).to(p.dtype)
 
@@ -539,8 +539,8 @@ def test_adam_hf_eps_direction_matches_formula(monkeypatch, fused):
     if not fused:
         monkeypatch.setattr(F, "_fusable", lambda *ts: False)
     elif not F._fusable(torch.zeros(1)):
-        pytest.skip("this torch has no fused Adam kernel")
-    gen = torch.Generator().manual_seed(0)
+        pytest.skip("no fused Adam path for these tensors (float32 CPU tensors only)")
+    gen = generator(0)
     m, v = torch.zeros(40, 24), torch.zeros(40, 24)
     m64, v64 = m.double(), v.double()
     b1, b2, eps = 0.9, 0.99, 1e-6
@@ -563,7 +563,7 @@ def test_low_precision_plain_update_in_slices_is_bitwise_whole(monkeypatch):
     is made: the parameters and moments equal those of one piece."""
     from lowrank_optim import functional as F
 
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     w0 = [torch.randn(30, 37, generator=gen).bfloat16(), torch.randn(37, generator=gen).bfloat16()]
     grads = [[torch.randn(w.shape, generator=gen).bfloat16() for w in w0] for _ in range(3)]
     runs = []
@@ -587,7 +587,7 @@ def test_low_precision_plain_update_in_slices_is_bitwise_whole(monkeypatch):
 def test_channels_last_bf16_parameter_steps_like_a_contiguous_one():
     """Moments keep a parameter's memory format; a strided (channels_last) bf16 tensor
     takes the whole-tensor path instead of flat slices, with the same values."""
-    gen = torch.Generator().manual_seed(0)
+    gen = generator(0)
     w = torch.randn(8, 4, 3, 3, generator=gen).bfloat16()
     p = torch.nn.Parameter(w.clone().to(memory_format=torch.channels_last))
     q = torch.nn.Parameter(w.clone())

@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 from lowrank_optim import quant
 from lowrank_optim.projector import (BOTH, LEFT, PROJ_TYPES, RIGHT, SVD_METHODS, Projector,
                                      choose_side, compute_basis, overlap)
+from registry import generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -23,7 +24,7 @@ PROJ_TOL = 1e-4    # relative Frobenius tolerance of the projection identities
 # ---------------------------------------------------------------------------------------
 def make_grad(seed: int, m: int, n: int, kind: str = "gauss",
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     if kind == "gauss":
         g = torch.randn(m, n, generator=gen)
     elif kind == "lowrank":  # rank 1..3, so a larger requested rank reaches the null space
@@ -287,7 +288,7 @@ def energy(proj: Projector, state: dict, g: torch.Tensor) -> float:
 def test_randomized_captures_nearly_exact_energy(shape, proj_type, seed):
     m, n = shape
     k = 10
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     u = orthonormal(m, k, gen)
     v = orthonormal(n, k, gen)
     s = torch.linspace(10, 1, k)
@@ -309,7 +310,7 @@ def test_randomized_captures_nearly_exact_energy(shape, proj_type, seed):
 def same_subspace_pair(seed, m, n, r):
     """Two gradients with the same rank-r column and row spaces but different
     singular values, order and signs."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     u = orthonormal(m, r, gen)
     v = orthonormal(n, r, gen)
     s1 = torch.arange(r, 0, -1, dtype=torch.float32) + 1.0   # r+1, ..., 2
@@ -356,7 +357,7 @@ def test_transport_general_identity(seed, m, n, rank, proj_type):
     rots = proj.refresh(state, make_grad(seed + 1, m, n))
     like = torch.empty(m, n)
     x = torch.randn(proj.low_rank_shape(old, (m, n)),
-                    generator=torch.Generator().manual_seed(seed))
+                    generator=generator(seed))
     lhs = proj.transport(x, rots)
     rhs = proj.project(state, proj.project_back(old, x, like))
     assert lhs.shape == rhs.shape
@@ -369,7 +370,7 @@ def test_transport_general_identity(seed, m, n, rank, proj_type):
 @given(seed=seeds, d=st.integers(2, 64), r=st.integers(1, 16))
 def test_overlap_invariant_to_signs_and_permutation(seed, d, r):
     r = min(r, d)
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     p_old = orthonormal(d, r, gen)
     perm = torch.randperm(r, generator=gen)
     signs = torch.where(torch.rand(r, generator=gen) < 0.5, -1.0, 1.0)
@@ -382,7 +383,7 @@ def test_overlap_invariant_to_signs_and_permutation(seed, d, r):
 
 
 def test_overlap_small_for_unrelated_subspaces():
-    gen = torch.Generator().manual_seed(5)
+    gen = generator(5)
     d, r = 256, 4
     vals = [overlap((orthonormal(d, r, gen).T @ orthonormal(d, r, gen), None))
             for _ in range(20)]
@@ -397,7 +398,7 @@ def test_overlap_small_for_unrelated_subspaces():
 
 
 def test_overlap_averages_sides():
-    gen = torch.Generator().manual_seed(2)
+    gen = generator(2)
     eye = torch.eye(4)
     unrelated = orthonormal(300, 4, gen).T @ orthonormal(300, 4, gen)
     val = overlap((eye, unrelated))
@@ -503,11 +504,13 @@ def test_projector_is_immutable_and_hashable():
     assert proj == Projector(rank=4) and hash(proj) == hash(Projector(rank=4))
 
 
-def test_randomized_svd_is_seeded_and_leaves_the_global_rng_alone():
+def test_randomized_svd_is_seeded_and_leaves_the_global_rng_alone(device):
     g = torch.randn(40, 30)
-    before = torch.random.get_rng_state()
+    rng_states = lambda: [torch.random.get_rng_state()] + (  # noqa: E731
+        [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    before = rng_states()
     u1, v1 = compute_basis(g, 5, "randomized", seed=3)
-    assert torch.equal(before, torch.random.get_rng_state())
+    assert all(map(torch.equal, before, rng_states()))
     u2, v2 = compute_basis(g, 5, "randomized", seed=3)
     assert torch.equal(u1, u2) and torch.equal(v1, v2)
     u3, _ = compute_basis(g, 5, "randomized", seed=4)

@@ -16,6 +16,7 @@ from torch import nn
 
 import lowrank_optim as lo
 from lowrank_optim.nn import QuantLinear, store_weight_
+from registry import generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -39,7 +40,7 @@ class Tiny(nn.Module):
 
 
 def batches(n, seed=3):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     perm = torch.randperm(12, generator=g)
     out = []
     for _ in range(n):
@@ -154,7 +155,7 @@ def test_stochastic_rounding_keeps_sub_step_updates_on_average():
             layer = copy.deepcopy(q)
             store_weight_(layer.weight if hasattr(layer.weight, "quant_owner") else _link(layer),
                           w0 + delta, stochastic=stochastic,
-                          generator=torch.Generator().manual_seed(i))
+                          generator=generator(i))
             total += layer.dequantized_weight()
     mean_sr, mean_rtn = total_sr / trials, total_rtn / trials
     # round-to-nearest loses the update; SR keeps it within a few standard errors

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from lowrank_optim import quant
+from registry import generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,7 +32,7 @@ def _no_dynamo():
 # ---------------------------------------------------------------------------------------
 def _make(seed: int, shape, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """A test tensor: Gaussian with random scale and shift, constant, or few-valued."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     n = math.prod(shape)
     if kind == "gauss":
         scale = 10 ** (torch.rand((), generator=gen).item() * 4 - 2)  # 1e-2 .. 1e2
@@ -165,7 +166,7 @@ def test_stochastic_round_unbiased_and_within_one_step():
     values = torch.tensor([0.1, 0.5, 0.75, 0.999, -1.3, 2.9, -0.01, 7.25], dtype=torch.float64)
     reps = 25_000  # 200k samples in all
     y = values.repeat(reps)
-    gen = torch.Generator().manual_seed(1234)
+    gen = generator(1234)
     q = quant.stochastic_round(y, generator=gen)
 
     # integers, and never more than one step away: q in {floor(y), floor(y) + 1}
@@ -188,8 +189,8 @@ def test_stochastic_round_integers_fixed():
 
 def test_stochastic_round_generator_reproducible():
     y = torch.rand(1000) * 10
-    a = quant.stochastic_round(y, generator=torch.Generator().manual_seed(7))
-    b = quant.stochastic_round(y, generator=torch.Generator().manual_seed(7))
+    a = quant.stochastic_round(y, generator=generator(7))
+    b = quant.stochastic_round(y, generator=generator(7))
     assert torch.equal(a, b)
 
 
@@ -198,13 +199,13 @@ def test_stochastic_round_generator_reproducible():
 def test_quantize_leaves_input_and_uses_stochastic_round_draws(symmetric, stochastic):
     # quantize rounds a temporary in place: the caller's tensor must stay as it was, and
     # the codes must be those of the public rounding functions applied to the same values
-    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(8, 64, generator=generator(3))
     before = x.clone()
     q = quant.quantize(x, bits=8, group_size=64, symmetric=symmetric, stochastic=stochastic,
-                       generator=torch.Generator().manual_seed(5))
+                       generator=generator(5))
     assert torch.equal(x, before)
     y = x / q.scale[:, None] if symmetric else (x - q.offset[:, None]) / q.scale[:, None]
-    r = quant.stochastic_round(y, torch.Generator().manual_seed(5)) if stochastic else y.round()
+    r = quant.stochastic_round(y, generator(5)) if stochastic else y.round()
     k = r.clamp(-127, 127) + 128 if symmetric else r.clamp(0, 255)
     assert torch.equal(q.codes.view(8, 64), k.to(torch.uint8))
 
@@ -212,7 +213,7 @@ def test_quantize_leaves_input_and_uses_stochastic_round_draws(symmetric, stocha
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quantize_stochastic_unbiased_after_dequantize(symmetric, bits):
-    gen = torch.Generator().manual_seed(99)
+    gen = generator(99)
     x = torch.randn(64, generator=gen)
     reps = 4000
     # every group is one copy of x, so all groups share one scale and offset

@@ -13,6 +13,10 @@ sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 import shootout  # noqa: E402
 
+# the harness picks its own device (--device cpu here), runs CPU subprocess workers and
+# measures host memory
+pytestmark = pytest.mark.cpu_only(reason="benchmarks/shootout.py harness, --device cpu")
+
 MICRO = ["--config", "micro", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
          "--eval-every", "2", "--eval-batches", "1", "--device", "cpu", "--quiet",
          "--threads", "1"]   # one thread: fast even when other jobs share the cores
