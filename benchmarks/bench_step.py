@@ -10,6 +10,8 @@ set as ``p.grad`` from a pre-generated pool (no backward is timed):
 * ``bitsandbytes.optim.AdamW8bit``;
 * ``lowrank_optim.GaLoreAdamW`` with ``svd`` exact / randomized and ``stagger`` on / off;
 * ``lowrank_optim.GaLoreAdamW8bit``;
+* ``lowrank_optim.QGaLoreAdamW8bit`` on INT8 weights (``QuantLinear``, groups of 256; its
+  gradient is set as ``quant_grad``), INT4 basis, lazy refresh;
 * galore-torch 1.0's ``GaLoreAdamW`` when it is installed (``pip install --no-deps
   galore-torch==1.0``; galore-torch imports ``transformers`` only for a version check of
   torch, so when transformers is absent a stub of ``require_version`` is put in place
@@ -54,6 +56,7 @@ Command lines (from the repository root):
     python benchmarks/bench_step.py --skip-memory    # part 1 only
     python benchmarks/bench_step.py --skip-time      # part 2 only
     python benchmarks/bench_step.py --steps 50 --repeats 1   # shorter windows (SVDs then not amortized over a gap)
+    python benchmarks/bench_step.py --optimizers adamw_fused,galore_exact,qgalore   # a subset
 """
 from __future__ import annotations
 
@@ -247,33 +250,58 @@ def galore_groups(params, projected, a):
     return ([{"params": plain}] if plain else []) + [g]
 
 
+def _int8_weights(ps, pr):
+    """Replace, in ``ps`` (in place), every projected matrix by the INT8 weight of a
+    ``QuantLinear`` made from it (Q-GaLore's weights); its gradient goes in ``quant_grad``."""
+    for i, (p, proj) in enumerate(zip(ps, pr)):
+        if proj:
+            lin = nn.Linear(p.shape[1], p.shape[0], bias=False, device=p.device)
+            lin.weight.data.copy_(p.data)
+            ps[i] = lo.nn.QuantLinear.from_linear(lin, bits=8, group_size=256).weight
+    return ps
+
+
 def optimizer_specs(a, dev, gt):
-    """(label, factory(params, projected) -> optimizer, kind); kind names the family."""
+    """(key, label, factory(params, projected) -> optimizer, kind); kind names the family.
+    A factory may replace entries of ``params`` in place (Q-GaLore's INT8 weights)."""
     import bitsandbytes as bnb
 
     specs = [
-        ("torch AdamW (foreach)", lambda ps, pr: torch.optim.AdamW(ps, lr=a.lr, foreach=True), "adamw"),
-        ("torch AdamW (fused)", lambda ps, pr: torch.optim.AdamW(ps, lr=a.lr, fused=True), "adamw"),
-        ("bnb AdamW8bit", lambda ps, pr: bnb.optim.AdamW8bit(ps, lr=a.lr), "bnb8"),
-        ("(reference) projection GEMMs only", lambda ps, pr: ProjectionFloor(ps, pr, a.rank, a.lr),
-         "floor"),
+        ("adamw_foreach", "torch AdamW (foreach)",
+         lambda ps, pr: torch.optim.AdamW(ps, lr=a.lr, foreach=True), "adamw"),
+        ("adamw_fused", "torch AdamW (fused)",
+         lambda ps, pr: torch.optim.AdamW(ps, lr=a.lr, fused=True), "adamw"),
+        ("bnb8", "bnb AdamW8bit", lambda ps, pr: bnb.optim.AdamW8bit(ps, lr=a.lr), "bnb8"),
+        ("floor", "(reference) projection GEMMs only",
+         lambda ps, pr: ProjectionFloor(ps, pr, a.rank, a.lr), "floor"),
     ]
     for svd in ("exact", "randomized"):
         for stagger in (True, False):
-            specs.append((f"GaLoreAdamW {svd}, stagger {'on' if stagger else 'off'}",
+            specs.append((f"galore_{svd}" + ("" if stagger else "_nostagger"),
+                          f"GaLoreAdamW {svd}, stagger {'on' if stagger else 'off'}",
                           (lambda svd, stagger: lambda ps, pr: lo.GaLoreAdamW(
                               galore_groups(ps, pr, a), lr=a.lr, svd=svd, stagger=stagger))(svd, stagger),
                           "galore"))
-    specs.append(("GaLoreAdamW8bit exact, stagger on",
+    specs.append(("galore8", "GaLoreAdamW8bit exact, stagger on",
                   lambda ps, pr: lo.GaLoreAdamW8bit(galore_groups(ps, pr, a), lr=a.lr), "galore8"))
+    specs.append(("qgalore", "QGaLoreAdamW8bit (INT8 weights, INT4 basis, lazy), exact",
+                  lambda ps, pr: lo.QGaLoreAdamW8bit(galore_groups(_int8_weights(ps, pr), pr, a),
+                                                     lr=a.lr), "qgalore"))
     if gt is not None:
-        specs.append(("galore-torch GaLoreAdamW",
+        specs.append(("gt", "galore-torch GaLoreAdamW",
                       lambda ps, pr: gt.GaLoreAdamW(galore_groups(ps, pr, a), lr=a.lr,
                                                     no_deprecation_warning=True), "gt"))
         if dev.type == "cuda":
-            specs.append(("galore-torch GaLoreAdamW8bit",
+            specs.append(("gt8", "galore-torch GaLoreAdamW8bit",
                           lambda ps, pr: gt.GaLoreAdamW8bit(galore_groups(ps, pr, a), lr=a.lr), "gt8"))
-    return specs
+    if a.optimizers:
+        keys = a.optimizers.split(",")
+        unknown = sorted(set(keys) - {k for k, *_ in specs})
+        if unknown:
+            raise SystemExit(f"--optimizers: unknown {unknown}; choose from "
+                             f"{', '.join(k for k, *_ in specs)}")
+        specs = [s for s in specs if s[0] in keys or s[0] == "adamw_foreach"]
+    return [s[1:] for s in specs]
 
 
 def _state_tensors(opt):
@@ -342,7 +370,7 @@ def closed_form(kind: str, shapes, a) -> int:
 
 def refresh_counter(kind: str, opt, a):
     """Cumulative number of basis refreshes so far (to tell steady steps from SVD steps)."""
-    if kind in ("galore", "galore8"):
+    if kind in ("galore", "galore8", "qgalore"):
         return lambda: sum(st.get("refresh_count", 0) for st in opt.state.values())
     if kind in ("gt", "gt8"):
         def count():
@@ -386,7 +414,10 @@ def bench_time(a, dev, gt, log):
 
     def one_step(b, k):
         for p, g in zip(b["params"], grads[k % a.pool]):
-            p.grad = g
+            if lo.nn.is_quantized(p):
+                p.quant_grad = g
+            else:
+                p.grad = g
         c0 = b["count"]()
         sync()
         c_0, t0 = time.process_time(), time.perf_counter()
@@ -420,6 +451,7 @@ def bench_time(a, dev, gt, log):
 
     ref = next(b for b in benches if b["label"] == "torch AdamW (foreach)")
     gtb = next((b for b in benches if b["kind"] == "gt"), None)
+    fused = next((b for b in benches if b["label"] == "torch AdamW (fused)"), None)
     for b in benches:
         t = b["times"]
         windows = [sum(t[i:i + n_steps]) / n_steps for i in range(0, len(t), n_steps)]
@@ -444,6 +476,7 @@ def bench_time(a, dev, gt, log):
             f"{1e3 * max(b['times']):.1f}", f"{max(b['times']) / b['steady']:.2f}",
             f"{b['n_refresh_steps']}", f"{1e3 * b['warm'][0]:.0f}",
             f"{b['amortized'] / ref['amortized']:.2f}",
+            f"{b['amortized'] / fused['amortized']:.2f}" if fused else "n/a",
             f"{b['amortized'] / gtb['amortized']:.2f}" if gtb else "n/a"])
         closed = b["closed"]
         rows_s.append([
@@ -455,7 +488,8 @@ def bench_time(a, dev, gt, log):
     t_table = md_table(
         ["optimizer", "amortized ms/step", "window means ms", "amortized CPU ms", "steady median ms",
          "SVD-step median ms", "max step ms",
-         "max / steady", "steps with SVD", "first step ms", "× AdamW foreach", "× galore-torch"],
+         "max / steady", "steps with SVD", "first step ms", "× AdamW foreach", "× AdamW fused",
+         "× galore-torch"],
         rows_t)
     s_table = md_table(
         ["optimizer", "state bytes (measured)", "MiB", "closed form bytes", "agree", "× AdamW",
@@ -665,6 +699,9 @@ def parse(argv=None):
     ap.add_argument("--mem-seq", type=int, default=mem_seq)
     ap.add_argument("--mem-steps", type=int, default=mem_steps)
     ap.add_argument("--device", default=device)
+    ap.add_argument("--optimizers", default=None,
+                    help="comma list of optimizer keys to time (default: all); torch AdamW "
+                         "(foreach), the reference of the ratios, always runs")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--skip-time", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
