@@ -63,6 +63,28 @@ Cases run one after another, never two at once.
 
 GB = 10^9 bytes (the issues' and papers' unit); GiB is given beside the peaks.
 
+On a GPU (``--device cuda``): the same build, steps and per-case subprocesses, with the
+blocks materialised and converted on the GPU (``to_empty(device="cuda")``; inputs and the
+rotary table there too), so bitsandbytes' CUDA kernels do the NF4 storage and the 8-bit
+Adam updates. The peak of each phase (build, step 0, step 1) is
+``torch.cuda.max_memory_allocated()`` after ``torch.cuda.reset_peak_memory_stats()`` at the
+phase's start (after ``gc.collect()`` + ``torch.cuda.empty_cache()``, the GPU's counterpart of
+the trim above; ``torch.cuda.synchronize()`` before every reading);
+``torch.cuda.max_memory_reserved()`` (the allocator's cache included) is reported beside it.
+Neither counts the CUDA context (driver and kernel code, outside PyTorch's allocator).
+"runtime" is ``torch.cuda.memory_allocated()`` before the build (0 in a fresh process).
+The CPU-only machinery is left out there: no RSS guard in the parent (the per-case
+``--timeout`` stays), no ``UpdateMeter`` (bitsandbytes' CUDA 8-bit kernel updates in place,
+there is no CPU-style transient to split off); the SVD counter stays (synchronised, so its
+seconds are the SVDs'). Time-only settings on a GPU: ``--ec-iters`` defaults to the
+package's 5 (cheap there, and each extra round's ``m × n`` float32 temporaries then count in
+the peak as shipped); ``--svd-niter`` stays 0 as on the CPU (a power iteration re-forms only
+``n × q`` / ``m × q`` temporaries that the sketch already makes, yet costs two cuSOLVER QRs
+per SVD, and cuSOLVER's QR/SVD/pinv, not the matmuls, set a GPU step 0's time); ``--svd-niter
+-1`` for the package's 1, ``--ec-iters 1`` for the CPU rows' setting. Results go to
+``benchmarks/results/gpu/peak.md`` unless ``--out`` is given, with the GPU's name, the
+torch / CUDA / bitsandbytes versions and the command line.
+
 Command lines (from the repository root):
 
     python benchmarks/bench_peak.py                               # the issues' cases: hours on 2 cores; the
@@ -74,6 +96,9 @@ Command lines (from the repository root):
     python benchmarks/bench_peak.py --configs llama_1b --methods qgalore,loqt8bit --seq 256
     python benchmarks/bench_peak.py --cases qgalore:llama_7b:256:ckpt --merge   # add a row to peak.md (75 min)
     python benchmarks/bench_peak.py --one qgalore:llama_60m:256   # one measurement (what the parent runs)
+    python benchmarks/bench_peak.py --device cuda --timeout 100 \
+        --cases qgalore:llama_7b:256:ckpt,loqt8bit:llama_7b:256,loqt8bit_per_layer:llama_13b:256
+                                                                  # the issues' cases on an H200
 """
 from __future__ import annotations
 
@@ -101,6 +126,9 @@ threads = 1               # torch threads (1 measured faster than 2 on this shar
 svd = "randomized"
 svd_niter = 0             # power iterations of the randomized SVD (package default: 1)
 ec_iters = 1              # LoQT error-compensation rounds at a merge (package default: 5)
+device = "cpu"            # "cuda": GPU memory (see the docstring)
+svd_niter_cuda = 0        # on cuda too: time only (see the docstring); -1: package default
+ec_iters_cuda = 5         # on cuda: the package default (its rounds' temporaries are in the peak)
 batch = 1
 vocab = 32000
 seed = 0
@@ -110,6 +138,7 @@ min_free_gb = 0.6         # ... or that leaves less than this MemAvailable on th
 mmap_threshold = 0        # glibc MALLOC_MMAP_THRESHOLD_ for the child (0: glibc's default,
                           # a dynamic threshold that lets freed big temporaries stay in the heap)
 out = "benchmarks/results/peak.md"
+out_cuda = "benchmarks/results/gpu/peak.md"
 # -------------------------------------------------------------------------------------
 
 from _paths import ROOT
@@ -226,6 +255,96 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+class RSSMeter:
+    """Memory of a phase on the CPU: the process's RSS (``trim``, ``reset_peak``, ``peak``
+    above). ``reserved`` has no CPU counterpart."""
+
+    device, what = "cpu", "RSS"
+
+    def __init__(self):
+        import torch
+        self.torch_device = torch.device("cpu")
+
+    def sync(self) -> None:
+        pass
+
+    def trim(self) -> None:
+        trim()
+
+    def current(self) -> int:
+        return rss()
+
+    def reset(self) -> bool:
+        return reset_peak()
+
+    def peak(self) -> int:
+        return peak()
+
+    def reserved(self):
+        return None
+
+    def env(self) -> dict:
+        return {}
+
+
+class CUDAMeter:
+    """Memory of a phase on the GPU: PyTorch's CUDA allocator. ``current`` is
+    ``memory_allocated``, ``peak`` ``max_memory_allocated`` and ``reserved``
+    ``max_memory_reserved`` since the last ``reset`` (``reset_peak_memory_stats``); every
+    reading synchronises first, so no kernel still in flight is missed."""
+
+    device, what = "cuda", "allocated"
+
+    def __init__(self):
+        import torch
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: torch.cuda.is_available() is False")
+        torch.cuda.init()
+        self.torch, self.torch_device = torch, torch.device("cuda", torch.cuda.current_device())
+
+    def sync(self) -> None:
+        self.torch.cuda.synchronize(self.torch_device)
+
+    def trim(self) -> None:
+        gc.collect()
+        self.sync()
+        self.torch.cuda.empty_cache()
+
+    def current(self) -> int:
+        self.sync()
+        return self.torch.cuda.memory_allocated(self.torch_device)
+
+    def reset(self) -> bool:
+        self.sync()
+        self.torch.cuda.reset_peak_memory_stats(self.torch_device)
+        return True
+
+    def peak(self) -> int:
+        self.sync()
+        return self.torch.cuda.max_memory_allocated(self.torch_device)
+
+    def reserved(self) -> int:
+        self.sync()
+        return self.torch.cuda.max_memory_reserved(self.torch_device)
+
+    def env(self) -> dict:
+        torch, dev = self.torch, self.torch_device
+        props = torch.cuda.get_device_properties(dev)
+        try:
+            import bitsandbytes as bnb
+            bnb_v = bnb.__version__
+        except ImportError:
+            bnb_v = "not installed"
+        return dict(gpu=torch.cuda.get_device_name(dev), gpu_memory=props.total_memory,
+                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                    torch=torch.__version__, bitsandbytes=bnb_v,
+                    python=platform.python_version())
+
+
+def make_meter(device: str):
+    return CUDAMeter() if device == "cuda" else RSSMeter()
+
+
 class UpdateMeter:
     """Splits a step's peak at the 8-bit Adam updates of large tensors: wraps
     ``lowrank_optim.functional.adam8bit_`` (looked up at each update) and resets the
@@ -271,32 +390,39 @@ class SVDCounter:
     """Wraps ``lowrank_optim.projector.compute_basis`` (looked up at each refresh) to count
     and time the SVDs, and to set the randomized SVD's power iterations."""
 
-    def __init__(self, niter):
+    def __init__(self, niter, mem=None):
         import lowrank_optim as lo
         self.count, self.seconds, self.niter = 0, 0.0, niter
+        self.mem = mem or RSSMeter()
         self._orig = lo.projector.compute_basis
         lo.projector.compute_basis = self
 
     def __call__(self, *args, **kwargs):
         if self.niter is not None:
             kwargs["niter"] = self.niter
+        self.mem.sync()
         t0 = time.perf_counter()
         try:
             return self._orig(*args, **kwargs)
         finally:
+            self.mem.sync()
             self.count += 1
             self.seconds += time.perf_counter() - t0
             if self.count % 32 == 0:
-                log(f"    {self.count} SVDs ({self.seconds:.0f} s), RSS {rss() / GB:.2f} GB")
+                log(f"    {self.count} SVDs ({self.seconds:.0f} s), {self.mem.what} "
+                    f"{self.mem.current() / GB:.2f} GB")
 
 
-def build_model(case: Case, method: MethodSpec, rank: int, a):
-    """LlamaLM on meta, then block by block: materialise in bf16, convert, free."""
+def build_model(case: Case, method: MethodSpec, rank: int, a, mem=None):
+    """LlamaLM on meta, then block by block: materialise in bf16 on ``mem``'s device (the
+    CPU by default), convert, free."""
     import torch
     from torch import nn
     import lowrank_optim as lo
     import common as C
 
+    mem = mem or RSSMeter()
+    dev = mem.torch_device
     cfg = C.get_config(case.config, vocab_size=a.vocab, seq_len=case.seq)
     torch.manual_seed(a.seed)
     with torch.device("meta"):
@@ -306,7 +432,7 @@ def build_model(case: Case, method: MethodSpec, rank: int, a):
 
     @torch.no_grad()
     def materialise(module: nn.Module, prefix: str) -> None:
-        module.to_empty(device="cpu")
+        module.to_empty(device=dev)
         for name, p in module.named_parameters():
             if p.dim() == 2:
                 full = f"{prefix}.{name}"
@@ -323,12 +449,13 @@ def build_model(case: Case, method: MethodSpec, rank: int, a):
             lo.prepare_loqt(block, rank=rank, bits=4, target_modules=TARGETS, scale=0.5,
                             svd=a.svd)
         if i == 0 or (i + 1) % 8 == 0:
-            trim()
-            log(f"  block {i + 1}/{cfg.n_layers} converted, RSS {rss() / GB:.2f} GB")
+            mem.trim()
+            log(f"  block {i + 1}/{cfg.n_layers} converted, {mem.what} "
+                f"{mem.current() / GB:.2f} GB")
     for name in ("embed", "norm", "lm_head"):
         materialise(getattr(model, name), name)
     cos, sin = C.rotary_table(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
-    model._buffers["rope_cos"], model._buffers["rope_sin"] = cos, sin
+    model._buffers["rope_cos"], model._buffers["rope_sin"] = cos.to(dev), sin.to(dev)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.device.type == "meta"]
     if left:
@@ -399,17 +526,20 @@ def run_one(case: Case, a) -> dict:
 
     method = METHODS[case.method]
     rank = a.rank or RANKS.get(case.config, 128)
-    counter = SVDCounter(a.svd_niter)
-    meter = UpdateMeter()
-    trim()
-    runtime = rss()
-    can_reset = reset_peak()
-    log(f"{case.key}: building (runtime RSS {runtime / GB:.2f} GB)")
+    mem = make_meter(a.device)  # the only device-specific object: RSS or the CUDA allocator
+    cuda = mem.device == "cuda"
+    counter = SVDCounter(a.svd_niter, mem)
+    meter = None if cuda else UpdateMeter()  # splits off the CPU 8-bit kernel's transient
+    mem.trim()
+    runtime = mem.current()
+    can_reset = mem.reset()
+    log(f"{case.key}: building (runtime {mem.what} {runtime / GB:.2f} GB)")
     t0 = time.perf_counter()
-    model, cfg = build_model(case, method, rank, a)
+    model, cfg = build_model(case, method, rank, a, mem)
     opt, hooks = build_optimizer(model, method, rank, a)
+    build_peak = mem.peak()
+    build_reserved = mem.reserved()
     build_s = time.perf_counter() - t0
-    build_peak = peak()
     weights = weight_breakdown(model)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{case.key}: built in {build_s:.0f} s; weights {weights['total'] / GB:.2f} GB, "
@@ -419,46 +549,61 @@ def run_one(case: Case, a) -> dict:
     results = []
 
     def result() -> dict:
-        return dict(case=asdict(case), key=case.key, method=case.method, rank=rank,
-                    per_layer=method.per_layer, description=method.description,
-                    n_params=n_params, runtime=runtime, build_peak=build_peak, build_s=build_s,
-                    weights=weights, state=state_breakdown(opt),
-                    grads=C.grad_bytes(model, method.per_layer), steps=results,
-                    peak=max([build_peak] + [r["peak"] for r in results]),
-                    peak_reset=can_reset, threads=a.threads, svd=a.svd, svd_niter=a.svd_niter,
-                    ec_iters=a.ec_iters, batch=a.batch, vocab=a.vocab,
-                    mmap_threshold=int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 0)))
+        res = dict(case=asdict(case), key=case.key, method=case.method, rank=rank,
+                   per_layer=method.per_layer, description=method.description,
+                   n_params=n_params, runtime=runtime, build_peak=build_peak, build_s=build_s,
+                   weights=weights, state=state_breakdown(opt),
+                   grads=C.grad_bytes(model, method.per_layer), steps=results,
+                   peak=max([build_peak] + [r["peak"] for r in results]),
+                   peak_reset=can_reset, threads=a.threads, svd=a.svd, svd_niter=a.svd_niter,
+                   ec_iters=a.ec_iters, batch=a.batch, vocab=a.vocab,
+                   mmap_threshold=int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 0)))
+        if cuda:  # CPU rows keep exactly their old keys
+            res.update(device="cuda", env=mem.env(), build_reserved=build_reserved,
+                       reserved=max([build_reserved] + [r["reserved"] for r in results]))
+        return res
     for i in range(a.steps):
         idx = torch.randint(0, cfg.vocab_size, (a.batch, case.seq + 1), generator=gen)
+        idx = idx.to(mem.torch_device)  # drawn on the CPU: the same tokens on every device
         x, y = idx[:, :-1], idx[:, 1:]
-        trim()
-        before = rss()
-        reset_peak()
-        meter.start()
+        mem.trim()
+        before = mem.current()
+        mem.reset()
+        if meter:
+            meter.start()
         svds0, svd_s0 = counter.count, counter.seconds
         merges0 = sum(int(m.merges) for m in loqt_layers)
         t = time.perf_counter()
         loss = model(x, y)
+        mem.sync()
         t_fwd = time.perf_counter() - t
         loss.backward()
         if not method.per_layer:
             opt.step()
         opt.zero_grad(set_to_none=True)
+        mem.sync()
         dt = time.perf_counter() - t
-        upd = meter.summary()
-        step_peak = max(upd["outside"], upd["during"])
+        if meter:
+            upd = meter.summary()
+            step_peak = max(upd["outside"], upd["during"])
+        else:
+            upd, step_peak = None, mem.peak()
         svds = counter.count - svds0
         merges = sum(int(m.merges) for m in loqt_layers) - merges0
         kind = ("merge" if merges else "ordinary") if loqt_layers else \
             ("SVD" if svds else "ordinary")
         results.append(dict(step=i, kind=kind, peak=step_peak, hwm=_status_kb("VmHWM") * 1024,
-                            rss_before=before, rss_after=rss(), seconds=dt, forward_s=t_fwd,
-                            svd_s=counter.seconds - svd_s0, svds=svds, merges=merges,
-                            loss=float(loss.detach()), updates=upd))
+                            rss_before=before, rss_after=mem.current(), seconds=dt,
+                            forward_s=t_fwd, svd_s=counter.seconds - svd_s0, svds=svds,
+                            merges=merges, loss=float(loss.detach()), updates=upd))
+        if cuda:  # on cuda rss_before/rss_after are memory_allocated; hwm the host's
+            results[-1]["reserved"] = mem.reserved()
         log(f"{case.key}: step {i} ({kind}, {svds} SVDs, {merges} merges) {dt:.0f} s "
             f"(SVD {counter.seconds - svd_s0:.0f} s), loss {float(loss.detach()):.4f}, "
-            f"peak {step_peak / GB:.2f} GB (outside large 8-bit updates "
-            f"{upd['outside'] / GB:.2f}, during {upd['during'] / GB:.2f})")
+            f"peak {step_peak / GB:.2f} GB" + (
+                f" (outside large 8-bit updates {upd['outside'] / GB:.2f}, during "
+                f"{upd['during'] / GB:.2f})" if upd else
+                f" allocated, {results[-1]['reserved'] / GB:.2f} GB reserved"))
         del loss
         if i + 1 < a.steps:  # what was measured so far survives a kill or a timeout
             print("PARTIAL " + json.dumps(result()), flush=True)
@@ -548,16 +693,19 @@ def run_case(case: Case, a, argv_common: list) -> dict:
             env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
         proc = subprocess.Popen(cmd, stdout=fout, cwd=ROOT, env=env)
         max_seen, stop = 0, None
+        guard = a.device == "cpu"  # the RSS guard is for this shared CPU box; GPU: timeout only
         while proc.poll() is None:
             r = _child_rss(proc.pid)
             max_seen = max(max_seen, r)
             avail = _meminfo_kb("MemAvailable") * 1024
-            if r > a.max_rss_gb * GB:
+            if not guard:
+                pass
+            elif r > a.max_rss_gb * GB:
                 stop = f"RSS {r / GB:.2f} GB passed --max-rss-gb {a.max_rss_gb}"
             elif avail < a.min_free_gb * GB:
                 stop = (f"machine MemAvailable {avail / GB:.2f} GB fell below --min-free-gb "
                         f"{a.min_free_gb} (child RSS {r / GB:.2f} GB)")
-            elif time.perf_counter() - t0 > a.timeout:
+            if not stop and time.perf_counter() - t0 > a.timeout:
                 stop = f"timeout {a.timeout} s"
             if stop:
                 proc.send_signal(signal.SIGKILL)
@@ -569,6 +717,10 @@ def run_case(case: Case, a, argv_common: list) -> dict:
     os.remove(out_path)
     lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     partial = [ln for ln in text.splitlines() if ln.startswith("PARTIAL ")]
+    errors = [json.loads(ln[len("ERROR "):]) for ln in text.splitlines()
+              if ln.startswith("ERROR ")]
+    if errors and not stop:
+        stop = f"exit code {proc.returncode}: {errors[-1]}"
     if not lines and partial:
         why = stop or f"exit code {proc.returncode}"
         res = json.loads(partial[-1][len("PARTIAL "):])
@@ -606,23 +758,45 @@ def _target(res: dict):
     return TARGET_GB.get((fam, res["case"]["config"], METHODS[res["method"]].per_layer))
 
 
-def render(rows: list, meta: dict) -> str:
+def render(rows: list, meta: dict, device: str = "cpu") -> str:
+    """The results file. ``device`` "cuda" relabels the memory columns (CUDA allocator
+    peaks, ``max_memory_reserved`` where the CPU table has the ``UpdateMeter`` split) and
+    the notes; the CPU text is the same as ever."""
+    cuda = device == "cuda"
     L = []
     add = L.append
-    add("# bench_peak: peak memory of one real training step (LLaMA 7B / 13B on the CPU)\n")
-    add("**What is measured: the peak RSS of a CPU process** (`resource.getrusage(RUSAGE_SELF)"
-        ".ru_maxrss`, one fresh subprocess per row, the high-water mark reset through "
-        "`/proc/self/clear_refs` at the start of each step), not GPU memory: no GPU was "
-        "available. It includes the Python/torch/bitsandbytes runtime, allocator slack and "
-        "every temporary. GB = 10^9 bytes.\n")
+    if cuda:
+        add("# bench_peak: peak GPU memory of one real training step (LLaMA 7B / 13B on CUDA)\n")
+        add("**What is measured: the peak memory allocated by PyTorch's CUDA allocator** "
+            "(`torch.cuda.max_memory_allocated()`, one fresh subprocess per row, "
+            "`torch.cuda.reset_peak_memory_stats()` after `gc.collect()` + "
+            "`torch.cuda.empty_cache()` at the start of each phase: build, step 0, step 1; "
+            "`torch.cuda.synchronize()` before every reading). Beside it "
+            "`torch.cuda.max_memory_reserved()`: what the allocator held from the driver, its "
+            "cache included. Neither counts the CUDA context (driver, kernel code), which is "
+            "outside the allocator. It includes every tensor and temporary: weights, optimizer "
+            "state, gradients, activations, the SVDs' and bitsandbytes' workspaces. "
+            "GB = 10^9 bytes.\n")
+    else:
+        add("# bench_peak: peak memory of one real training step (LLaMA 7B / 13B on the CPU)\n")
+        add("**What is measured: the peak RSS of a CPU process** (`resource.getrusage(RUSAGE_SELF)"
+            ".ru_maxrss`, one fresh subprocess per row, the high-water mark reset through "
+            "`/proc/self/clear_refs` at the start of each step), not GPU memory: no GPU was "
+            "available. It includes the Python/torch/bitsandbytes runtime, allocator slack and "
+            "every temporary. GB = 10^9 bytes.\n")
     for k, v in meta.items():
         add(f"- {k}: {v}")
     add("")
     add("## Targets\n")
-    add("*outside*: the largest per-step peak outside the 8-bit Adam updates of tensors of "
-        ">= 2^20 elements, i.e. without the CPU-only transient of bitsandbytes' 8-bit kernel "
-        "(see the notes); a measured part of the peak, not a target reading.\n")
-    add("| issue target | row | peak RSS GB (GiB) | outside GB | met |")
+    if cuda:
+        add("*met*: the peak allocated is below the target. *peak reserved*: the largest "
+            "`max_memory_reserved` of the row's phases (allocator cache included).\n")
+        add("| issue target | row | peak allocated GB (GiB) | peak reserved GB | met |")
+    else:
+        add("*outside*: the largest per-step peak outside the 8-bit Adam updates of tensors of "
+            ">= 2^20 elements, i.e. without the CPU-only transient of bitsandbytes' 8-bit kernel "
+            "(see the notes); a measured part of the peak, not a target reading.\n")
+        add("| issue target | row | peak RSS GB (GiB) | outside GB | met |")
     add("|---|---|---|---|---|")
     for r in rows:
         t = _target(r) if "error" not in r else None
@@ -631,8 +805,9 @@ def render(rows: list, meta: dict) -> str:
             t = TARGET_GB.get((fam, r["case"]["config"], METHODS[r["method"]].per_layer))
             if t:
                 e = r.get("estimate")
+                rt = (r.get("runtime") or 0) if cuda else RUNTIME
                 lb = "" if not e else (f"; lower bound (weights + state + grads + runtime) "
-                                       f"{gb(e['weights']['total'] + e['state'] + e['grads'] + RUNTIME)}")
+                                       f"{gb(e['weights']['total'] + e['state'] + e['grads'] + rt)}")
                 add(f"| {t[1]} | `{r['key']}` | not measured: {r['error']}{lb} | – | – |")
             continue
         if t is None:
@@ -640,77 +815,116 @@ def render(rows: list, meta: dict) -> str:
         p = r["peak"]
         ok = p < t[0] * GB
         note = f" ({r['incomplete']})" if r.get("incomplete") else ""
-        outside = max((s["updates"]["outside"] for s in r["steps"] if s.get("updates")),
-                      default=None)
-        add(f"| {t[1]} | `{r['key']}`{note} | {gb(p)} ({p / GIB:.2f}) | {gb(outside)} | "
+        if cuda:
+            second = r.get("reserved")
+        else:
+            second = max((s["updates"]["outside"] for s in r["steps"] if s.get("updates")),
+                         default=None)
+        add(f"| {t[1]} | `{r['key']}`{note} | {gb(p)} ({p / GIB:.2f}) | {gb(second)} | "
             f"{'**met**' if ok else '**not met**'} |")
     add("")
     add("## Per step\n")
-    add("*peak*: peak RSS during that step (forward + backward + update). *RSS before*: "
-        "what the process held when the step began (after the build, and for step 1 also "
-        "the optimizer state created by step 0). *weights*: integer codes + float32 scales/"
-        "offsets/absmax + float parameters (bf16), each storage once. *state*: every tensor in "
-        "`opt.state` (bitsandbytes' shared maps once). *grads*: what the gradients take "
-        "(computed: all trainable parameters with `opt.step()`; the largest one with per-layer "
-        "updates; float32 for INT8 weights). *SVD s*: time inside "
-        "`lowrank_optim.projector.compute_basis`.\n")
-    add("*outside*: the step's peak outside the 8-bit Adam updates of tensors of >= 2^20 "
-        "elements; *largest update*: the largest RSS rise during one such update (its tensor's "
-        "elements in parentheses; `UpdateMeter` in the script).\n")
-    add("| method | config | seq | checkpointing | mode | step | kind | peak RSS GB | "
-        "outside GB | largest update GB | RSS before GB | weights GB | state GB | grads GB | "
-        "step s | SVD s | loss |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if cuda:
+        add("*peak allocated*: `max_memory_allocated` during that step (forward + backward + "
+            "update); *peak reserved*: `max_memory_reserved` likewise. *allocated before*: what "
+            "the process held when the step began (after the build, and for step 1 also the "
+            "optimizer state created by step 0). *weights*: integer codes + float32 scales/"
+            "offsets/absmax + float parameters (bf16), each storage once. *state*: every tensor "
+            "in `opt.state` (bitsandbytes' shared maps once). *grads*: what the gradients take "
+            "(computed: all trainable parameters with `opt.step()`; the largest one with "
+            "per-layer updates; float32 for INT8 weights). *step s*, *SVD s*: synchronised wall "
+            "times; *SVD s*: time inside `lowrank_optim.projector.compute_basis`.\n")
+        add("| method | config | seq | checkpointing | mode | step | kind | peak allocated GB | "
+            "peak reserved GB | allocated before GB | weights GB | state GB | grads GB | "
+            "step s | SVD s | loss |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    else:
+        add("*peak*: peak RSS during that step (forward + backward + update). *RSS before*: "
+            "what the process held when the step began (after the build, and for step 1 also "
+            "the optimizer state created by step 0). *weights*: integer codes + float32 scales/"
+            "offsets/absmax + float parameters (bf16), each storage once. *state*: every tensor in "
+            "`opt.state` (bitsandbytes' shared maps once). *grads*: what the gradients take "
+            "(computed: all trainable parameters with `opt.step()`; the largest one with per-layer "
+            "updates; float32 for INT8 weights). *SVD s*: time inside "
+            "`lowrank_optim.projector.compute_basis`.\n")
+        add("*outside*: the step's peak outside the 8-bit Adam updates of tensors of >= 2^20 "
+            "elements; *largest update*: the largest RSS rise during one such update (its tensor's "
+            "elements in parentheses; `UpdateMeter` in the script).\n")
+        add("| method | config | seq | checkpointing | mode | step | kind | peak RSS GB | "
+            "outside GB | largest update GB | RSS before GB | weights GB | state GB | grads GB | "
+            "step s | SVD s | loss |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    blanks = "| | | | | | | | | |" if cuda else "| | | | | | | | | | |"
     for r in rows:
         c = r["case"]
         if "error" in r:
             add(f"| {r['method']} | {c['config']} | {c['seq']} | {'yes' if c['ckpt'] else 'no'} "
                 f"| {mode(r)} | – | "
-                f"not measured: {r['error']} (max RSS seen {gb(r['max_rss_seen'])}) "
-                "| | | | | | | | | | |")
+                f"not measured: {r['error']} (max {'host ' if cuda else ''}RSS seen "
+                f"{gb(r['max_rss_seen'])}) " + blanks)
             continue
         for s in r["steps"]:
+            split = gb(s.get("reserved")) if cuda else f"{_outside(s)} | {_largest(s)}"
             add(f"| {r['method']} | {c['config']} | {c['seq']} | {'yes' if c['ckpt'] else 'no'} "
                 f"| {mode(r)} | {s['step']} | "
                 f"{s['kind']} ({s['svds']} SVDs{', %d merges' % s['merges'] if s['merges'] else ''}) "
-                f"| **{gb(s['peak'])}** | {_outside(s)} | {_largest(s)} | {gb(s['rss_before'])} | "
+                f"| **{gb(s['peak'])}** | {split} | {gb(s['rss_before'])} | "
                 f"{gb(r['weights']['total'])} | "
                 f"{gb(r['state']['total'])} | {gb(r['grads'])} | {s['seconds']:.1f} | "
                 f"{s['svd_s']:.1f} | {s['loss']:.3f} |")
     add("")
     add("## Per process\n")
-    add("| row | rank | parameters | runtime GB | build peak GB | build s | process peak GB "
-        "(GiB) | codes GB | scales GB | float params GB | basis in state GB | wall s |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if cuda:
+        add("| row | rank | parameters | allocated before the build GB | build peak GB | "
+            "build reserved GB | build s | process peak GB (GiB) | process reserved GB | "
+            "codes GB | scales GB | float params GB | basis in state GB | wall s |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    else:
+        add("| row | rank | parameters | runtime GB | build peak GB | build s | process peak GB "
+            "(GiB) | codes GB | scales GB | float params GB | basis in state GB | wall s |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             continue
         w = r["weights"]
+        build = (f"{gb(r['build_peak'])} | {gb(r.get('build_reserved'))}" if cuda
+                 else gb(r['build_peak']))
+        proc = (f"{gb(r['peak'])} ({r['peak'] / GIB:.2f}) | {gb(r.get('reserved'))}" if cuda
+                else f"{gb(r['peak'])} ({r['peak'] / GIB:.2f})")
         add(f"| `{r['key']}` | {r['rank']} | {r['n_params'] / 1e9:.3f} B | {gb(r['runtime'])} | "
-            f"{gb(r['build_peak'])} | {r['build_s']:.0f} | {gb(r['peak'])} "
-            f"({r['peak'] / GIB:.2f}) | {gb(w['codes'])} | {gb(w['scales'])} | "
+            f"{build} | {r['build_s']:.0f} | {proc} | {gb(w['codes'])} | {gb(w['scales'])} | "
             f"{gb(w['float_params'])} | {gb(r['state']['basis'])} | {r['wall']:.0f} |")
     add("")
-    per_el = [s["updates"]["largest_transient"]["transient"] / s["updates"]["largest_transient"]["numel"]
-              for r in rows if "steps" in r for s in r["steps"]
-              if s.get("updates") and s["updates"].get("largest_transient")]
     add("## Notes\n")
-    add("- **The 8-bit Adam update of a large tensor costs about "
-        + (f"{min(per_el):.0f}–{max(per_el):.0f}" if per_el else "30")
-        + " bytes per element of transient memory on the CPU** (column *largest update*; "
-        "the tensor is the embedding or the head, 32000 × d). bitsandbytes 0.50's CPU "
-        "kernel (`bitsandbytes/backends/cpu/ops.py`, `_optimizer_update_8bit_blockwise_cpu`) "
-        "dequantizes both moments of the whole tensor to float32, copies the gradient and "
-        "forms the denominator in float32; `lowrank_optim.functional.adam8bit_` adds a "
-        "float32 copy of the gradient and a float32 direction of the full size. On a GPU the "
-        "fused kernel updates in place (only the package's 8 bytes per element remain). "
-        "Since commit ffbfce9 `adam8bit_` calls the kernel on slices of 2^22 elements, 2^20 "
-        "since 2026-11-22T17:00 (whole 256-element blocks: bitwise the same result), so the transient is that of one "
-        "slice; rows measured before it (dated before 2026-11-22T15:50, with no `git` in "
-        "their JSON) show the whole-tensor transient.")
-    add("- *Time-only settings*: the randomized SVD's power iterations and LoQT's error-"
-        "compensation rounds change no tensor that is kept; the peak moves by at most a few "
-        "float32 `m × (rank + 8)` / `m × n` temporaries of one layer.")
+    if cuda:
+        add("- The 8-bit Adam updates run bitsandbytes' fused CUDA kernel in place (no "
+            "float32 copies of the moments as on the CPU); `lowrank_optim.functional.adam8bit_` "
+            "adds its float32 direction of the tensor's size.")
+        add("- *Time-only settings*: the randomized SVD's power iterations and LoQT's error-"
+            "compensation rounds change no tensor that is kept; the peak moves by at most a few "
+            "float32 `m × (rank + 8)` / `m × n` temporaries of one layer. The CPU rows "
+            "(`benchmarks/results/peak.md`) used 0 power iterations and `ec_iters=1`.")
+    else:
+        per_el = [s["updates"]["largest_transient"]["transient"]
+                  / s["updates"]["largest_transient"]["numel"]
+                  for r in rows if "steps" in r for s in r["steps"]
+                  if s.get("updates") and s["updates"].get("largest_transient")]
+        add("- **The 8-bit Adam update of a large tensor costs about "
+            + (f"{min(per_el):.0f}–{max(per_el):.0f}" if per_el else "30")
+            + " bytes per element of transient memory on the CPU** (column *largest update*; "
+            "the tensor is the embedding or the head, 32000 × d). bitsandbytes 0.50's CPU "
+            "kernel (`bitsandbytes/backends/cpu/ops.py`, `_optimizer_update_8bit_blockwise_cpu`) "
+            "dequantizes both moments of the whole tensor to float32, copies the gradient and "
+            "forms the denominator in float32; `lowrank_optim.functional.adam8bit_` adds a "
+            "float32 copy of the gradient and a float32 direction of the full size. On a GPU the "
+            "fused kernel updates in place (only the package's 8 bytes per element remain). "
+            "Since commit ffbfce9 `adam8bit_` calls the kernel on slices of 2^22 elements, 2^20 "
+            "since 2026-11-22T17:00 (whole 256-element blocks: bitwise the same result), so the transient is that of one "
+            "slice; rows measured before it (dated before 2026-11-22T15:50, with no `git` in "
+            "their JSON) show the whole-tensor transient.")
+        add("- *Time-only settings*: the randomized SVD's power iterations and LoQT's error-"
+            "compensation rounds change no tensor that is kept; the peak moves by at most a few "
+            "float32 `m × (rank + 8)` / `m × n` temporaries of one layer.")
     add("- A row marked *incomplete* was stopped (timeout, guard) after the steps listed; "
         "what those steps measured is kept.")
     add("")
@@ -720,9 +934,12 @@ def render(rows: list, meta: dict) -> str:
         "package's dtypes (`estimate()` in the script; it matches the real counts above to "
         "the byte up to the rotary table). *grads*: all trainable parameters with "
         "`opt.step()`, the largest one with per-layer updates. *bound* = weights + state + "
-        "grads + the runtime (0.28 GB measured): what any step must hold at its peak, before "
-        "activations and temporaries. *measured − bound*: activations, temporaries, allocator "
-        "slack.\n")
+        + ("grads + what was allocated before the build (0 in a fresh process): what any step "
+           "must hold at its peak, before activations and temporaries. *measured − bound*: "
+           "activations, temporaries, allocator fragmentation.\n" if cuda else
+           "grads + the runtime (0.28 GB measured): what any step must hold at its peak, before "
+           "activations and temporaries. *measured − bound*: activations, temporaries, allocator "
+           "slack.\n"))
     add("| row | weights GB | state GB | grads GB | bound GB | measured peak GB | "
         "measured − bound GB |")
     add("|---|---|---|---|---|---|---|")
@@ -730,7 +947,8 @@ def render(rows: list, meta: dict) -> str:
         e = r.get("estimate")
         if not e:
             continue
-        bound = e["weights"]["total"] + e["state"] + e["grads"] + RUNTIME
+        rt = (r.get("runtime") or 0) if cuda else RUNTIME
+        bound = e["weights"]["total"] + e["state"] + e["grads"] + rt
         p = r.get("peak")
         add(f"| `{r['key']}`{' (not run)' if r.get('estimate_only') else ''} | "
             f"{gb(e['weights']['total'])} | {gb(e['state'])} | {gb(e['grads'])} | {gb(bound)} | "
@@ -790,9 +1008,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--rank", type=int, default=None, help="override the per-config rank")
     p.add_argument("--svd", choices=("exact", "randomized"), default=svd)
-    p.add_argument("--svd-niter", type=int, default=svd_niter,
-                   help="power iterations of the randomized SVD (-1: the package's default)")
-    p.add_argument("--ec-iters", type=int, default=ec_iters)
+    p.add_argument("--svd-niter", type=int, default=None,
+                   help="power iterations of the randomized SVD (-1: the package's default; "
+                        f"default: {svd_niter} on cpu, {svd_niter_cuda} on cuda)")
+    p.add_argument("--ec-iters", type=int, default=None,
+                   help=f"LoQT error-compensation rounds (default: {ec_iters} on cpu, "
+                        f"{ec_iters_cuda} on cuda)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=device,
+                   help="cpu: peak RSS; cuda: torch.cuda.max_memory_allocated (see the "
+                        "docstring)")
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--vocab", type=int, default=vocab)
     p.add_argument("--seed", type=int, default=seed)
@@ -805,7 +1029,8 @@ def parse_args(argv=None):
     p.add_argument("--mmap-threshold", type=int, default=mmap_threshold,
                    help="bytes; set glibc's MALLOC_MMAP_THRESHOLD_ for the measured process "
                         "(0: glibc's default), so freed big temporaries go back to the system")
-    p.add_argument("--out", default=out)
+    p.add_argument("--out", default=None,
+                   help=f"results file (default: {out}; with --device cuda: {out_cuda})")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows already in --out (replaced by new rows of the same case)")
     p.add_argument("--also", action="append", default=[], metavar="FILE",
@@ -814,7 +1039,14 @@ def parse_args(argv=None):
                    help="do not run: add the cases' meta-count rows, with this reason")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.svd_niter is not None and a.svd_niter < 0:
+    cuda = a.device == "cuda"
+    if a.svd_niter is None:
+        a.svd_niter = svd_niter_cuda if cuda else svd_niter
+    if a.ec_iters is None:
+        a.ec_iters = ec_iters_cuda if cuda else ec_iters
+    if a.out is None:
+        a.out = out_cuda if cuda else out
+    if a.svd_niter < 0:
         a.svd_niter = None
     return a
 
@@ -822,14 +1054,19 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.one:
-        res = run_one(Case.parse(a.one), a)
+        try:
+            res = run_one(Case.parse(a.one), a)
+        except BaseException as e:  # the reason, for the parent's table (e.g. CUDA OOM)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            print("ERROR " + json.dumps(f"{type(e).__name__}: {first}"), flush=True)
+            raise
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     chosen = select_cases(a)
     argv_common = ["--threads", str(a.threads), "--steps", str(a.steps), "--svd", a.svd,
                    "--svd-niter", str(-1 if a.svd_niter is None else a.svd_niter),
                    "--ec-iters", str(a.ec_iters), "--batch", str(a.batch),
-                   "--vocab", str(a.vocab), "--seed", str(a.seed)]
+                   "--vocab", str(a.vocab), "--seed", str(a.seed), "--device", a.device]
     if a.rank:
         argv_common += ["--rank", str(a.rank)]
     t0 = time.time()
@@ -841,24 +1078,35 @@ def main(argv=None) -> int:
         extra = read_rows(path)
         keys = {r["key"] for r in extra}
         old = [r for r in old if r["key"] not in keys] + extra
+    other = [r["key"] for r in old if r.get("device", "cpu") != a.device]
+    if other:  # a table is of one device: RSS and CUDA allocator peaks do not compare
+        log(f"dropping rows of another device than {a.device}: {', '.join(other)}")
+        old = [r for r in old if r.get("device", "cpu") == a.device]
+    if os.path.dirname(a.out):
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
     rows = []
 
     def write():
         import torch
 
         import common as C
-        try:
-            import bitsandbytes as bnb
-            bnb_v = bnb.__version__
-        except ImportError:
-            bnb_v = "not installed"
         keys = {r["key"] for r in rows}
         allrows = [r for r in old if r["key"] not in keys] + rows
+        try:  # on cuda the measuring process reports it: the parent stays off the GPU
+            bnb_v = next(r["env"]["bitsandbytes"] for r in allrows if r.get("env"))
+        except StopIteration:
+            try:
+                import bitsandbytes as bnb
+                bnb_v = bnb.__version__
+            except ImportError:
+                bnb_v = "not installed"
         for r in allrows:
             if "estimate" not in r:
                 c = Case(**r["case"])
                 r["estimate"] = estimate(c, METHODS[c.method],
                                          r.get("rank") or a.rank or RANKS.get(c.config, 128), a)
+        envs = [r["env"] for r in allrows if r.get("env")]
+        env = envs[-1] if envs else {}  # cuda: what the (last) measuring process saw
         meta = {
             "command(s)": "; ".join(
                 f"`{c}` ({d})" for c, d in {r.get("command", "(not recorded)"): r.get("date", "?")
@@ -876,13 +1124,24 @@ def main(argv=None) -> int:
                      f"vocabulary {a.vocab}, batch {a.batch}, bf16 activations and float "
                      "parameters, built on meta and converted block by block",
             "settings": f"svd={a.svd}, randomized-SVD power iterations "
-                        f"{'package default (2)' if a.svd_niter is None else a.svd_niter}, "
+                        f"{'package default (1)' if a.svd_niter is None else a.svd_niter}, "
                         f"LoQT ec_iters={a.ec_iters} (package default 5), LoQT update_proj_gap "
                         "100 (step 0 merges), scale 0.5; Q-GaLore update_proj_gap 500, scale "
                         "0.25, lr 0.004; stagger on (no second SVD at step 1)",
         }
+        if a.device == "cuda":
+            meta["versions"] = (
+                f"torch {env.get('torch', torch.__version__)} (CUDA {env.get('cuda', '?')}), "
+                f"bitsandbytes {env.get('bitsandbytes', bnb_v)}, Python "
+                f"{env.get('python', platform.python_version())}, git {C.git_rev()}")
+            meta["device"] = (
+                (f"cuda: {env['gpu']} ({env['gpu_memory'] / GIB:.1f} GiB, compute capability "
+                 f"{env['capability']})" if env else "cuda (no measuring process reported)")
+                + f"; host {C.cpu_name()}, {os.cpu_count()} CPUs, "
+                f"{_meminfo_kb('MemTotal') / 2 ** 20:.1f} GiB RAM, {a.threads} torch CPU "
+                "thread(s)")
         with open(a.out, "w") as f:
-            f.write(render(allrows, meta))
+            f.write(render(allrows, meta, a.device))
 
     ests = [estimate(c, METHODS[c.method], a.rank or RANKS.get(c.config, 128), a)
             for c in chosen]
