@@ -11,7 +11,8 @@
 #               (fused) and bitsandbytes AdamW8bit
 #   peak.md     bench_peak.py on CUDA: peak memory of a real training step of LLaMA-7B
 #               Q-GaLore (per-layer, checkpointing), LLaMA-7B LoQT 8-bit, LLaMA-13B
-#               LoQT 8-bit per-layer
+#               LoQT 8-bit per-layer (three processes at once, each measuring its own
+#               torch.cuda.max_memory_allocated; side by side with the tests)
 #   quality.md  shootout.py at LLaMA-60M size on the built-in corpus: AdamW, GaLore,
 #               Q-GaLore, LoQT at the papers' 60M rates, same data, as many steps as fit
 #               in the time left (measured by a short calibration run)
@@ -78,7 +79,8 @@ run_step_time() {
 
 # 3. peak memory of real training steps
 run_peak_memory() {
-    $PY benchmarks/bench_peak.py --device $DEV --cases $CASES --timeout 70 --out "$DEST/peak.md"
+    $PY benchmarks/bench_peak.py --device $DEV --cases $CASES --jobs 3 --timeout 165 \
+        --out "$DEST/peak.md"
 }
 
 # 4. a short quality run at LLaMA-60M size: calibrate on the two slowest methods, then
@@ -154,25 +156,32 @@ else
 fi
 export DRY DEV DEST WORK START TOTAL PY
 
-STATUS=""
-# step NAME SECONDS: run run_NAME in its own bash under a time limit, log it, record it
+# step NAME SECONDS: run run_NAME in its own bash under a time limit; its output goes to
+# the log, its status line to $WORK/status.NAME
 step() {
     local name=$1 limit=$2 t0 rc dt what=ok
     t0=$(date +%s)
-    echo "=== $name (limit ${limit} s)" | tee -a "$LOG"
-    timeout -k 10 "$limit" bash "$ROOT/benchmarks/gpu_check.sh" --_run "$name" >> "$LOG" 2>&1
+    echo "=== $name started (limit ${limit} s)"
+    timeout -k 10 "$limit" bash "$ROOT/benchmarks/gpu_check.sh" --_run "$name" > "$WORK/log.$name" 2>&1
     rc=$?
     dt=$(( $(date +%s) - t0 ))
     [ $rc = 0 ] || what="FAILED (exit $rc)"
     if [ $rc = 124 ] || [ $rc = 137 ]; then what="TIMED OUT after ${limit} s"; fi
-    echo "=== $name: $what in ${dt} s" | tee -a "$LOG"
-    STATUS="$STATUS| $name | $what | $dt |"$'\n'
+    echo "=== $name: $what in ${dt} s"
+    echo "| $name | $what | $dt |" > "$WORK/status.$name"
 }
 
-step tests $([ $DRY = 1 ] && echo 120 || echo 110)
-step step_time 100
-step peak_memory 150
+# The tests and the peak-memory cases (each measures its own process's
+# torch.cuda.max_memory_allocated, so sharing the GPU does not change them) run side by
+# side; the timed steps run alone.
+step tests $([ $DRY = 1 ] && echo 120 || echo 110) &
+step peak_memory 175
+wait
+step step_time 90
 step quality $(( $(left) > 30 ? $(left) : 30 ))
+for name in tests peak_memory step_time quality; do
+    { echo "=== $name"; cat "$WORK/log.$name"; } >> "$LOG"
+done
 
 {
     echo "# GPU check$([ $DRY = 1 ] && echo ' (dry run on the CPU, toy sizes)')"
@@ -203,7 +212,7 @@ PYEOF
     echo
     echo "| step | status | seconds |"
     echo "|---|---|---|"
-    printf '%s' "$STATUS"
+    cat "$WORK"/status.tests "$WORK"/status.peak_memory "$WORK"/status.step_time "$WORK"/status.quality
 } > "$DEST/summary.md"
 cat "$DEST/summary.md"
 ! grep -q "FAILED\|TIMED OUT" "$DEST/summary.md"
