@@ -124,7 +124,10 @@ def load_corpus(path: Optional[str] = None, val_fraction: float = 0.05,
 
 class Batches:
     """Random training windows (seeded: every method sees the same data in the same order)
-    and fixed, evenly spaced validation windows."""
+    and fixed, evenly spaced validation windows (``val``). ``select``: as many windows
+    less one, each halfway between two of ``val``'s (no byte in common with them when the
+    validation split holds at least two windows' worth per ``val`` window,
+    ``select_disjoint``), for choosing hyperparameters on other data than the reported."""
 
     def __init__(self, corpus: Corpus, batch_size: int, seq_len: int, seed: int,
                  eval_batches: int, device: torch.device):
@@ -138,6 +141,10 @@ class Batches:
         n_val = eval_batches * batch_size
         starts = torch.linspace(0, corpus.val.numel() - need, n_val).long()
         self.val = [self._windows(corpus.val, s) for s in starts.split(batch_size)]
+        mid = (starts[:-1] + starts[1:]) // 2 if n_val > 1 else starts
+        self.select = [self._windows(corpus.val, s) for s in mid.split(batch_size)]
+        gaps = torch.cat([mid - starts[:-1], starts[1:] - mid]) if n_val > 1 else starts[:0]
+        self.select_disjoint = bool(n_val > 1 and gaps.min() >= need)
 
     def _windows(self, data: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
         idx = starts[:, None] + torch.arange(self.t + 1)
@@ -325,6 +332,9 @@ class Method:
     description: str
     requires: tuple = ()             # importable modules it needs
     default: bool = True             # in the shoot-out's default set (when available)
+    parent: Optional[str] = None     # the method whose update rule this one shares (8-bit
+                                     # moments, per-layer stepping, other storage): the
+                                     # shoot-out's --lr-sweep lets it inherit that rate
 
     def available(self) -> bool:
         import importlib.util
@@ -342,6 +352,7 @@ class MethodArgs:
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
     target_modules: tuple = ("attn", "mlp")
+    max_grad_norm_per_param: Optional[float] = None   # per-layer mode's clipping
 
 
 # Default learning rates: the best of a small grid on the shoot-out's defaults ("tiny",
@@ -354,10 +365,10 @@ METHODS: dict[str, Method] = {}
 
 
 def register(name: str, lr: float, description: str, requires: Iterable[str] = (),
-             default: bool = True):
+             default: bool = True, parent: Optional[str] = None):
     """Decorator adding ``build(model, args) -> Prepared`` to :data:`METHODS` as ``name``."""
     def deco(build):
-        METHODS[name] = Method(name, build, lr, description, tuple(requires), default)
+        METHODS[name] = Method(name, build, lr, description, tuple(requires), default, parent)
         return build
     return deco
 
@@ -374,7 +385,7 @@ def _adamw(model, a):
                                              weight_decay=a.weight_decay))
 
 
-@register("adamw8bit", lr=1.5e-3, description="bitsandbytes.optim.AdamW8bit",
+@register("adamw8bit", parent="adamw", lr=1.5e-3, description="bitsandbytes.optim.AdamW8bit",
           requires=("bitsandbytes",))
 def _adamw8bit(model, a):
     import bitsandbytes as bnb
@@ -389,7 +400,7 @@ def _galore(model, a):
                                           weight_decay=a.weight_decay))
 
 
-@register("galore_randomized", lr=2e-2, default=False,
+@register("galore_randomized", parent="galore", lr=2e-2, default=False,
           description="GaLoreAdamW with svd=\"randomized\" (range finder, 1 power iteration)")
 def _galore_randomized(model, a):
     import lowrank_optim as lo
@@ -397,7 +408,7 @@ def _galore_randomized(model, a):
                                           weight_decay=a.weight_decay, svd="randomized"))
 
 
-@register("galore_nostagger", lr=2e-2, default=False,
+@register("galore_nostagger", parent="galore", lr=2e-2, default=False,
           description="GaLoreAdamW with stagger=False (every matrix refreshes at 0, T, 2T, ... "
                       "as in the reference)")
 def _galore_nostagger(model, a):
@@ -406,19 +417,20 @@ def _galore_nostagger(model, a):
                                           weight_decay=a.weight_decay, stagger=False))
 
 
-@register("galore8bit", lr=2e-2, description="lowrank_optim.GaLoreAdamW8bit (8-bit moments)",
-          requires=("bitsandbytes",))
+@register("galore8bit", parent="galore", lr=2e-2,
+          description="lowrank_optim.GaLoreAdamW8bit (8-bit moments)", requires=("bitsandbytes",))
 def _galore8bit(model, a):
     import lowrank_optim as lo
     return Prepared(model, lo.GaLoreAdamW8bit(_galore_groups(model, a), lr=a.lr, betas=a.betas,
                                               weight_decay=a.weight_decay))
 
 
-@register("galore_per_layer", lr=2e-2,
+@register("galore_per_layer", parent="galore", lr=2e-2,
           description="GaLoreAdamW stepped inside backward (opt.register_hooks(model))")
 def _galore_per_layer(model, a):
     prepared = _galore(model, a)
-    prepared.hooks = prepared.optimizer.register_hooks(model)
+    prepared.hooks = prepared.optimizer.register_hooks(
+        model, max_grad_norm_per_param=a.max_grad_norm_per_param)
     prepared.per_layer = True
     return prepared
 
@@ -446,11 +458,13 @@ def _qgalore(model, a):
                                                betas=a.betas, weight_decay=a.weight_decay))
 
 
-@register("qgalore_per_layer", lr=2e-2, default=False, requires=("bitsandbytes",),
+@register("qgalore_per_layer", parent="qgalore", lr=2e-2, default=False,
+          requires=("bitsandbytes",),
           description="QGaLoreAdamW8bit stepped inside backward (opt.register_hooks(model))")
 def _qgalore_per_layer(model, a):
     prepared = _qgalore(model, a)
-    prepared.hooks = prepared.optimizer.register_hooks(prepared.model)
+    prepared.hooks = prepared.optimizer.register_hooks(
+        prepared.model, max_grad_norm_per_param=a.max_grad_norm_per_param)
     prepared.per_layer = True
     return prepared
 
@@ -474,7 +488,7 @@ def _loqt(model, a):
     return _loqt_prepared(model, a, dict(bits=4))
 
 
-@register("loqt_nf4_64", lr=2e-2, default=False, requires=("bitsandbytes",),
+@register("loqt_nf4_64", parent="loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
           description="LoQTAdamW with the earlier storage: NF4 blocks of 64 with a float32 "
                       "absmax (4.5 bits per weight) and an INT4 P (the defaults: NF4 blocks of "
                       "32 with a double-quantized absmax, 4.26 bits, and an INT8 P)")
@@ -482,14 +496,14 @@ def _loqt_nf4_64(model, a):
     return _loqt_prepared(model, a, dict(bits=4, group_size=64, double_quant=False, proj_bits=4))
 
 
-@register("loqt_nostagger", lr=2e-2, default=False, requires=("bitsandbytes",),
+@register("loqt_nostagger", parent="loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
           description="LoQTAdamW with stagger=False (every layer merges at the same steps, "
                       "as in the reference)")
 def _loqt_nostagger(model, a):
     return _loqt_prepared(model, a, dict(bits=4), stagger=False)
 
 
-@register("loqt_nq", lr=2e-2, default=False,
+@register("loqt_nq", parent="loqt", lr=2e-2, default=False,
           description="LoQTAdamW without quantization (float W and P: LoQT-nq)")
 def _loqt_nq(model, a):
     return _loqt_prepared(model, a, dict(bits=None, proj_bits=None))

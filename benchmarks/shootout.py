@@ -4,13 +4,25 @@
     python benchmarks/shootout.py --methods adamw,galore --steps 200
     python benchmarks/shootout.py --config small --device cuda --steps 2000
     python benchmarks/shootout.py --data ~/my_text_folder --config llama_60m --vocab-size 256
+    python benchmarks/shootout.py --lr-sweep 0.5,1,2 --seeds 0,1,2   # tuned rates, 3 seeds
 
 Every method trains the same model (same seed, same initial weights), on the same data in
 the same order, for the same token budget (``--steps`` x ``--batch-size`` x ``--seq-len``),
 with linear warmup and cosine decay to 10% of its peak learning rate (``LambdaLR``, which
-also drives the per-layer mode since that is one optimizer). No gradient clipping (global
-clipping cannot work in per-layer mode, so none of the methods gets it). The corpus is
-the Python standard library's own source (byte tokens, see ``common.load_corpus``).
+also drives the per-layer mode since that is one optimizer), and the standard recipe's
+gradient clipping: ``clip_grad_norm_(model.parameters(), --clip)`` (default 1.0) before
+``opt.step()``; per-layer methods, which cannot clip the global norm, clip each parameter's
+gradient to ``--clip`` (``register_hooks(model, max_grad_norm_per_param=...)``). The
+report names the clipping each method got, and what the global clip does not see
+(Q-GaLore's INT8 weights keep their gradient in ``weight.quant_grad``). The corpus is the
+Python standard library's own source (byte tokens, see ``common.load_corpus``).
+
+``--lr-sweep 0.5,1,2`` tunes the rates first: every method runs on the first seed at each
+rate of its grid (multiples of its default, or ``METHOD=LR:LR:...``), the rate with the
+lowest loss on the *selection windows* (validation windows between the reported ones, no
+byte in common) is kept, and the other seeds run at that rate; 8-bit and per-layer
+variants take their parent's rate (``--sweep-variants`` sweeps them too). The results
+file holds the sweep table.
 
 Each method runs in its own subprocess so that peak memories do not mix
 (``--in-process`` runs them one after another in this process: faster, but the memory
@@ -97,6 +109,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", default=None,
                    help="peak lr for every method (e.g. 3e-3), or per method "
                         "(e.g. adamw=3e-3,galore=1e-2); default: each method's own")
+    p.add_argument("--lr-sweep", default=None, metavar="GRID",
+                   help="tune the rates first: each method runs on the first seed at every rate "
+                        "of its grid, the best by validation loss on the selection windows "
+                        "(other validation windows than the reported ones) is kept, and the "
+                        "other seeds run at that rate. GRID: multipliers of each method's rate "
+                        "(e.g. 0.5,1,2), and/or explicit rates per method (e.g. "
+                        "adamw=7.5e-4:1.5e-3:3e-3); a method with neither runs at its rate only. "
+                        "Variants (8-bit, per-layer, other storage) whose parent method is also "
+                        "run take the parent's best rate, unless --sweep-variants")
+    p.add_argument("--sweep-variants", action="store_true",
+                   help="with --lr-sweep: sweep the variants too instead of inheriting")
+    p.add_argument("--clip", type=float, default=1.0,
+                   help="gradient-norm clipping: torch.nn.utils.clip_grad_norm_(model."
+                        "parameters(), CLIP) before opt.step(); per-layer methods clip each "
+                        "parameter's gradient to CLIP instead (register_hooks(model, "
+                        "max_grad_norm_per_param=CLIP)); 0 disables")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of --steps)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1,
                    help="final lr / peak lr of the cosine decay")
@@ -142,6 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps, --batch-size, --eval-every and --eval-batches must be >= 1")
     if args.vocab_size < 256:
         p.error("--vocab-size must be >= 256 (tokens are bytes)")
+    if not args.clip >= 0:
+        p.error("--clip must be >= 0 (0: no clipping)")
     return args
 
 
@@ -188,7 +218,42 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                     args.lrs[k.strip()] = float(v)
             else:
                 args.lrs = {n: float(item) for n in names}
+    args.sweep_grid, args.inherits = parse_sweep(args.lr_sweep, names, args.lrs,
+                                                 args.sweep_variants) if args.lr_sweep else ({}, {})
     return args
+
+
+def parse_sweep(spec: str, names: list[str], lrs: dict, variants: bool = False
+                ) -> tuple[dict, dict]:
+    """``--lr-sweep`` -> (``{method: [rates]}`` for the methods swept, ``{variant:
+    parent}`` for those that take their parent's best rate)."""
+    mults, explicit = [], {}
+    try:
+        for item in (x.strip() for x in spec.split(",")):
+            if not item:
+                continue
+            if "=" in item:
+                k, v = (x.strip() for x in item.split("=", 1))
+                if k not in C.METHODS:
+                    raise SystemExit(f"--lr-sweep: unknown method {k!r}")
+                explicit[k] = [float(x) for x in v.split(":") if x.strip()]
+            else:
+                mults.append(float(item))
+    except ValueError:
+        raise SystemExit(f"--lr-sweep: expected multipliers (0.5,1,2) and/or METHOD=LR:LR:..., "
+                         f"got {spec!r}")
+    if any(not r > 0 for r in mults + sum(explicit.values(), [])):
+        raise SystemExit(f"--lr-sweep: rates and multipliers must be > 0, got {spec!r}")
+    inherits = {} if variants else {
+        n: C.METHODS[n].parent for n in names
+        if C.METHODS[n].parent in names and n not in explicit}
+    grid = {}
+    for n in names:
+        if n in inherits:
+            continue
+        rates = explicit.get(n) or [lrs[n] * m for m in mults] or [lrs[n]]
+        grid[n] = sorted(set(float(f"{r:.6g}") for r in rates))
+    return grid, inherits
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,12 +272,34 @@ def _progress(total: int, desc: str, quiet: bool):
 
 
 @torch.no_grad()
-def evaluate(model, batches: C.Batches) -> float:
+def evaluate_windows(model, windows) -> float:
+    """Mean loss over ``windows``' batches."""
     was_training = model.training
     model.eval()
-    losses = [model(x, y).item() for x, y in batches.val]
+    losses = [model(x, y).item() for x, y in windows]
     model.train(was_training)
     return sum(losses) / len(losses)
+
+
+def evaluate(model, batches: C.Batches) -> float:
+    """Loss on the reported validation windows."""
+    return evaluate_windows(model, batches.val)
+
+
+def clip_info(model, per_layer: bool, clip: float) -> dict:
+    """Which clipping a run gets (``clipping``: "global", "per-parameter" or "none") and
+    what the global clip cannot see: the integer-coded weights
+    (``lowrank_optim.nn.is_quantized``), whose gradient backward leaves in
+    ``weight.quant_grad`` rather than ``.grad``, so ``clip_grad_norm_(model.parameters())``
+    neither counts nor scales it (``unclipped_params`` of ``trained_params``)."""
+    from lowrank_optim.nn import is_quantized
+    trained = [p for p in model.parameters() if p.requires_grad or is_quantized(p)]
+    quant = [p for p in trained if is_quantized(p)]
+    kind = "none" if not clip else "per-parameter" if per_layer else "global"
+    missed = quant if kind == "global" else []
+    return dict(clipping=kind, clip=clip, trained_params=len(trained),
+                trained_numel=sum(p.numel() for p in trained), unclipped_params=len(missed),
+                unclipped_numel=sum(p.numel() for p in missed))
 
 
 def _warm_up(method: C.Method, args: argparse.Namespace, device: torch.device) -> None:
@@ -257,10 +344,14 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
 
     torch.manual_seed(args.seed)
     model = C.LlamaLM(cfg).to(device=device, dtype=getattr(torch, args.dtype))
+    clip = getattr(args, "clip", 0.0) or 0.0
     margs = C.MethodArgs(lr=args.lrs[name], rank=args.rank, update_proj_gap=args.update_proj_gap,
-                         scale=args.scale, weight_decay=args.weight_decay)
+                         scale=args.scale, weight_decay=args.weight_decay,
+                         max_grad_norm_per_param=clip or None)
     prep = method.build(model, margs)
     model, opt = prep.model, prep.optimizer
+    clipping = clip_info(model, prep.per_layer, clip)
+    grad_norms = []
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, C.lr_lambda(args.warmup, args.steps, args.min_lr_ratio))
     batches = C.Batches(corpus, args.batch_size, args.seq_len, args.seed, args.eval_batches,
@@ -280,6 +371,9 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
             with t_bwd:
                 loss.backward()        # per-layer mode: parameters are updated in here
             if not prep.per_layer:
+                if clip:  # timed with the iteration (tokens/s), not in the step's column
+                    grad_norms.append(torch.nn.utils.clip_grad_norm_(
+                        model.parameters(), clip).item())
                 with t_opt:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -305,6 +399,8 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
     if bar is not None:
         bar.close()
 
+    select = evaluate_windows(model, batches.select) if getattr(args, "select_eval", False) \
+        else None
     timed = max(1, t_all.count)
     ms = lambda t: 1000 * t.total / max(1, t.count) if t.count else None
     peak = meter.peak()
@@ -326,6 +422,10 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
         baseline_b=meter.baseline, peak_above_b=above,
         act_other_b=None if above is None else above - weights - grads - state,
         memory_kind=meter.kind, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        select_loss=select, select_disjoint=batches.select_disjoint, **clipping,
+        grad_norm_mean=statistics.fmean(grad_norms) if grad_norms else None,
+        clipped_frac=(sum(g > clip for g in grad_norms) / len(grad_norms)
+                      if grad_norms else None),
         corpus=corpus.describe(), device_name=_device_name(args.device),
         error=None)
     if prep.hooks is not None:
@@ -351,6 +451,7 @@ def _worker(spec_path: str) -> int:
 
 def _run_subprocess(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     spec, res = tmp / f"{name}.{args.seed}.spec.json", tmp / f"{name}.{args.seed}.result.json"
+    res.unlink(missing_ok=True)  # the same method and seed may run at several rates
     spec.write_text(json.dumps(dict(args=vars(args), method=name, result=str(res))))
     env = dict(os.environ)
     if args.device == "cpu" and not args.malloc_default:
@@ -370,7 +471,7 @@ def _run_subprocess(name: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 # averaged over seeds; the byte counts are the same for every seed, the peak is the largest
 _MEAN_KEYS = ("val_loss", "val_ppl", "tokens_per_s", "fwd_ms", "bwd_ms", "step_ms",
-              "bwd_step_ms", "iter_ms", "wall_s")
+              "bwd_step_ms", "iter_ms", "wall_s", "grad_norm_mean", "clipped_frac")
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -520,21 +621,108 @@ def _ratio(v, ref):
     return "—" if v is None or not ref else f"{v / ref:.2f}×"
 
 
+def _clip_cell(r: dict) -> str:
+    kind = r.get("clipping", "none")
+    if kind == "none":
+        return "none"
+    text = f"{'per-param' if kind == 'per-parameter' else kind} {r['clip']:g}"
+    return text + (" ²" if r.get("unclipped_params") else "")
+
+
+def clipping_notes(results: list[dict]) -> list[str]:
+    """The report's lines on gradient clipping: what each method got and, for the global
+    clip, what it did not cover and how often it acted."""
+    ok = [r for r in results if not r.get("error")]
+    if not ok or all(r.get("clipping", "none") == "none" for r in ok):
+        return []
+    lines = ["", "## Gradient clipping", "",
+             "Normal stepping: `torch.nn.utils.clip_grad_norm_(model.parameters(), clip)` after "
+             "backward, before `opt.step()` (global norm over all gradients). Per-layer mode "
+             "(¹) cannot clip the global norm (each parameter is updated before the next "
+             "gradient exists): `register_hooks(model, max_grad_norm_per_param=clip)` clips "
+             "each parameter's gradient to that norm on its own, a different recipe, so its "
+             "quality is not the normal-stepping method's. The clip is timed with the "
+             "iteration (tokens/s), not in the opt step column.", "",
+             "| method | clipping | gradients it covers | steps clipped | mean grad norm "
+             "(before clipping) |", "|---|---|---|---|---|"]
+    for r in ok:
+        kind = r.get("clipping", "none")
+        if kind == "none":
+            cover = "—"
+        elif r.get("unclipped_params"):
+            cover = (f"**not all**: {r['unclipped_params']} of {r['trained_params']} trained "
+                     f"tensors ({r['unclipped_numel']:,} of {r['trained_numel']:,} elements) "
+                     "are INT8 weights (`lowrank_optim.nn.is_quantized`) whose gradient is in "
+                     "`weight.quant_grad`: neither in the norm nor clipped")
+        else:
+            cover = f"all {r['trained_params']} trained tensors"
+        frac = "—" if r.get("clipped_frac") is None else f"{100 * r['clipped_frac']:.0f}%"
+        norm = "—" if r.get("grad_norm_mean") is None else f"{r['grad_norm_mean']:.3f}"
+        lines.append(f"| {r['method']} | {_clip_cell(r)} | {cover} | {frac} | {norm} |")
+    if any(r.get("unclipped_params") for r in ok):
+        names = ", ".join(r["method"] for r in ok if r.get("unclipped_params"))
+        lines += ["", f"² {names}: the global clip does not cover every weight (see the table)."
+                  " Its INT8 weights are updated with unclipped gradients; only the float "
+                  "parameters (embeddings, norms, head) are clipped, by their own norm."]
+    return lines
+
+
+def sweep_notes(sweep: list[dict], results: list[dict], args) -> list[str]:
+    """The learning-rate sweep: method x rate -> selection and reported validation loss,
+    the chosen rate marked."""
+    if not sweep:
+        return []
+    chosen = {r["method"]: r.get("lr") for r in results}
+    first = args.seed_list[0]
+    inherits = getattr(args, "inherits", {}) or {}
+    disjoint = all(r.get("select_disjoint") for r in sweep if not r.get("error"))
+    lines = ["", "## Learning-rate sweep", "",
+             f"Grid `--lr-sweep {args.lr_sweep}`, on seed {first} only. Each rate is scored "
+             "by the validation loss on the **selection windows**: "
+             f"{max(1, args.eval_batches * args.batch_size - 1)} window(s) of the validation "
+             "split, each halfway between two of the reported windows"
+             + (" (no byte in common with them)" if disjoint else
+                " (they overlap the reported windows here: too little validation text)")
+             + ". The lowest wins (a failed or diverged run never does; ties go to the smaller "
+             "rate); the other seeds then run at that rate, and the run of the winner on seed "
+             f"{first} is reused as that seed's. Selection bias: the rate is chosen on other "
+             "windows than the ones reported, and on one seed while the table reports the "
+             "mean of all; the seeds after the first never took part in the choice, so their "
+             "mean (in the per-seed table) is free of it.", ""]
+    if inherits:
+        lines += ["Not swept, to save time: "
+                  + ", ".join(f"{n} takes {p}'s rate" for n, p in inherits.items())
+                  + " (same update rule: 8-bit moments or per-layer stepping of the parent's "
+                  "method; per-layer mode clips per parameter, so its best rate may differ).", ""]
+    lines += ["| method | lr | select loss | val loss | val ppl | |", "|---|---|---|---|---|---|"]
+    for r in sweep:
+        mark = "**best**" if chosen.get(r["method"]) == r["lr"] else ""
+        if r.get("error"):
+            lines.append(f"| {r['method']} | {r['lr']:g} | failed: {r['error']} | | | {mark} |")
+            continue
+        div = f" (diverged at {r['diverged_at']})" if r.get("diverged_at") else ""
+        sel = "—" if r.get("select_loss") is None else f"{r['select_loss']:.4f}"
+        lines.append(f"| {r['method']} | {r['lr']:g} | {sel} | {r['val_loss']:.4f}{div} | "
+                     f"{r['val_ppl']:.3f} | {mark} |")
+    return lines
+
+
 def make_table(results: list[dict]) -> str:
     ok = [r for r in results if not r.get("error")]
     ref = next((r for r in ok if r["method"] == "adamw"), ok[0] if ok else None)
     rname = ref["method"] if ref else "adamw"
-    rows = ["| method | lr | val loss | val ppl | ppl vs " + rname + " | tokens/s | fwd ms | "
-            "bwd ms | opt step ms | bwd+step ms | run s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | lr | clipping | val loss | val ppl | ppl vs " + rname + " | tokens/s | "
+            "fwd ms | bwd ms | opt step ms | bwd+step ms | run s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("error"):
-            rows.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 9)
+            rows.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 10)
             continue
         div = f" (diverged at {r['diverged_at']})" if r.get("diverged_at") else ""
         std = f" ± {r['val_ppl_std']:.3f}" if "val_ppl_std" in r else ""
         rows.append(
             f"| {r['method']}{' ¹' if r['per_layer'] else ''} | {r['lr']:g} | "
+            f"{_clip_cell(r)} | "
             f"{r['val_loss']:.4f}{div} | {r['val_ppl']:.3f}{std} | "
             f"{_ratio(r['val_ppl'], ref['val_ppl'])} | {_num(r['tokens_per_s'], ',.0f')} | "
             f"{_num(r['fwd_ms'], '.1f')} | {_num(r['bwd_ms'], '.1f') if not r['per_layer'] else '—'} | "
@@ -575,7 +763,8 @@ def _versions() -> str:
     return ", ".join(out + [f"git {C.git_rev()}"])
 
 
-def make_report(results: list[dict], args, argv: list[str], wall_s: float) -> str:
+def make_report(results: list[dict], args, argv: list[str], wall_s: float,
+                sweep: list[dict] | None = None) -> str:
     cfg = C.get_config(args.config, vocab_size=args.vocab_size)
     ok = [r for r in results if not r.get("error")]
     params = ok[0]["params"] if ok else None
@@ -603,7 +792,13 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float) -> st
            f"seeds {', '.join(map(str, args.seed_list))} (quality and time: mean over seeds, "
            "± the standard deviation across seeds; memory: the largest peak)")
         + f"; linear warmup {args.warmup} steps then cosine "
-        f"to {args.min_lr_ratio:g} x lr; weight decay {args.weight_decay:g}; no grad clipping",
+        f"to {args.min_lr_ratio:g} x lr; weight decay {args.weight_decay:g}; "
+        + (f"gradient clipping at norm {args.clip:g} (global; per parameter in per-layer mode:"
+           " see Gradient clipping)" if getattr(args, "clip", 0) else "no grad clipping"),
+        "- learning rates: "
+        + ("the best of `--lr-sweep` per method (see Learning-rate sweep)" if sweep else
+           "each method's default (`benchmarks/common.py` METHODS)"
+           + (f", overridden by `--lr {args.lr}`" if getattr(args, "lr", None) else "")),
         f"- GaLore: rank {args.rank}, update_proj_gap {args.update_proj_gap}, scale "
         f"{args.scale:g}, on attention and MLP matrices (`param_groups(target_modules="
         f"('attn', 'mlp'))`); embeddings, head and norms plain AdamW",
@@ -633,11 +828,18 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float) -> st
     ]
     seeded = [r for r in results if "val_ppl_seeds" in r]
     if seeded:
+        rest = args.seed_list[1:] if sweep else []
         lines += ["", "Validation perplexity per seed:", "",
-                  "| method | " + " | ".join(f"seed {s}" for s in args.seed_list) + " | mean |",
-                  "|---|" + "---|" * (len(args.seed_list) + 1)]
+                  "| method | " + " | ".join(f"seed {s}" for s in args.seed_list) + " | mean |"
+                  + (f" mean of seed{'s' * (len(rest) > 1)} {', '.join(map(str, rest))} "
+                     "(not used to choose the rate) |" if rest else ""),
+                  "|---|" + "---|" * (len(args.seed_list) + 1 + bool(rest))]
         lines += [f"| {r['method']} | " + " | ".join(f"{v:.3f}" for v in r["val_ppl_seeds"])
-                  + f" | {r['val_ppl']:.3f} |" for r in seeded]
+                  + f" | {r['val_ppl']:.3f} |"
+                  + (f" {statistics.fmean(r['val_ppl_seeds'][1:]):.3f} |" if rest else "")
+                  for r in seeded]
+    lines += clipping_notes(results)
+    lines += sweep_notes(sweep or [], results, args)
     targets = target_table(results)
     if targets:
         lines += ["", "## Targets (issue #7)", "",
@@ -784,25 +986,74 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
     runs = []
     print(f"shoot-out: {', '.join(args.method_list)} on {args.config}, {args.steps} steps x "
           f"{args.batch_size} x {args.seq_len}, device {args.device} -> {out}", file=sys.stderr)
-    if args.in_process:
-        corpus = C.load_corpus(args.data, args.val_fraction)
+    corpus = C.load_corpus(args.data, args.val_fraction) if args.in_process else None
+    args.select_eval = bool(args.sweep_grid)
+    sweep = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.method_list:
+        def run(name, seed, lr, into):
+            run_args = argparse.Namespace(**{**vars(args), "seed": seed,
+                                             "lrs": {**args.lrs, name: lr}})
+            t = time.perf_counter()
+            if not args.in_process:
+                r = _run_subprocess(name, run_args, Path(tmp))
+            else:
+                try:
+                    r = run_method(name, run_args, corpus)
+                except Exception as e:
+                    import traceback
+                    traceback.print_exc()
+                    r = dict(method=name, error=f"{type(e).__name__}: {e}")
+                gc.collect()
+            r.update(seed=seed, lr=lr, wall_s=time.perf_counter() - t)
+            into.append(r)
+            # what is done so far, should the run be cut short
+            (out / "partial.json").write_text(json.dumps(dict(
+                argv=argv, sweep=sweep, runs=runs, lrs=args.lrs), indent=1))
+            return r
+
+        if not args.sweep_grid:
+            for name in args.method_list:
+                for seed in args.seed_list:
+                    run(name, seed, args.lrs[name], runs)
+        else:
+            first = args.seed_list[0]
+            for name, rates in args.sweep_grid.items():
+                for lr in rates:
+                    r = run(name, first, lr, sweep)
+                    print(f"sweep {name} lr {lr:g}: select loss {r.get('select_loss')}",
+                          file=sys.stderr, flush=True)
+                args.lrs[name] = best_rate(sweep, name)
+            for name, parent in args.inherits.items():
+                args.lrs[name] = args.lrs[parent]
+            print("chosen rates: " + ", ".join(f"{n} {v:g}" for n, v in args.lrs.items()),
+                  file=sys.stderr, flush=True)
+            # seed by seed, so that a run cut short leaves whole seeds
             for seed in args.seed_list:
-                run_args = argparse.Namespace(**{**vars(args), "seed": seed})
-                t = time.perf_counter()
-                if not args.in_process:
-                    runs.append(_run_subprocess(name, run_args, Path(tmp)))
-                else:
-                    try:
-                        runs.append(run_method(name, run_args, corpus))
-                    except Exception as e:
-                        import traceback
-                        traceback.print_exc()
-                        runs.append(dict(method=name, error=f"{type(e).__name__}: {e}"))
-                    gc.collect()
-                runs[-1].update(seed=seed, wall_s=time.perf_counter() - t)
-    return _write(runs, args, argv, time.perf_counter() - t0, out)
+                for name in args.method_list:
+                    done = [r for r in sweep if r["method"] == name and r["seed"] == seed
+                            and r["lr"] == args.lrs[name]]
+                    if done:
+                        runs.append(dict(done[0]))
+                    else:
+                        run(name, seed, args.lrs[name], runs)
+            order = {n: i for i, n in enumerate(args.method_list)}
+            runs.sort(key=lambda r: (order[r["method"]], args.seed_list.index(r["seed"])))
+    (out / "partial.json").unlink(missing_ok=True)
+    return _write(runs, args, argv, time.perf_counter() - t0, out, sweep)
+
+
+def _sweep_key(r: dict) -> float:
+    """What the sweep minimises: the loss on the selection windows (inf if failed or
+    diverged)."""
+    v = None if r.get("error") or r.get("diverged_at") else r.get("select_loss")
+    return v if v is not None and math.isfinite(v) else math.inf
+
+
+def best_rate(sweep: list[dict], name: str) -> float:
+    """The rate of ``name``'s sweep run with the lowest selection loss (ties: the smaller
+    rate)."""
+    mine = [r for r in sweep if r["method"] == name]
+    return min(mine, key=lambda r: (_sweep_key(r), r["lr"]))["lr"]
 
 
 def _report_from(path: Path, out: str | None, no_plot: bool) -> dict:
@@ -814,27 +1065,27 @@ def _report_from(path: Path, out: str | None, no_plot: bool) -> dict:
     runs = saved.get("runs") or [dict(r, seed=args.seed) for r in saved["results"]]
     out = Path(out) if out else path.parent
     out.mkdir(parents=True, exist_ok=True)
-    return _write(runs, args, saved["argv"], saved["wall_s"], out)
+    return _write(runs, args, saved["argv"], saved["wall_s"], out, saved.get("sweep"))
 
 
 def _write(runs: list[dict], args: argparse.Namespace, argv: list[str], wall: float,
-           out: Path) -> dict:
+           out: Path, sweep: list[dict] | None = None) -> dict:
     """Aggregate the runs over seeds, then write results.md, results.json and the plot."""
     results = aggregate(runs)
     add_estimates(results, args)
-    report = make_report(results, args, argv, wall)
+    report = make_report(results, args, argv, wall, sweep or [])
     files = {"table": out / "results.md", "json": out / "results.json"}
     files["table"].write_text(report)
     files["json"].write_text(json.dumps(dict(
         argv=argv, args={k: v for k, v in vars(args).items()}, wall_s=wall,
-        results=results, runs=runs), indent=1))
+        results=results, runs=runs, sweep=sweep or []), indent=1))
     if not args.no_plot and make_plot(results, args, out / "shootout.png"):
         files["plot"] = out / "shootout.png"
     print("\n" + report)
     for k, v in files.items():
         print(f"{k}: {v}")
     return dict(results=results, runs=runs, table=report, out=out, files=files, wall_s=wall,
-                args=args)
+                args=args, sweep=sweep or [])
 
 
 if __name__ == "__main__":

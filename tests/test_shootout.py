@@ -24,7 +24,9 @@ MICRO = ["--config", "micro", "--steps", "4", "--batch-size", "2", "--seq-len", 
 
 def test_in_process_table_and_files(tmp_path):
     threads = torch.get_num_threads()
-    out = shootout.main(MICRO + ["--methods", "adamw,galore,galore_per_layer",
+    # --clip 0: per-layer mode is then the same arithmetic as normal stepping (with clipping
+    # it clips per parameter, normal stepping the global norm)
+    out = shootout.main(MICRO + ["--methods", "adamw,galore,galore_per_layer", "--clip", "0",
                                  "--in-process", "--out", str(tmp_path)])
     results = {r["method"]: r for r in out["results"]}
     assert list(results) == ["adamw", "galore", "galore_per_layer"]
@@ -164,7 +166,8 @@ def test_quantized_methods_match_the_estimator(tmp_path):
     import bench_memory
     import estimate_memory
     out = shootout.main(MICRO + ["--steps", "2", "--methods", "qgalore,qgalore_per_layer,loqt",
-                                 "--in-process", "--no-plot", "--out", str(tmp_path)])
+                                 "--clip", "0", "--in-process", "--no-plot",
+                                 "--out", str(tmp_path)])
     cfg = shootout.model_config(out["args"])
     acts = estimate_memory.activation_bytes(cfg, 2, 32, torch.float32, False)
     for r in out["results"]:
@@ -203,3 +206,110 @@ def test_peak_models_block_is_the_block_that_activation_bytes_counts():
         grow = (estimate_memory.activation_bytes(deeper, 2, 32, dt, False)
                 - estimate_memory.activation_bytes(cfg, 2, 32, dt, False))
         assert grow == estimate_memory.block_bytes(cfg, 2, 32, dt) > 0
+
+
+def test_clipping_global_and_per_parameter(tmp_path):
+    """--clip (default 1.0): the global norm in normal stepping, each parameter's in
+    per-layer mode; the report names which."""
+    methods = ["--methods", "adamw,galore_per_layer", "--in-process", "--no-plot"]
+    clipped = shootout.main(MICRO + methods + ["--out", str(tmp_path / "a")])
+    plain = shootout.main(MICRO + methods + ["--clip", "0", "--out", str(tmp_path / "b")])
+    by, ref = ({r["method"]: r for r in o["results"]} for o in (clipped, plain))
+    assert clipped["args"].clip == 1.0                        # the default
+    adamw, hooks = by["adamw"], by["galore_per_layer"]
+    assert (adamw["clipping"], hooks["clipping"]) == ("global", "per-parameter")
+    assert adamw["unclipped_params"] == hooks["unclipped_params"] == 0
+    # the micro model's gradient norm starts above 1: the clip acts, and changes the run
+    assert adamw["grad_norm_mean"] > 1 and 0 < adamw["clipped_frac"] <= 1
+    assert hooks["grad_norm_mean"] is None                     # no global norm in that mode
+    for name in by:
+        assert by[name]["val_loss"] != ref[name]["val_loss"], name
+        assert ref[name]["clipping"] == "none" and ref[name]["grad_norm_mean"] is None
+    table = clipped["table"]
+    assert "gradient clipping at norm 1 (global; per parameter in per-layer mode" in table
+    assert "| adamw | 0.0015 | global 1 |" in table
+    assert "| galore_per_layer ¹ | 0.02 | per-param 1 |" in table
+    assert "## Gradient clipping" in table and "max_grad_norm_per_param=clip" in table
+    assert "no grad clipping" in plain["table"] and "## Gradient clipping" not in plain["table"]
+    with pytest.raises(SystemExit):
+        shootout.main(MICRO + ["--methods", "adamw", "--clip", "-1"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="needs bitsandbytes")
+def test_clipping_names_what_the_global_clip_misses(tmp_path):
+    """Q-GaLore's INT8 weights keep their gradient in ``weight.quant_grad``, which
+    ``clip_grad_norm_(model.parameters())`` does not see: the report says so; per-layer
+    mode clips them (the hook reads that gradient)."""
+    out = shootout.main(MICRO + ["--steps", "2", "--methods", "qgalore,qgalore_per_layer",
+                                 "--in-process", "--no-plot", "--out", str(tmp_path)])
+    by = {r["method"]: r for r in out["results"]}
+    n_layers = common.get_config("micro").n_layers
+    assert by["qgalore"]["unclipped_params"] == 7 * n_layers     # q k v o gate up down
+    assert by["qgalore"]["trained_params"] == len(common.LlamaLM(
+        common.get_config("micro")).state_dict())
+    assert by["qgalore_per_layer"]["unclipped_params"] == 0
+    table = out["table"]
+    assert "| qgalore | 0.02 | global 1 ² |" in table
+    assert f"**not all**: {7 * n_layers} of" in table and "² qgalore:" in table
+
+
+def test_parse_sweep():
+    lrs = {n: common.METHODS[n].lr for n in common.METHODS}
+    names = ["adamw", "adamw8bit", "galore", "galore_per_layer", "loqt_nq"]
+    grid, inherits = shootout.parse_sweep("0.5,1,2", names, lrs)
+    assert grid == {"adamw": [7.5e-4, 1.5e-3, 3e-3], "galore": [1e-2, 2e-2, 4e-2],
+                    "loqt_nq": [1e-2, 2e-2, 4e-2]}             # loqt not run: swept itself
+    assert inherits == {"adamw8bit": "adamw", "galore_per_layer": "galore"}
+    grid, inherits = shootout.parse_sweep("adamw=1e-3:2e-3,galore_per_layer=1e-2", names, lrs)
+    assert grid == {"adamw": [1e-3, 2e-3], "galore": [2e-2], "galore_per_layer": [1e-2],
+                    "loqt_nq": [2e-2]}                         # no multipliers: own rate only
+    assert inherits == {"adamw8bit": "adamw"}                  # an explicit grid is swept
+    grid, inherits = shootout.parse_sweep("1,2", names, lrs, variants=True)
+    assert inherits == {} and set(grid) == set(names)
+    for bad in ("0,1", "x", "nope=1e-3", "adamw=-1"):
+        with pytest.raises(SystemExit, match="--lr-sweep"):
+            shootout.parse_sweep(bad, names, lrs)
+
+
+def test_selection_windows_are_between_the_reported_ones():
+    corpus = common.load_corpus()
+    b = common.Batches(corpus, 4, 32, 0, 2, torch.device("cpu"))
+    assert sum(x.shape[0] for x, _ in b.val) == 8 and sum(x.shape[0] for x, _ in b.select) == 7
+    assert b.select_disjoint
+    reported = {tuple(w.tolist()) for x, _ in b.val for w in x}
+    assert not reported & {tuple(w.tolist()) for x, _ in b.select for w in x}
+
+
+def test_lr_sweep_picks_on_the_selection_windows(tmp_path):
+    out = shootout.main(MICRO + ["--steps", "3", "--methods", "adamw,galore,galore_per_layer",
+                                 "--lr-sweep", "0.5,2", "--seeds", "0,1", "--in-process",
+                                 "--no-plot", "--out", str(tmp_path)])
+    sweep, runs, args = out["sweep"], out["runs"], out["args"]
+    assert [(r["method"], r["lr"], r["seed"]) for r in sweep] == [
+        ("adamw", 7.5e-4, 0), ("adamw", 3e-3, 0), ("galore", 1e-2, 0), ("galore", 4e-2, 0)]
+    for name in ("adamw", "galore"):
+        mine = [r for r in sweep if r["method"] == name]
+        best = min(mine, key=lambda r: r["select_loss"])
+        assert args.lrs[name] == best["lr"]
+        assert best["select_loss"] != best["val_loss"]         # other windows than reported
+        # the winner's seed-0 run is reused, not run again
+        (seed0,) = [r for r in runs if r["method"] == name and r["seed"] == 0]
+        assert seed0["val_loss"] == best["val_loss"] and seed0["lr"] == best["lr"]
+    assert args.lrs["galore_per_layer"] == args.lrs["galore"]  # inherited, not swept
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
+        (n, s) for n in ("adamw", "galore", "galore_per_layer") for s in (0, 1))
+    by = {r["method"]: r for r in out["results"]}
+    assert all(by[n]["lr"] == args.lrs[n] for n in by)
+    table = out["table"]
+    assert "## Learning-rate sweep" in table and table.count("**best**") == 2
+    assert "galore_per_layer takes galore's rate" in table
+    assert "mean of seed 1 (not used to choose the rate)" in table
+    assert "the best of `--lr-sweep` per method" in table
+    assert not (tmp_path / "partial.json").exists()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["sweep"]) == 4
+    again = shootout.main(["--report-from", str(tmp_path / "results.json"), "--no-plot",
+                           "--out", str(tmp_path / "b")])
+    strip = lambda t: [l for l in t.splitlines() if not l.startswith(("- date", "- versions"))]
+    assert strip(again["table"]) == strip(table)
