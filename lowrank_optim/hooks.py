@@ -82,6 +82,16 @@ class _AttrHandle:
         self.p.__dict__.pop("lowrank_hook", None)
 
 
+class _GradOf:
+    """What ``clip_grad_norm_`` reads and scales of a parameter, its ``.grad``: here the
+    float gradient of an integer-coded weight, which lives in ``p.quant_grad``."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self, grad: torch.Tensor):
+        self.grad = grad
+
+
 class HooksHandle:
     """What :func:`register_hooks` returns; ``remove()`` undoes it."""
 
@@ -139,9 +149,13 @@ def register_hooks(optimizer, model: torch.nn.Module, accumulation_steps: int = 
             return
         counts.pop(p, None)
         if max_grad_norm_per_param is not None:
-            g = optimizer._raw_grad(p)  # clip_grad_norm_'s rule, on this gradient alone
-            coef = max_grad_norm_per_param / (torch.linalg.vector_norm(g.float()) + 1e-6)
-            g.mul_(coef.clamp(max=1.0).to(g.dtype))
+            # torch.nn.utils.clip_grad_norm_ itself, the call of a user's loop, so that both
+            # agree bit for bit on every device: it takes the norm with torch._foreach_norm
+            # where foreach kernels exist, whose CUDA result can differ in the last bits
+            # from torch.linalg.vector_norm's
+            torch.nn.utils.clip_grad_norm_(
+                [p if p.grad is not None else _GradOf(optimizer._raw_grad(p))],
+                max_grad_norm_per_param)
         optimizer.step_param(p, optimizer.param_groups[group_of[p]])
         p.grad = None
         if hasattr(p, "quant_grad"):

@@ -101,7 +101,11 @@ def _clip_each(model, c):
 
 
 @every_config
-def test_hooks_per_parameter_clipping(cfg):
+def test_hooks_per_parameter_clipping(cfg, monkeypatch):
+    """Bit-identical to a loop clipping each gradient alone, on every device: the hooks
+    call torch.nn.utils.clip_grad_norm_ itself, once per parameter and step (a norm of
+    their own, torch.linalg.vector_norm, differed from clip_grad_norm_'s CUDA
+    torch._foreach_norm in the last bits)."""
     batches = make_batches(6)
     m1, m2 = cfg.model(), cfg.model()
     o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters())
@@ -110,9 +114,19 @@ def test_hooks_per_parameter_clipping(cfg):
         _clip_each(m1, 0.05)
         o1.step()
         o1.zero_grad()
+    clip, clipped = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(params, *args, **kwargs):
+        params = list(params)
+        clipped.extend(params)
+        return clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     with o2.register_hooks(m2, max_grad_norm_per_param=0.05):
         train(m2, o2, batches, hooks=True)
     assert_params_equal(m1, m2)
+    assert len(clipped) == len(batches) * len(list(m2.parameters()))
+    assert {id(p) for p in clipped} == {id(p) for p in m2.parameters()}
 
 
 def test_hooks_errors():
