@@ -55,16 +55,54 @@ def test_loss_decreases(cfg):
     assert math.isfinite(last) and last < 0.8 * first, (first, last)
 
 
+def _train_recording(model, opt, batches, sign: float = 1.0):
+    """:func:`train`, recording each step's parameters before it and its gradients."""
+    before, grads = [], []
+    for b in batches:
+        before.append([p.detach().clone() for p in model.parameters()])
+        loss_fn(model, b, sign).backward()
+        grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return before + [[p.detach().clone() for p in model.parameters()]], grads
+
+
 @cfgs
-def test_maximize_is_minimizing_the_negated_loss(cfg):
+def test_maximize_is_minimizing_the_negated_loss(cfg, device):
+    """maximize=True negates the gradient exactly, so with the gradients of -L it steps
+    as minimizing L does, bit for bit.
+
+    That takes gradients of -L that are bit for bit the negated gradients of L: a backward
+    pass whose every kernel is odd, f(-g) = -f(g), to the last bit. The CPU's is (asserted
+    here). On another device a library kernel that is not (a CUDA run of this test ended
+    1.2e-7 apart for one configuration) breaks that premise, which is outside the optimizer.
+    So the runs are compared step by step: parameters that differ after steps that all
+    had exactly negated gradients are the optimizer's fault and fail on every device;
+    the first step whose gradients of -L differ from the negated ones of L, on equal
+    parameters, ends the comparison there (a skip naming it) instead of failing it.
+    """
     batches = make_batches(8)
     m1, m2 = cfg.model(), cfg.model()
     o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters(), maximize=True)
+    names = [n for n, _ in m1.named_parameters()]
     torch.manual_seed(5)
-    train(m1, o1, batches)
+    p1, g1 = _train_recording(m1, o1, batches)
     torch.manual_seed(5)
-    train(m2, o2, batches, sign=-1.0)
-    assert_params_equal(m1, m2)
+    p2, g2 = _train_recording(m2, o2, batches, sign=-1.0)
+    for step in range(len(batches) + 1):
+        for name, a, b in zip(names, p1[step], p2[step]):
+            assert torch.equal(a, b), (f"step {step}: {name} differs by "
+                                       f"{(a - b).abs().max()} after steps whose gradients "
+                                       "were exactly negated")
+        if step == len(batches):
+            break
+        odd = [n for n, a, b in zip(names, g1[step], g2[step])
+               if not (a is None and b is None or torch.equal(a, -b))]
+        if odd:
+            assert device.type != "cpu", f"step {step}: the CPU's backward is not odd: {odd}"
+            pytest.skip(f"on {device}, the gradients of -L at step {step} are not exactly "
+                        f"the negated gradients of L for {odd} (equal parameters): the "
+                        f"backward pass, not the optimizer; parameters equal up to it")
     assert not torch.equal(mat(m1.fc1), mat(cfg.model().fc1))
 
 
@@ -477,7 +515,12 @@ def test_adafactor_per_group_beta1(policy):
                              lr=1e-2, beta1=0.9, rank=4, update_proj_gap=2,
                              state_on_refresh=policy)
     losses = train(m, opt, make_batches(4) * 5)
-    assert losses[-1] < losses[0]
+    # the same 4 batches in the first and the last pass (single losses of different
+    # batches differ by more than 20 steps gain: the CUDA random stream's batches had
+    # loss 0.702 on the first batch and 0.706 on the fourth after 20 steps); the last pass
+    # is 12-26% below the first for 40 data seeds and each policy, 14% on the CPU's
+    first, last = sum(losses[:4]), sum(losses[-4:])
+    assert last < 0.95 * first, (first, last)
     assert "exp_avg" not in opt.state[mat(m.fc1)]
     assert opt.state[mat(m.fc2)]["exp_avg"].shape == (4, 32)
     m2 = make_model()

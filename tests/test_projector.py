@@ -299,8 +299,16 @@ def test_randomized_captures_nearly_exact_energy(shape, proj_type, seed):
         state = {}
         proj.refresh(state, g)
         e[svd] = energy(proj, state, g)
+    # the optimum, the top-k energy, from float64 singular values: no orthonormal rank-k
+    # basis captures more (up to float32 rounding of the projection, 1e-5). The bound used
+    # to be e["exact"], the float32 SVD's basis: within 1e-6 of the optimum on the CPU, but
+    # on CUDA (cuSOLVER) the randomized basis (orthonormal from Householder QR) captured
+    # 4e-5..7e-5 more than it with reverse_std, whose basis is the larger side's vectors
+    s = torch.linalg.svdvals(g.double()).square()
+    e_opt = float(s[:k].sum() / s.sum())
     assert e["exact"] > 0.95
-    assert e["randomized"] <= e["exact"] + 1e-5  # exact SVD is optimal
+    assert e["randomized"] <= e_opt + 1e-5, (e, e_opt)
+    assert e["exact"] <= e_opt + 1e-5, (e, e_opt)
     assert e["randomized"] >= e["exact"] - 1e-3, e
 
 

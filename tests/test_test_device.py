@@ -10,7 +10,7 @@ import conftest
 import lowrank_optim
 
 
-def test_only_the_tests_own_factory_calls_follow_the_device():
+def test_only_the_tests_own_factory_calls_follow_the_device(device):
     package_file = os.path.join(os.path.dirname(lowrank_optim.__file__), "_example.py")
     in_package = compile("torch.zeros(2)", package_file, "eval")
     with conftest._TestDevice(torch.device("meta")):
@@ -18,7 +18,9 @@ def test_only_the_tests_own_factory_calls_follow_the_device():
         assert nn.Linear(2, 3).weight.device.type == "meta"  # torch.empty inside nn.Linear
         assert torch.zeros(2, device="cpu").device.type == "cpu"  # explicit device wins
         assert eval(in_package).device.type == "cpu"  # the package keeps torch's default
-    assert torch.zeros(2).device.type == "cpu"
+    # outside the mode, the test's device again (the CPU, or LOWRANK_TEST_DEVICE's device,
+    # whose own _TestDevice the autouse fixture has put around this test)
+    assert torch.zeros(2).device.type == device.type
 
 
 @pytest.mark.parametrize("name", ["meta", "no-such-device"])
