@@ -19,6 +19,11 @@ Hypothesis profiles (select with ``HYPOTHESIS_PROFILE=<name>``):
   2-core machine). The whole suite stays within a few minutes on two CPU cores.
 * ``thorough``: 300 examples per property, for an occasional deeper run.
 
+Nothing is downloaded: ``HF_HUB_OFFLINE=1`` is set (unless already set) before any test
+imports ``huggingface_hub``, for the tests and the processes they start (the Hugging Face
+``Trainer`` example; bitsandbytes, which with ``kernels`` installed otherwise asks the Hub
+for a CPU kernel at import).
+
 Every test starts from the same torch RNG state (``torch.manual_seed(0)``) so that
 tests that draw random tensors without an explicit generator are reproducible and
 independent of the order in which they run.
@@ -32,6 +37,8 @@ thread.
 """
 import os
 import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # see the module docstring
 
 import pytest
 import torch

@@ -1,4 +1,11 @@
-"""The examples run (a few steps each); the Hugging Face one is skipped without transformers."""
+"""The examples run (a few steps each).
+
+The Hugging Face ``Trainer`` example needs transformers and accelerate: both are in the
+``dev`` extra, which ``make test`` (CI) installs, so there it runs and a broken example
+fails CI. It is skipped only where either is not installed at all; one that is installed
+but fails to import fails the test. It trains a tiny Llama built from a config on the
+stdlib's sources, offline (conftest.py sets ``HF_HUB_OFFLINE``): nothing is downloaded.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -24,8 +31,9 @@ def _load(name: str):
 @pytest.mark.parametrize("argv", [["--method", "galore"], ["--method", "loqt", "--per-layer"],
                                   ["--method", "qgalore"]], ids=lambda a: "-".join(a[1:]))
 def test_hf_trainer_example(argv, monkeypatch):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    for name in ("transformers", "accelerate"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (pip install -e '.[dev]')")
     monkeypatch.setattr(sys, "argv", ["hf_trainer.py"])
     loss = _load("hf_trainer").main(argv + ["--steps", "3", "--rank", "8"])
     assert math.isfinite(loss)
