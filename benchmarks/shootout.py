@@ -164,6 +164,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-from", default=None, metavar="RESULTS_JSON",
                    help="train nothing: write the table and plot again from a results.json "
                         "of an earlier run (into --out, default that file's folder)")
+    p.add_argument("--resume", default=None, metavar="PARTIAL_JSON",
+                   help="reuse the runs of a run cut short (its --out folder's partial.json, "
+                        "written after every run): a method, seed and rate found there is not "
+                        "run again. The two runs must agree on everything but --out, --resume "
+                        "and --methods")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.eval_batches < 1:
@@ -777,6 +782,10 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float,
         f"- command: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/shootout.py'] + argv)}`",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; total wall time "
         f"{wall_s:.0f} s"
+        + (f" ({len(args.resumed)} runs, {args.resumed_s:.0f} s, taken from the run cut short"
+           f" that `--resume` names: "
+           + ", ".join(f"{n} seed {sd} lr {lr:g}" for n, sd, lr in args.resumed) + ")"
+           if getattr(args, "resumed", None) else "")
         + (f" (this report written again from `{args.rendered_from}` with `--report-from`: "
            "the date and git revision are the report's, the measurements the run's)"
            if getattr(args, "rendered_from", None) else ""),
@@ -988,9 +997,19 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
           f"{args.batch_size} x {args.seq_len}, device {args.device} -> {out}", file=sys.stderr)
     corpus = C.load_corpus(args.data, args.val_fraction) if args.in_process else None
     args.select_eval = bool(args.sweep_grid)
-    sweep = []
+    sweep, pool = [], load_resume(args.resume, argv) if args.resume else []
+    args.resumed = []   # (method, seed, lr) taken from --resume, for the report
+    resumed_s = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         def run(name, seed, lr, into):
+            nonlocal resumed_s
+            old = next((r for r in pool if (r["method"], r["seed"], r["lr"]) == (name, seed, lr)
+                        and not r.get("error")), None)
+            if old is not None:
+                into.append(dict(old))
+                args.resumed.append((name, seed, lr))
+                resumed_s += old.get("wall_s") or 0.0
+                return into[-1]
             run_args = argparse.Namespace(**{**vars(args), "seed": seed,
                                              "lrs": {**args.lrs, name: lr}})
             t = time.perf_counter()
@@ -1039,7 +1058,29 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
             order = {n: i for i, n in enumerate(args.method_list)}
             runs.sort(key=lambda r: (order[r["method"]], args.seed_list.index(r["seed"])))
     (out / "partial.json").unlink(missing_ok=True)
-    return _write(runs, args, argv, time.perf_counter() - t0, out, sweep)
+    args.resumed_s = resumed_s
+    return _write(runs, args, argv, time.perf_counter() - t0 + resumed_s, out, sweep)
+
+
+# what two runs must share for one to reuse the other's measurements (--resume)
+_SAME = ("config", "vocab_size", "steps", "batch_size", "seq_len", "lr", "lr_sweep",
+         "sweep_variants", "clip", "warmup", "min_lr_ratio", "weight_decay", "rank",
+         "update_proj_gap", "scale", "eval_every", "eval_batches", "device", "dtype", "threads",
+         "data", "val_fraction", "in_process", "malloc_default")
+
+
+def load_resume(path: str, argv: list[str]) -> list[dict]:
+    """The completed runs (sweep and seeds) of ``path`` (a ``partial.json``), after
+    checking that its arguments agree with ``argv``'s on everything that shapes a run."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--resume {path}: {e}")
+    mine, theirs = parse_args(argv), parse_args(saved["argv"])
+    differ = [k for k in _SAME if getattr(mine, k) != getattr(theirs, k)]
+    if differ:
+        raise SystemExit(f"--resume {path}: that run differs in {', '.join(differ)}")
+    return saved.get("sweep", []) + saved.get("runs", [])
 
 
 def _sweep_key(r: dict) -> float:

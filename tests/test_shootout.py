@@ -313,3 +313,24 @@ def test_lr_sweep_picks_on_the_selection_windows(tmp_path):
                            "--out", str(tmp_path / "b")])
     strip = lambda t: [l for l in t.splitlines() if not l.startswith(("- date", "- versions"))]
     assert strip(again["table"]) == strip(table)
+
+
+def test_resume_reuses_the_runs_of_a_run_cut_short(tmp_path):
+    base = MICRO + ["--steps", "2", "--lr-sweep", "0.5,2", "--seeds", "0,1", "--in-process",
+                    "--no-plot"]
+    first = shootout.main(base + ["--methods", "adamw,galore", "--out", str(tmp_path / "a")])
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    # what partial.json holds when the run is cut short after adamw's sweep
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(dict(argv=saved["argv"], sweep=saved["sweep"][:2], runs=[])))
+    again = shootout.main(base + ["--methods", "adamw", "--resume", str(partial),
+                                  "--out", str(tmp_path / "b")])
+    assert [tuple(x) for x in again["args"].resumed] == [
+        ("adamw", 0, 7.5e-4), ("adamw", 0, 3e-3)]
+    (r,) = again["results"]
+    ref = next(x for x in first["results"] if x["method"] == "adamw")
+    assert r["lr"] == ref["lr"] and r["val_ppl_seeds"] == ref["val_ppl_seeds"]
+    assert "taken from the run cut short" in again["table"]
+    with pytest.raises(SystemExit, match="differs in steps"):
+        shootout.main(base + ["--steps", "3", "--methods", "adamw", "--resume", str(partial),
+                              "--out", str(tmp_path / "c")])
