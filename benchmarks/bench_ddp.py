@@ -9,8 +9,7 @@ Each configuration runs in a fresh pair of processes (``torch.multiprocessing`` 
 ``DistributedDataParallel`` with the default bucket cap (25 MB; first bucket 1 MB):
 
 * methods: ``GaLoreAdamW`` (float weights, every gradient in DDP's buckets) and, when
-  QuantLinear averages its gradients under DDP, ``QGaLoreAdamW8bit`` on INT8 weights
-  (the weight gradients live in ``quant_grad``, outside DDP's buckets);
+  ``QGaLoreAdamW8bit`` on INT8 weights (their float32 gradients are in DDP's buckets too);
 * stepping: ``opt.step()`` vs per-layer ``opt.register_hooks(ddp_model)``;
 * ``gradient_as_bucket_view`` False (DDP's default) and True.
 
@@ -22,7 +21,7 @@ that freed tensors go back to the system and RSS follows live memory. DDP's firs
 one bucket (it records the order in which gradients arrive, and rebuilds its buckets in
 the second forward), so the first iteration and the iterations from the third on
 (``--steps`` - 2 of them, the steady state) are reported separately. Gradient bytes: ``G`` = gradients in
-DDP's buckets, ``Q`` = ``quant_grad`` bytes, bucket layout as counted by a communication
+DDP's buckets (``Q`` of them: INT8 weights' gradients), bucket layout as counted by a communication
 hook in the normal-stepping run. At the end, every rank's parameters and buffers are
 compared with rank 0's (max |Δ|; 0 means bit-identical).
 """
@@ -118,7 +117,7 @@ def _worker(r: int, port: int, cfg: dict, results) -> None:
     diff = lo.distributed.replica_divergence(model)
     if r == 0:
         g = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        q = sum(4 * p.numel() for p in model.parameters() if lo.nn.is_quantized(p))
+        q = sum(4 * p.numel() for p in model.parameters() if isinstance(p, lo.nn.QuantWeight))
         results.put(dict(cfg, first=peaks[0], steady=peaks[1], diff=diff, G=g, Q=q,
                          buckets=list(buckets)))
     dist.destroy_process_group()
@@ -160,10 +159,9 @@ def render(rows: list, cmd: str, date: str) -> str:
         big = max(r["buckets"], default=0)
         L.append(f"- {method}: G = {r['G'] / MB:.1f} MB of gradients in DDP buckets "
                  f"({len(r['buckets'])} buckets after the rebuild, largest {big / MB:.1f} MB), "
-                 f"Q = {r['Q'] / MB:.1f} MB of `quant_grad`. Expected saving of per-layer mode "
-                 f"with gradient_as_bucket_view=False, iterations 3+: about G − largest bucket "
-                 f"+ Q − largest `quant_grad` = "
-                 f"{(r['G'] - big + r['Q'] - (r['Q'] and r['Q'] // layers)) / MB:.1f} MB.")
+                 f"of which {r['Q'] / MB:.1f} MB for INT8 weights. Expected saving of per-layer "
+                 f"mode with gradient_as_bucket_view=False, iterations 3+: about G − largest "
+                 f"bucket = {(r['G'] - big) / MB:.1f} MB.")
     return "\n".join(L) + "\n"
 
 
@@ -178,7 +176,7 @@ def main() -> None:
                      f"{', '.join((*_SETTINGS, 'out'))}; got {arg!r}")
         globals()[key] = type(globals()[key])(value)
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # read by the spawned ranks' malloc
-    methods = ["galore"] + (["q_galore"] if hasattr(lo.nn, "distributed") else [])
+    methods = ["galore", "q_galore"]
     rows = []
     for method in methods:
         for bucket_view in (False, True):

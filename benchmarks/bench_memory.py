@@ -14,7 +14,7 @@ For each LLaMA config (60m, 130m, 350m, 1b, 7b of ``benchmarks/common.py``, voca
 
 this script COUNTS THE BYTES OF THE REAL TENSORS: it builds the model (in ``--dtype``,
 bfloat16 by default, the papers' convention for weights), quantizes it with the package
-where the method asks for it, sets a gradient on every parameter (random; ``quant_grad``,
+where the method asks for it, sets a gradient on every parameter (random; INT8 weights too,
 float32, for the INT8 weights, as ``QuantLinear``'s backward leaves it), takes ONE optimizer
 step, then sums ``numel * element_size`` over ``model.parameters()`` + ``model.buffers()``
 (weights; the buffers are the INT8 layers' float32 scales/offsets and the rotary table)
@@ -113,7 +113,7 @@ import torch
 from torch import Tensor, nn
 
 import lowrank_optim as lo
-from common import LlamaLM, cpu_name, get_config, git_rev
+from common import LlamaLM, cpu_name, get_config, git_rev, stored_tensors
 
 GB = 1e9
 TARGETS = ("attn", "mlp")
@@ -193,10 +193,8 @@ def build_optimizer(method: str, model: nn.Module, rank: int):
 
 def set_grads(model: nn.Module) -> None:
     for p in model.parameters():
-        if p.is_floating_point():
-            p.grad = torch.randn_like(p)
-        else:  # INT8 codes: the float32 gradient QuantLinear's backward accumulates
-            p.quant_grad = torch.randn(p.shape, dtype=torch.float32, device=p.device)
+        if p.requires_grad:  # INT8 weights too: an ordinary float32 gradient
+            p.grad = torch.randn(p.shape, dtype=p.dtype, device=p.device)
 
 
 @torch.no_grad()
@@ -205,7 +203,7 @@ def meta_init(opt: lo.LowRankOptimizer) -> None:
     ``_apply``: creates exactly the state tensors a real first step creates."""
     for group in opt.param_groups:
         for p in group["params"]:
-            if opt._raw_grad(p) is None:
+            if p.grad is None:
                 continue
             g = opt._grad(p, group)
             state = opt.state[p]
@@ -274,11 +272,12 @@ def count(model: nn.Module, opt) -> dict:
             out["held_" + ("weights" if cat.startswith("w_") else "state")] += \
                 t.untyped_storage().nbytes()
 
-    for p in model.parameters():
-        add("w_float" if p.is_floating_point() else "w_int", p)
-    for name, b in model.named_buffers():  # LoQT: NF4 codes of Q, INT4 codes of P, scales
-        add("w_int" if name.endswith("_codes") else "w_scales"
-            if name.endswith(("_scale", "_offset")) else "w_buffers", b)
+    for name, kind, t in stored_tensors(model):  # LoQT: NF4 codes of Q, INT4 codes of P
+        if kind == "p":
+            add("w_float" if t.is_floating_point() else "w_int", t)
+        else:
+            add("w_int" if name.endswith("_codes") else "w_scales"
+                if name.endswith(("_scale", "_offset")) else "w_buffers", t)
     for st in opt.state.values():
         for key, t in _walk(st):
             add("s_" + _category_state(key), t)
@@ -299,7 +298,7 @@ def measure(method: str, cfg, rank: int, dt: torch.dtype, device: str) -> dict:
     one_step(method, model, opt, device)
     model.zero_grad(set_to_none=True)
     if method in LOWRANK:
-        opt.zero_grad()  # also frees quant_grad
+        opt.zero_grad()
     res = count(model, opt)
     res["seconds"] = time.perf_counter() - t0
     del model, opt

@@ -481,23 +481,24 @@ def build_optimizer(model, method: MethodSpec, rank: int, a):
 def weight_breakdown(model) -> dict:
     """Bytes of the model's tensors, each storage once: integer codes, float buffers
     (scales, offsets, absmax, the rotary table) and float parameters (bf16)."""
+    import common as C
+
     out = dict(codes=0, scales=0, float_params=0, rope=0)
     seen = set()
-    for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
-        for name, t in items:
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-            if key in seen:
-                continue
-            seen.add(key)
-            n = t.numel() * t.element_size()
-            if not t.is_floating_point():
-                out["codes"] += n
-            elif name.startswith("rope_"):
-                out["rope"] += n
-            elif kind == "b":
-                out["scales"] += n
-            else:
-                out["float_params"] += n
+    for name, kind, t in C.stored_tensors(model):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        n = t.numel() * t.element_size()
+        if not t.is_floating_point():
+            out["codes"] += n
+        elif name.startswith("rope_"):
+            out["rope"] += n
+        elif kind == "b":
+            out["scales"] += n
+        else:
+            out["float_params"] += n
             del t
     out["total"] = out["codes"] + out["scales"] + out["float_params"] + out["rope"]
     return out
@@ -631,19 +632,18 @@ def estimate(case: Case, method: MethodSpec, rank: int, a) -> dict:
     else:
         lo.prepare_loqt(model, rank=rank, bits=4, target_modules=TARGETS, scale=0.5)
     w = dict(codes=0, scales=0, float_params=0)
-    for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers())):
-        for name, t in items:
-            if name.startswith("rope_"):
-                continue
-            n = t.numel() * t.element_size()
-            w["codes" if not t.is_floating_point() else "scales" if kind == "b"
-              else "float_params"] += n
+    for name, kind, t in C.stored_tensors(model):
+        if name.startswith("rope_"):
+            continue
+        n = t.numel() * t.element_size()
+        w["codes" if not t.is_floating_point() else "scales" if kind == "b"
+          else "float_params"] += n
     w["total"] = sum(w.values())
     q8 = lambda n: 2 * n + 2 * 4 * -(-n // 256)
     state = basis = grads = 0
     sizes = []
     for name, p in model.named_parameters():
-        if isinstance(getattr(p, "quant_owner", None), lo.QuantLinear):   # projected INT8
+        if isinstance(p, lo.nn.QuantWeight):   # projected INT8
             m, n = p.shape
             r = min(rank, m, n)
             low = max(m, n) * r

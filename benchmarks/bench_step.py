@@ -11,7 +11,7 @@ set as ``p.grad`` from a pre-generated pool (no backward is timed):
 * ``lowrank_optim.GaLoreAdamW`` with ``svd`` exact / randomized and ``stagger`` on / off;
 * ``lowrank_optim.GaLoreAdamW8bit``;
 * ``lowrank_optim.QGaLoreAdamW8bit`` on INT8 weights (``QuantLinear``, groups of 256; its
-  gradient is set as ``quant_grad``), INT4 basis, lazy refresh;
+  gradient is an ordinary ``.grad``), INT4 basis, lazy refresh;
 * galore-torch 1.0's ``GaLoreAdamW`` when it is installed (``pip install --no-deps
   galore-torch==1.0``; galore-torch imports ``transformers`` only for a version check of
   torch, so when transformers is absent a stub of ``require_version`` is put in place
@@ -252,7 +252,7 @@ def galore_groups(params, projected, a):
 
 def _int8_weights(ps, pr):
     """Replace, in ``ps`` (in place), every projected matrix by the INT8 weight of a
-    ``QuantLinear`` made from it (Q-GaLore's weights); its gradient goes in ``quant_grad``."""
+    ``QuantLinear`` made from it (Q-GaLore's weights); its gradient is an ordinary float32 ``.grad``."""
     for i, (p, proj) in enumerate(zip(ps, pr)):
         if proj:
             lin = nn.Linear(p.shape[1], p.shape[0], bias=False, device=p.device)
@@ -414,10 +414,7 @@ def bench_time(a, dev, gt, log):
 
     def one_step(b, k):
         for p, g in zip(b["params"], grads[k % a.pool]):
-            if lo.nn.is_quantized(p):
-                p.quant_grad = g
-            else:
-                p.grad = g
+            p.grad = g
         c0 = b["count"]()
         sync()
         c_0, t0 = time.process_time(), time.perf_counter()

@@ -533,13 +533,28 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def stored_tensors(model: nn.Module):
+    """``(name, kind, tensor)`` for every tensor the model stores, ``kind`` "p" (parameter)
+    or "b" (buffer). An INT8 weight (``lo.nn.QuantWeight``) is stored as its uint8 codes
+    ("p") and float32 ``_scale``/``_offset`` ("b"), as in ``QuantLinear.state_dict()``."""
+    import lowrank_optim as lo
+
+    for name, p in model.named_parameters():
+        if isinstance(p, lo.nn.QuantWeight):
+            yield name, "p", p.codes
+            yield from ((f"{name}_{k}", "b", t) for k in ("scale", "offset")
+                        if (t := getattr(p, k)) is not None)
+        else:
+            yield name, "p", p
+    for name, b in model.named_buffers():
+        yield name, "b", b
+
+
 def grad_bytes(model: nn.Module, per_layer: bool = False) -> int:
     """Bytes the gradients take: all trainable parameters' in normal stepping; in per-layer
     mode only the largest one's, since each gradient is freed right after its update.
-    An integer-coded weight (``QuantLinear``) gets a float32 gradient (``quant_grad``)."""
-    sizes = [tensor_bytes(p) if p.requires_grad else 4 * p.numel()
-             for p in model.parameters()
-             if p.requires_grad or getattr(p, "quant_owner", None) is not None]
+    An INT8 weight (``QuantLinear``) gets a float32 gradient like any float32 parameter."""
+    sizes = [tensor_bytes(p) for p in model.parameters() if p.requires_grad]
     return (max(sizes, default=0) if per_layer else sum(sizes))
 
 

@@ -6,7 +6,7 @@ For each config and method it adds up, in GB (10^9 bytes):
   bytes of the tensors the package (and torch / bitsandbytes) allocate, already checked
   byte for byte against real runs by ``bench_memory.py``;
 * **gradients**: every trainable float parameter's ``.grad`` in the model dtype; Q-GaLore's
-  INT8 weights leave a float32 ``quant_grad``; LoQT has gradients only for ``B`` (and the
+  INT8 weights get a float32 ``.grad``; LoQT has gradients only for ``B`` (and the
   plain parameters); with per-layer updates (``register_hooks``) only the largest single
   gradient is alive at once;
 * **activations**: the bytes autograd saves for backward in one forward of ``--batch`` x
@@ -45,7 +45,7 @@ from _paths import ROOT
 import torch
 
 import bench_memory as bm
-from common import LlamaLM, get_config
+from common import LlamaLM, get_config, stored_tensors
 from lowrank_optim.functional import _CHUNK  # elements per bitsandbytes call in adam8bit_
 
 GB = 1e9
@@ -75,7 +75,7 @@ def _grads(method: str, cfg, rank: int, esize: int) -> list[tuple[str, tuple, bo
     for name, shape, proj in bm.shapes_of(cfg):
         n = math.prod(shape)
         if proj and method == "QGaLoreAdamW8bit":
-            b = 4 * n                                    # float32 quant_grad
+            b = 4 * n                                    # float32 .grad of an INT8 weight
         elif proj and method in bm.LOQT:
             b = esize * max(shape) * min(rank, *shape)   # only B has a gradient
         else:
@@ -93,7 +93,7 @@ def grad_bytes(method: str, per_layer: bool, cfg, rank: int, esize: int) -> int:
 def _counter(model):
     """A saved_tensors_hooks pack function adding each new storage's bytes to ``out[0]``;
     the model's own parameters and buffers (weights saved for backward) are not counted."""
-    seen = {bm._storage_id(t) for t in (*model.parameters(), *model.buffers())}
+    seen = {bm._storage_id(t) for _, _, t in stored_tensors(model)}
     out = [0]
 
     def pack(t):
@@ -305,8 +305,7 @@ def check(name: str, cfg, rank: int, dt, batch: int, seq: int,
     idx = torch.randint(0, cfg.vocab_size, (batch, seq))
     saved, loss = _saved_bytes(model, idx, idx)
     loss.backward()
-    grads = [p.grad if p.grad is not None else getattr(p, "quant_grad", None)
-             for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
     sizes = [g.numel() * g.element_size() for g in grads if g is not None]
     real = dict(grads=max(sizes) if per_layer else sum(sizes), activations=saved)
     est = estimate(name, cfg, rank, dt, activations)

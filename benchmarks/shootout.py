@@ -13,8 +13,8 @@ also drives the per-layer mode since that is one optimizer), and the standard re
 gradient clipping: ``clip_grad_norm_(model.parameters(), --clip)`` (default 1.0) before
 ``opt.step()``; per-layer methods, which cannot clip the global norm, clip each parameter's
 gradient to ``--clip`` (``register_hooks(model, max_grad_norm_per_param=...)``). The
-report names the clipping each method got, and what the global clip does not see
-(Q-GaLore's INT8 weights keep their gradient in ``weight.quant_grad``). The corpus is the
+report names the clipping each method got and the gradients it covers (all of them:
+Q-GaLore's INT8 weights have an ordinary ``.grad`` too). The corpus is the
 Python standard library's own source (byte tokens, see ``common.load_corpus``).
 
 ``--lr-sweep 0.5,1,2`` tunes the rates first: every method runs on the first seed at each
@@ -293,18 +293,14 @@ def evaluate(model, batches: C.Batches) -> float:
 
 def clip_info(model, per_layer: bool, clip: float) -> dict:
     """Which clipping a run gets (``clipping``: "global", "per-parameter" or "none") and
-    what the global clip cannot see: the integer-coded weights
-    (``lowrank_optim.nn.is_quantized``), whose gradient backward leaves in
-    ``weight.quant_grad`` rather than ``.grad``, so ``clip_grad_norm_(model.parameters())``
-    neither counts nor scales it (``unclipped_params`` of ``trained_params``)."""
-    from lowrank_optim.nn import is_quantized
-    trained = [p for p in model.parameters() if p.requires_grad or is_quantized(p)]
-    quant = [p for p in trained if is_quantized(p)]
+    what it covers: every trained tensor (``trained_params``; Q-GaLore's INT8 weights have
+    an ordinary ``.grad`` that ``clip_grad_norm_(model.parameters())`` counts and scales,
+    so ``unclipped_params`` is 0, kept for the results' format)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
     kind = "none" if not clip else "per-parameter" if per_layer else "global"
-    missed = quant if kind == "global" else []
     return dict(clipping=kind, clip=clip, trained_params=len(trained),
-                trained_numel=sum(p.numel() for p in trained), unclipped_params=len(missed),
-                unclipped_numel=sum(p.numel() for p in missed))
+                trained_numel=sum(p.numel() for p in trained), unclipped_params=0,
+                unclipped_numel=0)
 
 
 def _warm_up(method: C.Method, args: argparse.Namespace, device: torch.device) -> None:
@@ -654,11 +650,11 @@ def clipping_notes(results: list[dict]) -> list[str]:
         kind = r.get("clipping", "none")
         if kind == "none":
             cover = "—"
-        elif r.get("unclipped_params"):
+        elif r.get("unclipped_params"):  # runs from before INT8 weights had a .grad
             cover = (f"**not all**: {r['unclipped_params']} of {r['trained_params']} trained "
                      f"tensors ({r['unclipped_numel']:,} of {r['trained_numel']:,} elements) "
-                     "are INT8 weights (`lowrank_optim.nn.is_quantized`) whose gradient is in "
-                     "`weight.quant_grad`: neither in the norm nor clipped")
+                     "are INT8 weights whose gradient was outside `.grad`: neither in the "
+                     "norm nor clipped")
         else:
             cover = f"all {r['trained_params']} trained tensors"
         frac = "—" if r.get("clipped_frac") is None else f"{100 * r['clipped_frac']:.0f}%"

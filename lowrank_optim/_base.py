@@ -32,7 +32,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
-from . import nn as qnn
 from .distributed import check_not_sharded
 from .projector import PROJ_TYPES, SVD_METHODS, Projector, overlap
 from .refresh import FixedGap
@@ -139,14 +138,8 @@ class LowRankOptimizer(Optimizer):
         """Whether ``p`` takes part in the stagger (its own schedule of SVDs)."""
         return self.is_projected(p, group)
 
-    @staticmethod
-    def _raw_grad(p: Tensor) -> Optional[Tensor]:
-        """``p.grad``, or for an integer-coded weight (:class:`~lowrank_optim.nn.QuantLinear`)
-        the float gradient its backward left in ``p.quant_grad``."""
-        return p.grad if p.grad is not None else getattr(p, "quant_grad", None)
-
     def _grad(self, p: Tensor, group: dict) -> Tensor:
-        g = self._raw_grad(p)
+        g = p.grad
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         return -g if group.get("maximize") else g
@@ -154,7 +147,7 @@ class LowRankOptimizer(Optimizer):
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:
         """Update one parameter from its ``.grad`` (the unit the hook engine calls)."""
-        if self._raw_grad(p) is None:
+        if p.grad is None:
             return
         g = self._grad(p, group)
         state = self.state[p]
@@ -171,26 +164,29 @@ class LowRankOptimizer(Optimizer):
         else:
             proj, d = None, self._inner(state, g, state["step"] + 1, group)
         state["step"] += 1
-        del g  # an integer-coded weight's float gradient is freed before its update
-        if qnn.is_quantized(p):
-            p.quant_grad = None
+        del g
+        if self._hooks is not None:
+            # per-layer mode frees the gradient after this step anyway; freeing it before
+            # the write means a stored-quantized weight's float copy never meets it
+            p.grad = None
         self._apply(p, d, group, state, proj)
 
     def _apply(self, p: Tensor, d: Tensor, group: dict, state: dict,
                proj: Optional[Projector]) -> None:
         """Write the update of direction ``d`` into ``p``.
 
-        An integer-coded weight is dequantized (this layer only), updated in float32 and
-        requantized with fresh per-group ranges, by stochastic rounding when the group's
-        ``stochastic_round`` is true (the default), so updates smaller than one
-        quantization step survive on average (Q-GaLore); ``step_param`` has freed its
-        float gradient before this. The rounding noise comes from a generator seeded by
-        the group's ``seed``, the parameter's index and its step, so a resumed run draws
-        the same noise as an uninterrupted one.
+        A parameter stored in another form (a tensor subclass with ``dequantize()`` and
+        ``requantize_(w, stochastic, generator)``, such as
+        :class:`~lowrank_optim.nn.QuantWeight`) is dequantized (this parameter only),
+        updated in float32 and stored back by the weight type, with stochastic rounding
+        when the group's ``stochastic_round`` is true (the default), so updates smaller
+        than one quantization step survive on average (Q-GaLore). The rounding noise
+        comes from a generator seeded by the group's ``seed``, the parameter's index and
+        its step, so a resumed run, and every DDP replica, draws the same noise.
         """
-        if not qnn.is_quantized(p):
+        if not hasattr(p, "requantize_"):
             return self._update_(p, d, group, state, proj)
-        w = qnn.dequantized_weight(p)
+        w = p.dequantize()
         self._update_(w, d, group, state, proj)
         gen = None
         if group.get("stochastic_round", True):
@@ -200,7 +196,7 @@ class LowRankOptimizer(Optimizer):
             seed = (group.get("seed", 0) * 1_000_003 + state["sr_index"]) * 1_000_003
             gen = torch.Generator(device=w.device).manual_seed(
                 (seed + state["step"]) % 2 ** 63)
-        qnn.store_weight_(p, w, stochastic=gen is not None, generator=gen)
+        p.requantize_(w, stochastic=gen is not None, generator=gen)
 
     @staticmethod
     def _update_(w: Tensor, d: Tensor, group: dict, state: dict,
@@ -271,16 +267,9 @@ class LowRankOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if self._raw_grad(p) is not None:
+                if p.grad is not None:
                     self.step_param(p, group)
         return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if getattr(p, "quant_grad", None) is not None:
-                    p.quant_grad = None if set_to_none else p.quant_grad.zero_()
 
     def basis(self, p: Tensor) -> Optional[Tensor]:
         """The current float32 basis of a projected parameter (``U_r``, m×r, for a left

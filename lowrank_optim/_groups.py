@@ -27,9 +27,8 @@ def param_groups(model: torch.nn.Module, rank: int = 128,
 
     chosen = set()
     for name, module in model.named_modules():
-        trainable = isinstance(module, QuantLinear) or (
-            isinstance(module, torch.nn.Linear) and module.weight.requires_grad)
-        if trainable and (targets is None or any(t in name for t in targets)):
+        if isinstance(module, (torch.nn.Linear, QuantLinear)) and module.weight.requires_grad \
+                and (targets is None or any(t in name for t in targets)):
             chosen.add(module.weight)
     if not chosen:
         raise ValueError(f"No nn.Linear module name contains any of {targets!r}")

@@ -8,13 +8,8 @@ every rank (randomized-SVD sketches by the refresh count, stochastic-rounding no
 the group's ``seed``, the parameter's index and its step; the refresh phases of
 ``stagger`` by the parameter's position), so replicas stay bit-identical.
 
-The exception is the integer-coded weight of a :class:`~lowrank_optim.nn.QuantLinear`:
-it is a ``uint8`` parameter that does not require grad, so DDP does not see it, and its
-gradient lives in ``weight.quant_grad``. :func:`ddp_sync_group` and
-:func:`all_reduce_mean_` let the layer's backward average that gradient itself, with
-DDP's rule: the decision is taken at forward time, so a forward under
-``ddp.no_sync()`` accumulates locally and the next synchronized backward averages the
-accumulated sum.
+Q-GaLore's INT8 weights (:class:`~lowrank_optim.nn.QuantWeight`) are no exception:
+their gradient is an ordinary float ``.grad`` that DDP averages in its buckets.
 
 **Per-layer mode under DDP** (``opt.register_hooks(ddp_model)``): a parameter may be
 stepped only once its gradient is averaged, so instead of gradient hooks (which fire
@@ -41,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ddp_sync_group", "all_reduce_mean_", "is_ddp", "attach_ddp", "check_not_sharded",
+__all__ = ["all_reduce_mean_", "is_ddp", "attach_ddp", "check_not_sharded",
            "replica_divergence"]
 
 
@@ -67,29 +62,13 @@ def is_ddp(model: torch.nn.Module) -> bool:
     return isinstance(model, _ddp_class())
 
 
-def ddp_sync_group():
-    """The process group that averages this forward's gradients, or ``None``.
-
-    Called during a forward: inside the forward of a ``DistributedDataParallel`` module
-    that synchronizes gradients in this iteration (not under ``no_sync()``), this is its
-    process group; otherwise ``None``. It is the decision DDP itself takes at forward
-    time. (Grad mode is not looked at: it is off inside ``autograd.Function.forward``,
-    and a forward without grad has no backward to synchronize.)
-    """
-    ddp_cls = _ddp_class()
-    if not ddp_cls:
-        return None
-    ddp = ddp_cls._get_active_ddp_module()
-    if ddp is None or not ddp.require_backward_grad_sync:
-        return None
-    return ddp.process_group
-
-
-def all_reduce_mean_(t: Tensor, group) -> Tensor:
-    """Average ``t`` in place over ``group``, as DDP averages gradients (divide, then
-    sum: the same bits on every rank)."""
-    t.div_(group.size())
-    dist.all_reduce(t, group=group)
+def all_reduce_mean_(t: Tensor, group=None) -> Tensor:
+    """Average ``t`` in place over ``group`` (default: the default group), as DDP averages
+    gradients (divide, then sum: the same bits on every rank); a no-op without an
+    initialized process group of more than one rank."""
+    if dist.is_available() and dist.is_initialized() and (n := dist.get_world_size(group)) > 1:
+        t.div_(n)
+        dist.all_reduce(t, group=group)
     return t
 
 
@@ -132,16 +111,13 @@ class _CommState:
     ``steps`` holds the per-parameter unit of :mod:`lowrank_optim.hooks` (count, clip,
     step, free) of each optimizer in per-layer mode on this model (each skips the
     parameters it does not optimize); with none, the hook only averages and leaves the
-    gradients in ``.grad`` for a normal ``opt.step()``. ``synced`` is whether
-    the latest forward of the DDP module synchronizes gradients (recorded by a forward
-    pre-hook), for the integer-coded weights that DDP does not reduce.
+    gradients in ``.grad`` for a normal ``opt.step()``.
     """
 
     def __init__(self, ddp):
         self.process_group = ddp.process_group
         self.find_unused = ddp.find_unused_parameters
         self.steps: list[Callable[[Tensor], None]] = []
-        self.synced = True
 
 
 def _comm_hook(state: _CommState, bucket):  # no annotations: DDP checks them as objects
@@ -179,25 +155,21 @@ def _comm_hook(state: _CommState, bucket):  # no annotations: DDP checks them as
 
 
 class _Handle:
-    """Undoes :func:`attach_ddp`: per-layer stepping off, hooks of quantized weights
-    removed; the communication hook stays as a plain all-reduce."""
+    """Undoes :func:`attach_ddp`: per-layer stepping off; the communication hook stays as
+    a plain all-reduce."""
 
-    def __init__(self, state: _CommState, step, pre_hook):
-        self.state, self.step, self.pre_hook = state, step, pre_hook
+    def __init__(self, state: _CommState, step):
+        self.state, self.step = state, step
 
     def remove(self) -> None:
         if self.step in self.state.steps:
             self.state.steps.remove(self.step)
-        self.pre_hook.remove()
 
 
-def attach_ddp(ddp, step: Callable[[Tensor], None]) -> tuple[_Handle, Callable[[Tensor], None]]:
+def attach_ddp(ddp, step: Callable[[Tensor], None]) -> _Handle:
     """Run ``step(p)`` for each DDP-managed parameter right after its bucket's all-reduce.
 
-    Returns a handle and the hook for integer-coded weights (``p.lowrank_hook``), which
-    steps only in a synchronized backward (their gradient is averaged by the layer's
-    backward, see the module docstring). Raises ``RuntimeError`` when the DDP module
-    already has another communication hook.
+    Raises ``RuntimeError`` when the DDP module already has another communication hook.
     """
     state = ddp.__dict__.get("_lowrank_comm_state")
     if state is None:
@@ -218,12 +190,4 @@ def attach_ddp(ddp, step: Callable[[Tensor], None]) -> tuple[_Handle, Callable[[
         reducer._set_optimizer_in_backward()
         ddp._lowrank_comm_state = state
     state.steps.append(step)
-
-    def record_sync(module, args):
-        state.synced = module.require_backward_grad_sync
-
-    def quant_hook(p: Tensor) -> None:
-        if state.synced:
-            step(p)
-
-    return _Handle(state, step, ddp.register_forward_pre_hook(record_sync)), quant_hook
+    return _Handle(state, step)

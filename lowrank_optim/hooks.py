@@ -3,10 +3,9 @@
 ``handle = opt.register_hooks(model)`` registers, on every parameter of ``model`` that
 ``opt`` optimizes, a ``Tensor.register_post_accumulate_grad_hook``. When a parameter's
 gradient is complete, the hook updates that parameter with ``opt.step_param(p, group)``
-and frees its gradient (``p.grad = None``). Integer-coded weights
-(:class:`~lowrank_optim.nn.QuantLinear`) cannot carry autograd hooks; their backward calls
-the same hook after writing ``p.quant_grad``. Only one layer's gradient is alive at a
-time, so peak memory drops by roughly the total gradient size minus the largest
+and frees its gradient (``p.grad = None``); a parameter used several times in one
+forward gets one summed gradient and one step, as autograd accumulates it. Only one
+layer's gradient is alive at a time, so peak memory drops by roughly the total gradient size minus the largest
 parameter's. It stays one optimizer: ``state_dict``/``load_state_dict``, param groups and
 LR schedulers (``scheduler.step()`` once per optimizer step) work unchanged, and a stray
 ``opt.step()`` is a harmless no-op because the gradients are already gone.
@@ -33,8 +32,8 @@ would drift apart, as galore-torch's layer-wise mode does):
 
 * each float parameter is stepped by a DDP communication hook right after its gradient
   bucket is averaged (:mod:`lowrank_optim.distributed`), so every rank steps with the
-  same gradient and the replicas stay bit-identical; integer-coded weights, which DDP
-  does not see, are averaged by their layer's backward and stepped right after;
+  same gradient and the replicas stay bit-identical (INT8 weights included: their
+  gradient is an ordinary ``.grad`` in DDP's buckets);
 * gradient accumulation: run the first micro-batches under ``ddp_model.no_sync()`` as
   usual; nothing is stepped there (no all-reduce happens), gradients accumulate in
   ``.grad``, and the parameters are stepped in the synchronized backward. Leave
@@ -47,8 +46,7 @@ would drift apart, as galore-torch's layer-wise mode does):
   (``benchmarks/bench_ddp.py``). Not in DDP's first iteration, which reduces every
   gradient in one bucket (DDP rebuilds its buckets in the order the gradients arrived,
   in the second forward). With ``gradient_as_bucket_view=True`` the gradients *are* the
-  buckets and nothing more can be freed, in either mode. Integer-coded weights'
-  gradients are outside the buckets and are freed layer by layer, as without DDP;
+  buckets and nothing more can be freed, in either mode;
 * the communication hook cannot be removed (DDP allows one, for good): after
   ``handle.remove()`` it only averages and leaves the gradients in ``.grad`` for normal
   stepping, and another ``register_hooks`` on the same model re-arms it. A DDP model
@@ -70,26 +68,6 @@ import torch
 from . import distributed
 
 __all__ = ["register_hooks", "HooksHandle"]
-
-
-class _AttrHandle:
-    """Removable handle for the hook attribute of an integer-coded weight."""
-
-    def __init__(self, p):
-        self.p = p
-
-    def remove(self) -> None:
-        self.p.__dict__.pop("lowrank_hook", None)
-
-
-class _GradOf:
-    """What ``clip_grad_norm_`` reads and scales of a parameter, its ``.grad``: here the
-    float gradient of an integer-coded weight, which lives in ``p.quant_grad``."""
-
-    __slots__ = ("grad",)
-
-    def __init__(self, grad: torch.Tensor):
-        self.grad = grad
 
 
 class HooksHandle:
@@ -153,31 +131,22 @@ def register_hooks(optimizer, model: torch.nn.Module, accumulation_steps: int = 
             # agree bit for bit on every device: it takes the norm with torch._foreach_norm
             # where foreach kernels exist, whose CUDA result can differ in the last bits
             # from torch.linalg.vector_norm's
-            torch.nn.utils.clip_grad_norm_(
-                [p if p.grad is not None else _GradOf(optimizer._raw_grad(p))],
-                max_grad_norm_per_param)
+            torch.nn.utils.clip_grad_norm_([p], max_grad_norm_per_param)
         optimizer.step_param(p, optimizer.param_groups[group_of[p]])
         p.grad = None
-        if hasattr(p, "quant_grad"):
-            p.quant_grad = None
         # what torch's LR-scheduler wrapper of opt.step() records: without it the first
         # scheduler.step() warns, wrongly here, that it was called before optimizer.step()
         optimizer._opt_called = True
 
-    handles, quant_hook, grad_hooked = [], step, set(params)
+    handles, grad_hooked = [], set(params)
     if distributed.is_ddp(model):
-        # float parameters: stepped by a DDP communication hook after their bucket's
-        # all-reduce; integer-coded weights: by their backward, in synchronized passes only
-        ddp_handle, quant_hook = distributed.attach_ddp(model, step)
-        handles.append(ddp_handle)
+        # stepped by a DDP communication hook after their bucket's all-reduce
+        handles.append(distributed.attach_ddp(model, step))
         # parameters that DDP ignores are not reduced: stepped as without DDP
         grad_hooked = {p for name, p in model.module.named_parameters()
                        if name in model.parameters_to_ignore}
     for p in params:
         if p.requires_grad and p in grad_hooked:
             handles.append(p.register_post_accumulate_grad_hook(step))
-        elif not p.is_floating_point():  # QuantLinear codes: their backward calls the hook
-            p.lowrank_hook = quant_hook
-            handles.append(_AttrHandle(p))
     optimizer._hooks = HooksHandle(optimizer, handles, counts)
     return optimizer._hooks

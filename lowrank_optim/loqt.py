@@ -64,7 +64,7 @@ class _LoQT:
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:
         layer = _owner(p)
-        if layer is None or self._raw_grad(p) is None:
+        if layer is None or p.grad is None:
             return super().step_param(p, group)
         state, policy = self.state[p], self._merge_policy(p, group)
         if not state:

@@ -1,22 +1,22 @@
 r"""Layers whose weights are stored quantized, and the helpers that swap them in.
 
-* :class:`QuantLinear` (Q-GaLore): an integer-coded weight updated through its codes.
+* :class:`QuantLinear` (Q-GaLore): ``nn.Linear`` whose weight is a :class:`QuantWeight`.
 * :class:`LoQTLinear` (LoQT): a frozen quantized weight plus a frozen basis :math:`P` and a
   trainable low-rank factor :math:`B` (see its docstring).
 
-:class:`QuantLinear` (Q-GaLore) stores its weight as integer codes with per-group scales
-(:mod:`lowrank_optim.quant`): ``weight`` is a ``uint8`` ``nn.Parameter`` of the logical
-shape ``(out_features, in_features)`` that does not require grad, and
-``weight_scale``/``weight_offset`` are buffers, so all three are in ``state_dict()`` and
-move with ``.to()``. No float copy of the weight is kept: forward and backward each
-dequantize this one layer's weight, use it, and drop it.
-
-A ``uint8`` tensor cannot hold a float ``.grad``. The gradient with respect to the
-dequantized weight, :math:`\partial L/\partial \hat W = \sum_b \delta_b^\top x_b`, is
-accumulated by backward into the attribute ``weight.quant_grad`` (float32); this
-package's optimizers read it there, update the weight through the codes, and free it.
-When per-layer hooks are registered (:func:`lowrank_optim.hooks.register_hooks`),
-backward calls the hook right after accumulating, as autograd does for float leaves.
+:class:`QuantWeight` is a float32 tensor *as autograd sees it* that stores only integer
+codes (``uint8``, one per element) and per-group float32 scales (and offsets)
+(:mod:`lowrank_optim.quant`); no float copy of the weight exists. It is a tensor subclass
+(the design of torchao's quantized-training weight): as a ``Parameter`` it requires grad,
+and autograd accumulates an ordinary float32 ``.grad`` for it, so
+``clip_grad_norm_``, ``GradScaler.unscale_``, DDP's gradient buckets and
+``register_post_accumulate_grad_hook`` treat it like any parameter, and a layer used twice
+gets one summed gradient. Updates go through the weight type: ``requantize_(w)`` stores a
+float tensor with fresh per-group ranges (stochastic rounding on request, so small updates
+survive on average); ``copy_`` from a float tensor requantizes to nearest, from an integer
+tensor writes the codes; any other in-place op (a ``torch.optim`` optimizer's ``add_``)
+runs on the dequantized weight and is stored back by stochastic rounding. Every other op
+sees the dequantized float32 weight.
 """
 from __future__ import annotations
 
@@ -24,44 +24,129 @@ from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from . import distributed, quant
 from .projector import RIGHT, Projector, choose_side
 
-__all__ = ["QuantLinear", "quantize_weights", "is_quantized", "quant_grad",
-           "dequantized_weight", "store_weight_", "LoQTLinear", "prepare_loqt"]
+__all__ = ["QuantWeight", "QuantLinear", "quantize_weights", "LoQTLinear", "prepare_loqt"]
+
+_aten = torch.ops.aten
+
+
+class QuantWeight(Tensor):
+    """A float32 weight stored as ``bits``-bit codes with per-group scales (see the module
+    docstring). ``codes`` (uint8, the weight's shape), ``scale`` and ``offset`` (float32
+    per group of ``group_size`` row-major elements; ``offset`` is ``None`` when symmetric)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, codes: Tensor, scale: Tensor, offset: Optional[Tensor], bits: int,
+                group_size: int, requires_grad: bool = False):
+        return Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32,
+                                             device=codes.device, requires_grad=requires_grad)
+
+    def __init__(self, codes, scale, offset, bits, group_size, requires_grad=False):
+        self.codes, self.scale, self.offset = codes, scale, offset
+        self.bits, self.group_size = bits, group_size
+
+    @classmethod
+    def from_float(cls, w: Tensor, bits: int = 8, group_size: int = 256,
+                   symmetric: bool = False) -> "QuantWeight":
+        q = quant.quantize(w, bits, group_size, symmetric, pack=False)
+        return cls(q.codes.view(w.shape), q.scale, q.offset, bits, group_size)
+
+    def qtensor(self) -> quant.QTensor:
+        return quant.QTensor(self.codes.reshape(-1), self.scale, self.offset, self.shape,
+                             self.bits, self.group_size, "sym" if self.offset is None else "asym")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.qtensor().dequantize(dtype)
+
+    def requantize_(self, w: Tensor, stochastic: bool = False,
+                    generator: Optional[torch.Generator] = None) -> "QuantWeight":
+        """Store the float tensor ``w`` in place: fresh per-group ranges, codes rounded to
+        nearest or (``stochastic``) stochastically with ``generator``'s noise."""
+        q = quant.quantize(w, self.bits, self.group_size, self.offset is None,
+                           stochastic=stochastic, generator=generator, pack=False)
+        self.codes.copy_(q.codes.view(self.codes.shape))
+        self.scale.copy_(q.scale)
+        if q.offset is not None:
+            self.offset.copy_(q.offset)
+        return self
+
+    def _map(self, fn) -> "QuantWeight":
+        return QuantWeight(fn(self.codes), fn(self.scale),
+                           None if self.offset is None else fn(self.offset), self.bits,
+                           self.group_size)
+
+    def __tensor_flatten__(self):
+        return ["codes", "scale"] + ([] if self.offset is None else ["offset"]), \
+            (self.bits, self.group_size)
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner, meta, outer_size, outer_stride):
+        return cls(inner["codes"], inner["scale"], inner.get("offset"), *meta)
+
+    def __repr__(self) -> str:
+        return (f"QuantWeight(shape={tuple(self.shape)}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.offset is None}, "
+                f"device={self.device})")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0]
+        if func in (_aten.detach.default, _aten.alias.default):
+            return x._map(lambda t: t)  # shares the codes and scales
+        if func is _aten.clone.default:
+            return x._map(torch.clone)
+        if func is _aten._to_copy.default:  # moves; a dtype cast leaves codes as codes
+            device = kwargs.get("device") or x.device
+            return x._map(lambda t: t.to(device, non_blocking=kwargs.get("non_blocking", False)))
+        if func is _aten.copy_.default:
+            src = args[1]
+            if isinstance(src, QuantWeight):
+                x.codes.copy_(src.codes), x.scale.copy_(src.scale)
+                if x.offset is not None:
+                    x.offset.copy_(src.offset)
+            elif src.is_floating_point():
+                x.requantize_(src)
+            else:
+                x.codes.copy_(src)
+            return x
+        plain = tree_map(lambda t: t.dequantize() if isinstance(t, QuantWeight) else t,
+                         (args, kwargs))
+        if func._schema.is_mutable and isinstance(x, QuantWeight):  # e.g. torch.optim's add_
+            w = plain[0][0]
+            func(*plain[0], **plain[1])
+            return x.requantize_(w, stochastic=True)
+        return func(*plain[0], **plain[1])
 
 
 class _QuantLinearFn(torch.autograd.Function):
+    """``y = x·deq(W)ᵀ + b``; saves only ``x`` and dequantizes ``W`` again in backward,
+    so no float weight outlives one layer's forward or backward."""
+
     @staticmethod
-    def forward(ctx, x, bias, module):
-        w = module.dequantized_weight(x.dtype)
-        ctx.module = module
+    def forward(ctx, x, weight, bias):
+        ctx.weight = weight
         ctx.save_for_backward(x)
-        ctx.has_bias = bias is not None
-        ctx.sync_group = distributed.ddp_sync_group()  # DDP averages this pass's gradients
-        return nn.functional.linear(x, w, bias)
+        return nn.functional.linear(x, weight.dequantize(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        module = ctx.module
-        grad_x = None
+        grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ module.dequantized_weight(grad_out.dtype)
-        g2 = grad_out.reshape(-1, grad_out.shape[-1]).float()
-        gw = g2.T @ x.reshape(-1, x.shape[-1]).float()
-        p = module.weight
-        prev = getattr(p, "quant_grad", None)
-        p.quant_grad = gw if prev is None else prev.add_(gw)
-        del gw, prev  # the hook may step this weight and free its gradient
-        if ctx.sync_group is not None:  # DDP does not see this weight: average it here
-            distributed.all_reduce_mean_(p.quant_grad, ctx.sync_group)
-        hook = getattr(p, "lowrank_hook", None)
-        if hook is not None:
-            hook(p)
-        grad_b = g2.sum(0).to(grad_out.dtype) if ctx.has_bias else None
-        return grad_x, grad_b, None
+            grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = g2.float().T @ x.reshape(-1, x.shape[-1]).float()
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.float().sum(0).to(grad_out.dtype)
+        return grad_x, grad_w, grad_b
 
 
 def _keep_fp32_apply(self, fn, recurse=True):
@@ -75,7 +160,12 @@ def _keep_fp32_apply(self, fn, recurse=True):
 
 
 class QuantLinear(nn.Module):
-    """``nn.Linear`` with an integer-coded weight (see the module docstring).
+    """``nn.Linear`` whose ``weight`` is a :class:`QuantWeight` ``Parameter``.
+
+    ``state_dict()`` holds plain tensors: ``weight`` (the uint8 codes),
+    ``weight_scale`` and (asymmetric) ``weight_offset`` (float32), and ``bias``, so it
+    loads with ``torch.load(..., weights_only=True)``. ``model.to(torch.bfloat16)`` casts
+    the bias and leaves the codes and float32 scales (and the float32 gradient) as they are.
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
@@ -85,31 +175,25 @@ class QuantLinear(nn.Module):
             Q-GaLore's choice). Default False.
     """
 
-    _FP32_BUFFERS = ("weight_scale", "weight_offset")
-
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8,
                  group_size: int = 256, symmetric: bool = False, device=None,
                  dtype: Optional[torch.dtype] = None):
         super().__init__()
         quant._check(bits, group_size, "sym" if symmetric else "asym")
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         groups = -(-in_features * out_features // group_size)
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.uint8,
-                                               device=device), requires_grad=False)
-        self.register_buffer("weight_scale", torch.ones(groups, device=device))
-        self.register_buffer("weight_offset", None if symmetric else
-                             torch.zeros(groups, device=device))
+        codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=device)
+        self.weight = nn.Parameter(QuantWeight(
+            codes, torch.ones(groups, device=device),
+            None if symmetric else torch.zeros(groups, device=device), bits, group_size))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) \
             if bias else None
-        self._owner_link()
 
-    _apply = _keep_fp32_apply
-
-    def _owner_link(self) -> None:
-        # the optimizer reaches the scales through the parameter; re-linked on every
-        # forward so copies (deepcopy, .to()) stay consistent
-        self.weight.quant_owner = self
+    bits = property(lambda self: self.weight.bits)
+    group_size = property(lambda self: self.weight.group_size)
+    symmetric = property(lambda self: self.weight.offset is None)
+    weight_scale = property(lambda self: self.weight.scale)
+    weight_offset = property(lambda self: self.weight.offset)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int = 256,
@@ -118,56 +202,56 @@ class QuantLinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits,
                     group_size, symmetric, device=w.device,
                     dtype=None if linear.bias is None else linear.bias.dtype)
-        layer.store_weight_(quant.quantize(w, bits, group_size, symmetric, pack=False))
+        layer.weight.requantize_(w)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
-    def qtensor(self) -> quant.QTensor:
-        fmt = "sym" if self.symmetric else "asym"
-        return quant.QTensor(self.weight.data.reshape(-1), self.weight_scale, self.weight_offset,
-                             self.weight.shape, self.bits, self.group_size, fmt)
-
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return self.qtensor().dequantize(dtype)
+        return self.weight.dequantize(dtype)
 
-    def store_weight_(self, q: quant.QTensor) -> None:
-        """Write new codes and scales in place (they keep their storage and device)."""
-        self.weight.data.copy_(q.codes.view(self.weight.shape))
-        self.weight_scale.copy_(q.scale)
-        if q.offset is not None:
-            self.weight_offset.copy_(q.offset)
+    def _apply(self, fn, recurse=True):
+        # the weight stays float32 under a dtype cast, and so does its gradient
+        grad, self.weight.grad = self.weight.grad, None
+        super()._apply(fn, recurse)
+        if grad is not None:
+            self.weight.grad = grad.to(self.weight.device)
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
-        self._owner_link()
-        return _QuantLinearFn.apply(x, self.bias, self)
+        return _QuantLinearFn.apply(x, self.weight, self.bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = self.weight
+        for name, t in (("weight", w.codes), ("weight_scale", w.scale),
+                        ("weight_offset", w.offset)):
+            if t is not None:
+                destination[prefix + name] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        # ``weight`` (the codes) loads through QuantWeight.copy_; the scales here
+        extra = {prefix + "weight_" + n: t for n in ("scale", "offset")
+                 if (t := getattr(self.weight, n)) is not None}
+        for key, t in extra.items():
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+            elif state_dict[key].shape != t.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                  f"{tuple(state_dict[key].shape)}, the shape in current "
+                                  f"model is {tuple(t.shape)}.")
+            else:
+                t.copy_(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in extra]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
                 f"symmetric={self.symmetric}")
-
-
-def is_quantized(p: Tensor) -> bool:
-    """True for the integer-coded weight of a :class:`QuantLinear`."""
-    return getattr(p, "quant_owner", None) is not None and not p.is_floating_point()
-
-
-def quant_grad(p: Tensor) -> Optional[Tensor]:
-    return getattr(p, "quant_grad", None)
-
-
-def dequantized_weight(p: Tensor) -> Tensor:
-    return p.quant_owner.dequantized_weight()
-
-
-def store_weight_(p: Tensor, w: Tensor, stochastic: bool,
-                  generator: Optional[torch.Generator] = None) -> None:
-    """Requantize the float weight ``w`` into ``p``'s codes (fresh per-group ranges),
-    with stochastic rounding when asked so small updates survive on average."""
-    owner = p.quant_owner
-    owner.store_weight_(quant.quantize(w, owner.bits, owner.group_size, owner.symmetric,
-                                       stochastic=stochastic, generator=generator, pack=False))
 
 
 def _swap_linears(model: nn.Module, target_modules: Optional[Iterable[str]], make) -> nn.Module:
@@ -199,16 +283,6 @@ def quantize_weights(model: nn.Module, bits: int = 8, group_size: int = 256,
 
 
 # ---- LoQT ------------------------------------------------------------------------------
-
-
-def _mean_across_ranks_(g: Tensor) -> Tensor:
-    """Average ``g`` over the ranks of an initialized process group (no-op otherwise), so
-    that every replica computes the same basis from the same gradient."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(g)
-        g.div_(dist.get_world_size())
-    return g
 
 
 class _LoQTFn(torch.autograd.Function):
@@ -441,7 +515,7 @@ class LoQTLinear(nn.Module):
         if not self.capture:
             return None
         if self._pending is None:
-            g = _mean_across_ranks_(d2.T.float() @ x2.float())
+            g = distributed.all_reduce_mean_(d2.T.float() @ x2.float())
             if self.capture < 0:  # a maximizing optimizer: the basis of the descent direction
                 g.neg_()
             st = self._proj_state(with_side=bool(self.merges))

@@ -21,9 +21,13 @@ must stay identical by themselves. Checked:
 * a checkpoint saved by rank 0 resumes every rank bit-identically to an uninterrupted run;
 * a second communication hook and FSDP2-sharded parameters raise clear errors.
 
-Two checks wait for changes outside the files of issue 8 and are marked ``xfail``
-(strict) until then: QuantLinear averaging ``quant_grad`` in backward (``nn.py``) and the
-optimizers rejecting sharded parameters at construction (``_base.py``).
+INT8 weights (``QuantWeight``) have an ordinary ``.grad``: DDP itself averages it in its
+buckets (the package has no all-reduce of its own for them), and in per-layer mode the
+communication hook steps them with every other parameter of their bucket.
+
+One check waits for a change outside the files of issue 8 and is marked ``xfail``
+(strict) until then: the optimizers rejecting sharded parameters at construction
+(``_base.py``).
 """
 from __future__ import annotations
 
@@ -42,7 +46,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowrank_optim as lo
-import lowrank_optim.nn as lo_nn
 from registry import loss_fn, make_batches, make_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
@@ -60,8 +63,6 @@ _L, _LOQT = dict(lr=1e-2, update_proj_gap=3), dict(rank=4, scale=1.0, proj_group
 _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
                    if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else {"broadcast_buffers": False})
-# QuantLinear reduces its integer weights' gradients itself in DDP (lowrank_optim/nn.py)
-QUANT_DDP = hasattr(lo_nn, "distributed")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ SCENARIOS = {
     "q_galore_step": Scenario(lo.QGaLoreAdamW8bit, dict(_Q)),
     "q_galore_hooks": Scenario(lo.QGaLoreAdamW8bit, dict(_Q), "hooks"),
     "q_galore_int8_step": Scenario(lo.QGaLoreAdamW8bit, dict(_Q), prepare="int8"),
+    "q_galore_int8_hooks": Scenario(lo.QGaLoreAdamW8bit, dict(_Q), "hooks", prepare="int8"),
     "q_galore_int8_hooks_no_sync": Scenario(lo.QGaLoreAdamW8bit, dict(_Q), "hooks",
                                             accumulate=2, prepare="int8"),
     "loqt_step": Scenario(lo.LoQTAdamW, dict(_L), prepare="loqt"),
@@ -186,10 +188,13 @@ def _gather(model) -> torch.Tensor:
 def _run(sc: Scenario, rank: int) -> dict:
     model, ddp, opt = _build(sc)
     _train_ddp(sc, ddp, opt, rank, range(STEPS))
-    grads_left = any(p.grad is not None or getattr(p, "quant_grad", None) is not None
-                     for p in model.parameters())
+    grads_left = any(p.grad is not None for p in model.parameters())
+    # every trainable parameter, INT8 weights included, is one of DDP's bucketed parameters
+    in_buckets = {id(p) for p in ddp._module_parameters}
+    all_in_buckets = all(id(p) in in_buckets for p in model.parameters() if p.requires_grad)
     return dict(params=_gather(model), grads_left=grads_left, out=_probe(model),
-                divergence=lo.distributed.replica_divergence(model))
+                divergence=lo.distributed.replica_divergence(model),
+                all_in_buckets=all_in_buckets)
 
 
 def _resume(sc: Scenario, rank: int, path: str) -> torch.Tensor:
@@ -244,8 +249,6 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     results = {}
     try:
         for name, sc in SCENARIOS.items():
-            if sc.prepare == "int8" and not QUANT_DDP:
-                continue
             try:
                 results[name] = _run(sc, rank)
             except Exception:  # noqa: BLE001 - the test of this scenario fails with it
@@ -293,21 +296,18 @@ def _scenario_result(results, name: str) -> dict:
     return r
 
 
-_int8 = pytest.mark.xfail(not QUANT_DDP, strict=True, reason=(
-    "QuantLinear's backward must average quant_grad under DDP (the nn.py change of issue 8)"))
 CORRECT = [n for n in SCENARIOS if n != "galore_hooks_inner"]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_int8) if SCENARIOS[n].prepare == "int8"
-                                  else n for n in CORRECT])
+@pytest.mark.parametrize("name", CORRECT)
 def test_replicas_bit_identical(results, name):
     r = _scenario_result(results, name)
+    assert r["all_in_buckets"]
     assert (r["params"][0] - r["params"][1]).abs().max().item() == 0.0
     assert r["divergence"] == 0.0  # the helper the example and benchmark print
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_int8) if SCENARIOS[n].prepare == "int8"
-                                  else n for n in CORRECT])
+@pytest.mark.parametrize("name", CORRECT)
 def test_equals_single_process_on_whole_batch(results, name):
     sc, r = SCENARIOS[name], _scenario_result(results, name)
     ref = _reference(sc)
@@ -323,8 +323,6 @@ def test_equals_single_process_on_whole_batch(results, name):
 
 @pytest.mark.parametrize("name", [n for n in CORRECT if SCENARIOS[n].mode == "hooks"])
 def test_hooks_free_every_gradient(results, name):
-    if SCENARIOS[name].prepare == "int8" and not QUANT_DDP:
-        pytest.skip("needs the nn.py change of issue 8")
     assert not _scenario_result(results, name)["grads_left"]
 
 
@@ -334,6 +332,9 @@ def test_hooks_equal_normal_stepping(results):
     assert torch.equal(_scenario_result(results, "galore_hooks_removed")["params"], step)
     assert torch.equal(_scenario_result(results, "galore_hooks_no_sync")["params"],
                        _scenario_result(results, "galore_step_no_sync")["params"])
+    # INT8 weights: stepped by the communication hook after their bucket's all-reduce
+    assert torch.equal(_scenario_result(results, "q_galore_int8_hooks")["params"],
+                       _scenario_result(results, "q_galore_int8_step")["params"])
 
 
 def test_hooks_on_inner_module_drift(results):

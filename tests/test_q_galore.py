@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lowrank_optim as lo
-from lowrank_optim.nn import QuantLinear, store_weight_
+from lowrank_optim.nn import QuantLinear
 from registry import generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -90,10 +90,14 @@ def test_quantize_weights_swaps_only_targets_and_keeps_no_float_copy():
     sd = m.state_dict()
     assert sd["attn.q.weight"].dtype == torch.uint8
     assert sd["attn.q.weight_scale"].dtype == torch.float32
-    # no floating tensor of the weight's size anywhere in the layer
+    # no floating tensor of the weight's size stored anywhere in the layer: the weight
+    # holds uint8 codes and per-group scales only
     layer = m.attn["q"]
-    floats = [t for t in list(layer.parameters()) + list(layer.buffers()) if t.is_floating_point()]
-    assert all(t.numel() < layer.weight.numel() for t in floats)
+    w = layer.weight
+    stored = [getattr(w, k) for k in w.__tensor_flatten__()[0]] + [layer.bias]
+    stored += list(layer.buffers())
+    assert w.codes.dtype == torch.uint8
+    assert all(t.numel() < w.numel() for t in stored if t.is_floating_point())
 
 
 def test_quant_linear_forward_and_gradients_match_the_dequantized_linear():
@@ -108,13 +112,14 @@ def test_quant_linear_forward_and_gradients_match_the_dequantized_linear():
     torch.testing.assert_close(q(x1), ref(x2))
     (q(x1) ** 2).sum().backward()
     (ref(x2) ** 2).sum().backward()
-    torch.testing.assert_close(q.weight.quant_grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    assert type(q.weight.grad) is torch.Tensor and q.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(q.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(q.bias.grad, ref.bias.grad)
     # a second backward accumulates, as .grad does
-    g1 = q.weight.quant_grad.clone()
+    g1 = q.weight.grad.clone()
     (q(x1) ** 2).sum().backward()
-    torch.testing.assert_close(q.weight.quant_grad, 2 * g1)
+    torch.testing.assert_close(q.weight.grad, 2 * g1)
 
 
 def test_quant_linear_round_trip_error_and_model_to_bf16_keeps_float32_scales():
@@ -124,7 +129,8 @@ def test_quant_linear_round_trip_error_and_model_to_bf16_keeps_float32_scales():
     err = (q.dequantized_weight() - lin.weight).abs().max()
     assert err <= q.weight_scale.max() / 2 + 1e-7
     q.to(torch.bfloat16)
-    assert q.weight.dtype == torch.uint8 and q.weight_scale.dtype == torch.float32
+    assert q.weight.codes.dtype == torch.uint8 and q.weight_scale.dtype == torch.float32
+    assert q.weight.dtype == torch.float32  # what autograd sees: float32 gradients
     assert q.bias.dtype == torch.bfloat16
 
 
@@ -153,9 +159,8 @@ def test_stochastic_rounding_keeps_sub_step_updates_on_average():
     for i in range(trials):
         for stochastic, total in ((True, total_sr), (False, total_rtn)):
             layer = copy.deepcopy(q)
-            store_weight_(layer.weight if hasattr(layer.weight, "quant_owner") else _link(layer),
-                          w0 + delta, stochastic=stochastic,
-                          generator=generator(i))
+            layer.weight.requantize_(w0 + delta, stochastic=stochastic,
+                                     generator=generator(i))
             total += layer.dequantized_weight()
     mean_sr, mean_rtn = total_sr / trials, total_rtn / trials
     # round-to-nearest loses the update; SR keeps it within a few standard errors
@@ -165,11 +170,6 @@ def test_stochastic_rounding_keeps_sub_step_updates_on_average():
     assert abs(moved_sr - 1) < 0.1
     se = step / trials ** 0.5
     assert ((mean_sr - (w0 + delta)).abs() < 6 * se).float().mean() > 0.99
-
-
-def _link(layer):
-    layer._owner_link()
-    return layer.weight
 
 
 def test_optimizer_step_on_int8_weights_is_unbiased():
@@ -237,20 +237,23 @@ def test_trains_and_updates_every_parameter_in_hooks_mode():
     for name, _ in m2.named_parameters():
         assert name in changed, name
     assert sum(l1[-5:]) < 0.8 * sum(l1[:5])
-    assert all(getattr(p, "quant_grad", None) is None and p.grad is None
-               for p in m2.parameters())
+    assert all(p.grad is None for p in m2.parameters())
 
 
-def test_zero_grad_clears_quant_grads_and_step_frees_them():
+def test_int8_weight_gradient_is_an_ordinary_grad():
+    """Autograd accumulates it, zero_grad clears it, step leaves it (as torch.optim)."""
     m = quantized_model()
     opt = make_opt(m)
+    w = m.attn["q"].weight
+    assert isinstance(w, nn.Parameter) and w.requires_grad and w.is_leaf
     loss_of(m, batches(1)[0]).backward()
-    assert m.attn["q"].weight.quant_grad is not None
+    assert type(w.grad) is torch.Tensor and w.grad.shape == w.shape
     opt.zero_grad()
-    assert getattr(m.attn["q"].weight, "quant_grad", None) is None
+    assert w.grad is None
     loss_of(m, batches(1)[0]).backward()
+    g = w.grad.clone()
     opt.step()
-    assert getattr(m.attn["q"].weight, "quant_grad", None) is None
+    assert torch.equal(w.grad, g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -326,7 +329,7 @@ def test_quantized_weight_bits_other_than_8():
     losses = run(m, opt, batches(30))
     assert sum(losses[-5:]) < sum(losses[:5])
     w = m.attn["q"].weight
-    assert w.shape == (64, 32) and w.dtype == torch.uint8 and int(w.max()) <= 15
+    assert w.shape == (64, 32) and w.codes.dtype == torch.uint8 and int(w.codes.max()) <= 15
 
 
 def test_param_groups_selects_quantized_layers():
@@ -340,3 +343,116 @@ def test_param_groups_selects_quantized_layers():
     losses = run(m, opt, batches(20))
     assert sum(losses[-5:]) < sum(losses[:5])
     assert opt.basis(m.embed.weight) is None and opt.basis(m.attn["q"].weight) is not None
+
+
+# ---- INT8 weights are ordinary parameters to the rest of PyTorch --------------------------
+
+def float_twin(model):
+    """The same model with every QuantLinear replaced by an nn.Linear holding its
+    dequantized weight: what clipping, scaling and DDP must treat the INT8 model like."""
+    twin = copy.deepcopy(model)
+    for name, layer in list(twin.named_modules()):
+        if isinstance(layer, QuantLinear):
+            fl = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            fl.weight.data.copy_(layer.dequantized_weight())
+            if layer.bias is not None:
+                fl.bias.data.copy_(layer.bias.data)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, child, fl)
+    return twin
+
+
+def test_clip_grad_norm_sees_int8_weights_as_float_weights():
+    m = quantized_model()
+    f = float_twin(m)
+    b = batches(1)[0]
+    for model in (m, f):
+        loss_of(model, b).backward()
+    norm_q = torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
+    norm_f = torch.nn.utils.clip_grad_norm_(f.parameters(), 1e-3)
+    torch.testing.assert_close(norm_q, norm_f, rtol=1e-5, atol=0)
+    grads = [p.grad for p in m.parameters()]
+    assert len(grads) == len(list(f.parameters())) and all(g is not None for g in grads)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    torch.testing.assert_close(clipped, torch.tensor(1e-3), rtol=1e-4, atol=0)
+    for (name, pq), pf in zip(m.named_parameters(), f.parameters()):
+        torch.testing.assert_close(pq.grad, pf.grad, rtol=1e-4, atol=1e-9, msg=name)
+
+
+def test_grad_scaler_unscales_int8_gradients_and_a_skipped_step_keeps_codes():
+    data = batches(4)
+    m_ref, m = quantized_model(), quantized_model()
+    o_ref, o = make_opt(m_ref), make_opt(m)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=1000)
+    for i, b in enumerate(data):
+        loss_of(m_ref, b).backward()
+        o_ref.step()
+        scaler.scale(loss_of(m, b)).backward()
+        scaler.unscale_(o)
+        w = m.attn["q"].weight
+        # the optimizer receives the unscaled gradient, exactly (a power-of-two scale)
+        torch.testing.assert_close(w.grad, m_ref.attn["q"].weight.grad, rtol=0, atol=0)
+        scaler.step(o)
+        scaler.update()
+        o_ref.zero_grad()
+        o.zero_grad()
+    for k, v in m_ref.state_dict().items():
+        assert torch.equal(v, m.state_dict()[k]), k
+    # an overflow in an INT8 weight's gradient: the step is skipped, no code moves
+    before = codes(m)
+    scaler.scale(loss_of(m, data[0])).backward()
+    m.attn["q"].weight.grad[0, 0] = float("inf")
+    scale = scaler.get_scale()
+    scaler.step(o)
+    scaler.update()
+    assert scaler.get_scale() == scale / 2
+    for k, v in before.items():
+        assert torch.equal(v, m.state_dict()[k]), k
+
+
+class Twice(nn.Module):
+    """One QuantLinear applied twice in a forward (weight tying, a shared block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+@pytest.mark.parametrize("hooks", [False, True], ids=["step", "hooks"])
+def test_quant_linear_used_twice_is_stepped_once_with_the_summed_gradient(hooks):
+    torch.manual_seed(0)
+    m = lo.quantize_weights(Twice(), bits=8, group_size=64, target_modules=("lin",))
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    # the summed gradient: the float twin's autograd sums both uses
+    f = float_twin(m)
+    nn.functional.mse_loss(f(x), y).backward()
+    nn.functional.mse_loss(m(x), y).backward()
+    torch.testing.assert_close(m.lin.weight.grad, f.lin.weight.grad, rtol=1e-4, atol=1e-7)
+    m.zero_grad()
+    ref = copy.deepcopy(m)
+    o_ref = lo.QGaLoreAdamW8bit(ref.parameters(), lr=1e-2, rank=4, update_proj_gap=2,
+                                min_8bit_size=64)
+    opt = lo.QGaLoreAdamW8bit(m.parameters(), lr=1e-2, rank=4, update_proj_gap=2,
+                              min_8bit_size=64)
+    calls = []
+    step_param = opt.step_param
+    opt.step_param = lambda p, group: (calls.append(p), step_param(p, group))
+    handle = opt.register_hooks(m) if hooks else None
+    for _ in range(3):
+        nn.functional.mse_loss(ref(x), y).backward()
+        o_ref.step()
+        o_ref.zero_grad()
+        nn.functional.mse_loss(m(x), y).backward()
+        if not hooks:
+            opt.step()
+            opt.zero_grad()
+    assert sum(p is m.lin.weight for p in calls) == 3  # once per backward
+    assert opt.state[m.lin.weight]["step"] == 3
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, m.state_dict()[k]), k
+    if handle is not None:
+        handle.remove()
