@@ -35,10 +35,10 @@ must be equal byte for byte (the script checks it and says so). On meta:
   ``state["step"] = 0``; for a projected matrix ``opt._refresh(p, g, group, state,
   opt._projector(group), opt._refresh_policy(p, group))`` (a meta SVD through
   ``Projector.refresh`` -> ``compute_basis``, the basis stored by ``Projector._store``,
-  quantized by ``quant.quantize`` for Q-GaLore; then ``_init_inner`` on the low-rank
+  quantized by ``quant.quantize`` for Q-GaLore; then ``opt.rule.init`` on the low-rank
   shape, i.e. ``functional.init_adam8bit`` for 8-bit moments); for a plain parameter
-  ``opt._init_inner(state, p, group)``; then ``state["step"] = 1``. What is skipped,
-  ``_inner`` (bitsandbytes' 8-bit kernel) and ``_apply`` (the weight update; for an INT8
+  ``opt.rule.init(state, p, group)``; then ``state["step"] = 1``. What is skipped,
+  ``opt.rule.update`` (bitsandbytes' 8-bit kernel) and ``_apply`` (the weight update; for an INT8
   weight ``QGaLoreAdamW8bit`` builds a ``torch.Generator`` on the weight's device for
   stochastic rounding, which the meta device refuses), only writes into tensors that
   already exist: it creates no state tensor and replaces no weight storage.
@@ -199,7 +199,7 @@ def set_grads(model: nn.Module) -> None:
 
 @torch.no_grad()
 def meta_init(opt: lo.LowRankOptimizer) -> None:
-    """``step_param``'s lazy-init path (see the module docstring), without ``_inner`` and
+    """``step_param``'s lazy-init path (see the module docstring), without ``rule.update`` and
     ``_apply``: creates exactly the state tensors a real first step creates."""
     for group in opt.param_groups:
         for p in group["params"]:
@@ -212,7 +212,7 @@ def meta_init(opt: lo.LowRankOptimizer) -> None:
                 opt._refresh(p, g, group, state, opt._projector(group),
                              opt._refresh_policy(p, group))
             else:
-                opt._init_inner(state, p, group)
+                opt.rule.init(state, p, group)
             state["step"] = 1
 
 
@@ -708,8 +708,8 @@ def render(rows, checks, a, dt, names, rank_of, real_set, meths, cmd, date, bnb,
         "meta tensors. The package's optimizers are initialised on meta through "
         "`LowRankOptimizer.step_param`'s lazy-init calls (`opt._refresh(...)` for projected "
         "matrices: meta SVD, `Projector._store`, INT4 `quant.quantize` for Q-GaLore, "
-        "`_init_inner` → `functional.init_adam8bit` / `zeros_like`; `opt._init_inner(state, p, "
-        "group)` for plain parameters), skipping `_inner` (the bitsandbytes kernel) and "
+        "`opt.rule.init` → `functional.init_adam8bit` / `zeros_like`; `opt.rule.init(state, p, "
+        "group)` for plain parameters), skipping `opt.rule.update` (the bitsandbytes kernel) and "
         "`_apply` (the weight write; for INT8 weights it needs a `torch.Generator` on the "
         "weight's device, which meta refuses). Those two only write into existing tensors. "
         "The INT8 model on meta is made by `lo.quantize_weights` itself.")

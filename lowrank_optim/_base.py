@@ -9,11 +9,18 @@ gradient it runs one pipeline:
 2. If the parameter is *projected* (its group has a ``rank`` and it is a 2-D matrix):
    refresh the basis when the group's refresh policy says so (applying the
    ``state_on_refresh`` policy to the inner state), then ``low = project(g)``.
-3. ``d = inner(low or g)``: the subclass's rule (Adam, 8-bit Adam, Adafactor) on
-   float32 state in the low-rank shape.
-4. ``p ← p·(1 − lr·wd) − lr·u`` with ``u = scale·project_back(d)`` (projected) or
-   ``u = d``: decoupled weight decay and the learning rate in full space, as
-   ``torch.optim.AdamW`` does.
+3. ``d = rule.update(low or g)``: the optimizer's inner rule (a
+   :class:`~lowrank_optim.rules.Rule`: Adam, 8-bit Adam, Adafactor), which owns its
+   state (created in the low-rank shape; moved along at a basis change).
+4. Put back together (:meth:`LowRankOptimizer._put_back_`): ``p ← p·(1 − lr·wd) − lr·u``
+   with ``u = scale·project_back(d)`` (projected) or ``u = d``: decoupled weight decay
+   and the learning rate in full space, as ``torch.optim.AdamW`` does. A method whose
+   update adds a residual or rescales the full gradient (Fira, APOLLO) overrides this
+   step (and sets ``needs_full_grad`` to receive the gradient there).
+
+The base knows no rule's state keys and no layer type: a parameter stored in another
+form (Q-GaLore's INT8 :class:`~lowrank_optim.nn.QuantWeight`) is updated through its
+``dequantize()``/``requantize_()`` (:meth:`LowRankOptimizer._apply`).
 
 State is flat: tensors, ints, floats and lists of floats, so ``state_dict()`` loads with
 ``torch.load(..., weights_only=True)``. ``torch.optim.Optimizer.load_state_dict`` casts
@@ -32,6 +39,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from .rules import Rule
 from .distributed import check_not_sharded
 from .projector import PROJ_TYPES, SVD_METHODS, Projector, overlap
 from .refresh import FixedGap
@@ -47,15 +55,16 @@ def _check(cond: bool, name: str, value, allowed: str) -> None:
 
 
 class LowRankOptimizer(Optimizer):
-    """Base class: validation, lazy state, the project → inner → project back pipeline.
+    """Base class: validation, lazy state, the project → rule → put back pipeline.
 
-    Subclasses set ``defaults`` and implement ``_init_inner(state, like, group)`` and
-    ``_inner(state, g, step, group) -> direction``; ``_MOMENTS`` names their float
-    moment keys for the ``state_on_refresh="project"`` policy (first entry rotated
-    linearly, second with the squared rotation so it stays non-negative).
+    A method is a composition: a subclass sets ``rule`` (its inner
+    :class:`~lowrank_optim.rules.Rule`), passes its ``defaults`` to ``__init__``, and may
+    override ``_projector`` (the projector of a group), ``_refresh_policy`` (when a
+    basis is refreshed) and ``_put_back_`` (how the update is put back together).
     """
 
-    _MOMENTS: tuple = ()
+    rule: Rule = None
+    needs_full_grad = False  # _put_back_ receives the full gradient (else None)
     _hooks = None  # the active HooksHandle; a deepcopy or unpickled copy has none
     _group_format = False
 
@@ -96,6 +105,7 @@ class LowRankOptimizer(Optimizer):
             _check(0.0 <= b1 < 1.0, "beta parameter at index 0", b1, "0 <= beta1 < 1")
             _check(0.0 <= b2 < 1.0, "beta parameter at index 1", b2, "0 <= beta2 < 1")
         _check(g["weight_decay"] >= 0.0, "weight_decay", g["weight_decay"], "weight_decay >= 0")
+        self.rule.validate(g)
         rank = g.get("rank")
         if rank is not None:
             _check(isinstance(rank, int) and not isinstance(rank, bool) and rank > 0, "rank",
@@ -155,25 +165,27 @@ class LowRankOptimizer(Optimizer):
         if not state:
             state["step"] = 0
             if not projected:
-                self._init_inner(state, p, group)
+                self.rule.init(state, p, group)
+        proj = None
         if projected:
             proj, policy = self._projector(group), self._refresh_policy(p, group)
             if policy.due(state, state["step"]):
                 self._refresh(p, g, group, state, proj, policy)
-            d = self._inner(state, proj.project(state, g), state["step"] + 1, group)
-        else:
-            proj, d = None, self._inner(state, g, state["step"] + 1, group)
+        low = g if proj is None else proj.project(state, g)
+        d = self.rule.update(state, low, state["step"] + 1, group, low_rank=proj is not None)
         state["step"] += 1
-        del g
-        if self._hooks is not None:
-            # per-layer mode frees the gradient after this step anyway; freeing it before
-            # the write means a stored-quantized weight's float copy never meets it
-            p.grad = None
-        self._apply(p, d, group, state, proj)
+        del low
+        if not self.needs_full_grad:
+            g = None
+            if self._hooks is not None:
+                # per-layer mode frees the gradient after this step anyway; freeing it
+                # before the write means a stored-quantized weight's float copy never meets it
+                p.grad = None
+        self._apply(p, d, group, state, proj, g)
 
     def _apply(self, p: Tensor, d: Tensor, group: dict, state: dict,
-               proj: Optional[Projector]) -> None:
-        """Write the update of direction ``d`` into ``p``.
+               proj: Optional[Projector], g: Optional[Tensor] = None) -> None:
+        """Write the update of direction ``d`` into ``p`` (:meth:`_put_back_`).
 
         A parameter stored in another form (a tensor subclass with ``dequantize()`` and
         ``requantize_(w, stochastic, generator)``, such as
@@ -185,9 +197,9 @@ class LowRankOptimizer(Optimizer):
         its step, so a resumed run, and every DDP replica, draws the same noise.
         """
         if not hasattr(p, "requantize_"):
-            return self._update_(p, d, group, state, proj)
+            return self._put_back_(p, d, group, state, proj, g)
         w = p.dequantize()
-        self._update_(w, d, group, state, proj)
+        self._put_back_(w, d, group, state, proj, g)
         gen = None
         if group.get("stochastic_round", True):
             if "sr_index" not in state:
@@ -198,11 +210,16 @@ class LowRankOptimizer(Optimizer):
                 (seed + state["step"]) % 2 ** 63)
         p.requantize_(w, stochastic=gen is not None, generator=gen)
 
-    @staticmethod
-    def _update_(w: Tensor, d: Tensor, group: dict, state: dict,
-                 proj: Optional[Projector]) -> None:
-        """``w ← w·(1 − lr·wd) − lr·u``, ``u = scale·project_back(d)`` or ``u = d``:
-        decoupled weight decay and the step, in full space, as torch.optim.AdamW."""
+    def _put_back_(self, w: Tensor, d: Tensor, group: dict, state: dict,
+                   proj: Optional[Projector], g: Optional[Tensor]) -> None:
+        """The update put back together in full space, written into ``w``:
+        ``w ← w·(1 − lr·wd) − lr·u``, ``u = scale·project_back(d)`` (``proj`` set) or
+        ``u = d``: decoupled weight decay and the step, as torch.optim.AdamW.
+
+        Override to change how the update is assembled (Fira: plus a scaled residual
+        ``g − project_back(project(g))``; APOLLO: a channel-wise scale of ``g``); ``g``,
+        the full gradient, is given when the class sets ``needs_full_grad``, else None.
+        """
         lr, wd = group["lr"], group["weight_decay"]
         if wd:
             w.mul_(1 - lr * wd)
@@ -217,7 +234,7 @@ class LowRankOptimizer(Optimizer):
         rots = proj.refresh(state, g, seed=state.get(f"{policy.prefix}_count", 0))
         low = torch.empty(proj.low_rank_shape(state, p.shape), device=p.device)
         if first:
-            self._init_inner(state, low, group)
+            self.rule.init(state, low, group)
         else:
             self._carry_state(state, low, group, group["state_on_refresh"], rots, policy)
         policy.after(state, state["step"], None if rots is None else overlap(rots))
@@ -226,33 +243,17 @@ class LowRankOptimizer(Optimizer):
                      rots: Optional[tuple], policy) -> None:
         """The inner state after a basis change with rotations ``rots`` (``None``: the
         basis was kept): ``keep`` leaves it, ``reset`` re-initialises it (bias correction
-        restarts: ``step`` and the policy's next event are rebased), ``project`` rotates
-        the moments (:meth:`Projector.transport`; the second one with squared rotations)."""
+        restarts: ``step`` and the policy's next event are rebased), ``project`` lets the
+        rule rotate its moments (:meth:`Projector.transport`; second moments with squared
+        rotations)."""
         if rots is None or how == "keep":
             return
         if how == "reset":
-            self._init_inner(state, like, group)
+            self.rule.init(state, like, group)
             state[f"{policy.prefix}_next"] -= state["step"]
             state["step"] = 0
             return
-        for k, name in enumerate(self._MOMENTS):
-            if name not in state and f"{name}_codes" not in state:
-                continue  # e.g. Adafactor without beta1 has no first moment
-            value = Projector.transport(self._get_moment(state, name), rots, squared=k > 0)
-            self._set_moment(state, name, value)
-
-    def _get_moment(self, state: dict, name: str) -> Tensor:
-        return state[name]
-
-    def _set_moment(self, state: dict, name: str, value: Tensor) -> None:
-        state[name] = value.to(state[name].dtype)
-
-    # subclass hooks
-    def _init_inner(self, state: dict, like: Tensor, group: dict) -> None:
-        raise NotImplementedError
-
-    def _inner(self, state: dict, g: Tensor, step: int, group: dict) -> Tensor:
-        raise NotImplementedError
+        self.rule.transport_(state, lambda v, squared: Projector.transport(v, rots, squared))
 
     # ---- torch.optim.Optimizer API ------------------------------------------------------
     @torch.no_grad()
@@ -292,12 +293,9 @@ class LowRankOptimizer(Optimizer):
         """Shapes that the state tensors of ``p`` must have (checked on load)."""
         if self.is_projected(p, group) and "proj_side" in st:
             proj = self._projector(group)
-            return {**self._inner_shapes(proj.low_rank_shape(st, p.shape), group),
+            return {**self.rule.shapes(proj.low_rank_shape(st, p.shape), group),
                     **proj.basis_shapes(st, p.shape)}
-        return self._inner_shapes(tuple(p.shape), group)
-
-    def _inner_shapes(self, shape: tuple, group: dict) -> dict:
-        return {name: shape for name in self._MOMENTS}
+        return self.rule.shapes(tuple(p.shape), group)
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved_groups = state_dict["param_groups"]

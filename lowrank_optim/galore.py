@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-from torch import Tensor
-
-from . import functional as F
+from . import rules
 from ._base import LowRankOptimizer
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor"]
@@ -20,7 +17,7 @@ def _galore_defaults(lr, weight_decay, rank, update_proj_gap, scale, proj_type, 
 
 
 class GaLoreAdamW(LowRankOptimizer):
-    _MOMENTS = ("exp_avg", "exp_avg_sq")
+    rule = rules.Adam()
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: Optional[int] = 128,
@@ -30,18 +27,6 @@ class GaLoreAdamW(LowRankOptimizer):
         super().__init__(params, _galore_defaults(
             lr, weight_decay, rank, update_proj_gap, scale, proj_type, svd, state_on_refresh,
             stagger, maximize, betas=betas, eps=eps))
-
-    def _init_inner(self, state: dict, like: Tensor, group: dict) -> None:
-        # Plain parameters keep torch's moments (dtype and layout of p); low-rank moments
-        # are float32 (they are small).
-        for name in self._MOMENTS:
-            state[name] = torch.zeros_like(like, memory_format=torch.preserve_format)
-
-    def _inner(self, state: dict, g: Tensor, step: int, group: dict) -> Tensor:
-        b1, b2 = group["betas"]
-        projected = "proj_side" in state
-        return F.adam_(g, state["exp_avg"], state["exp_avg_sq"], step, b1, b2, group["eps"],
-                       hf_eps=projected)
 
 
 GaLoreAdamW.__doc__ = r"""AdamW with GaLore gradient projection; a drop-in ``torch.optim.AdamW``.
@@ -116,72 +101,43 @@ Projection", ICML 2024, https://arxiv.org/abs/2403.03507.
 """
 
 
-class GaLoreAdamW8bit(GaLoreAdamW):
+class GaLoreAdamW8bit(LowRankOptimizer):
     """:class:`GaLoreAdamW` with both Adam moments stored as 8-bit blockwise codes.
 
     Moments of tensors with at least ``min_8bit_size`` elements (low-rank shape for
     projected matrices) are kept as uint8 codes in blocks of 256 with one float32 absmax
     per block (bitsandbytes' dynamic code, updated by
     ``bitsandbytes.functional.optimizer_update_8bit_blockwise``): about 2 bytes per
-    element instead of 8. Smaller tensors keep float32 moments, as bitsandbytes does.
-    The update otherwise follows :class:`GaLoreAdamW`; the parameter itself is never
-    swapped or resized.
+    element instead of 8 (:class:`~lowrank_optim.rules.Adam8bit`). Smaller tensors keep
+    float32 moments, as bitsandbytes does. The update otherwise follows
+    :class:`GaLoreAdamW`; the parameter itself is never swapped or resized.
     """
+
+    rule = rules.Adam8bit()
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: Optional[int] = 128,
                  update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
                  svd: str = "exact", state_on_refresh: str = "project", stagger: bool = True,
                  min_8bit_size: int = 4096, *, maximize: bool = False):
-        LowRankOptimizer.__init__(self, params, _galore_defaults(
+        super().__init__(params, _galore_defaults(
             lr, weight_decay, rank, update_proj_gap, scale, proj_type, svd, state_on_refresh,
             stagger, maximize, betas=betas, eps=eps, min_8bit_size=min_8bit_size))
-
-    def _validate_group(self, g: dict) -> None:
-        super()._validate_group(g)
-        n = g["min_8bit_size"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"Invalid min_8bit_size: {n!r} (expected an int >= 0)")
-
-    def _init_inner(self, state: dict, like: Tensor, group: dict) -> None:
-        if like.numel() >= group["min_8bit_size"]:
-            F.init_adam8bit(state, like)
-        else:
-            super()._init_inner(state, like, group)
-
-    def _inner(self, state: dict, g: Tensor, step: int, group: dict) -> Tensor:
-        if "exp_avg_codes" not in state:
-            return super()._inner(state, g, step, group)
-        b1, b2 = group["betas"]
-        return F.adam8bit_(g, state, step, b1, b2, group["eps"])
-
-    def _get_moment(self, state: dict, name: str) -> Tensor:
-        if f"{name}_codes" in state:
-            return F.dequantize_adam8bit(state, name)
-        return state[name]
-
-    def _set_moment(self, state: dict, name: str, value: Tensor) -> None:
-        if f"{name}_codes" in state:
-            F.quantize_adam8bit(state, name, value)
-        else:
-            super()._set_moment(state, name, value)
-
-    def _inner_shapes(self, shape: tuple, group: dict) -> dict:
-        return {k: shape for k in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes")}
 
 
 class GaLoreAdafactor(LowRankOptimizer):
     r""":class:`GaLoreAdamW`'s projection around Adafactor (Shazeer & Stern, 2018).
 
-    The inner rule runs on the low-rank gradient :math:`R_t` with a *factored* second
-    moment (row and column means, :math:`m + r` or :math:`r + n` floats instead of
-    :math:`mr`), :math:`\hat\beta_{2,t} = 1 - t^{-0.8}`, RMS clipping of the update at
+    The inner rule (:class:`~lowrank_optim.rules.Adafactor`) runs on the low-rank
+    gradient :math:`R_t` with a *factored* second moment (row and column means,
+    :math:`m + r` or :math:`r + n` floats instead of :math:`mr`),
+    :math:`\hat\beta_{2,t} = 1 - t^{-0.8}`, RMS clipping of the update at
     ``clip_threshold`` and, when ``beta1`` is set, a first moment on the clipped update
     (the GaLore paper's Adafactor "with first-order statistics"). ``lr`` is an explicit
     learning rate (no relative step). Weight decay is decoupled, before the update.
     """
 
-    _MOMENTS = ("exp_avg",)
+    rule = rules.Adafactor()
 
     def __init__(self, params, lr: float = 1e-2, beta1: Optional[float] = 0.9,
                  eps: float = 1e-30, clip_threshold: float = 1.0, weight_decay: float = 0.0,
@@ -191,28 +147,3 @@ class GaLoreAdafactor(LowRankOptimizer):
         super().__init__(params, _galore_defaults(
             lr, weight_decay, rank, update_proj_gap, scale, proj_type, svd, state_on_refresh,
             stagger, maximize, beta1=beta1, eps=eps, clip_threshold=clip_threshold))
-
-    def _validate_group(self, g: dict) -> None:
-        # per group, so a param group's own beta1 / clip_threshold is checked too; a group
-        # with beta1=None simply has no "exp_avg" (the refresh policy skips it)
-        super()._validate_group(g)
-        beta1, clip = g["beta1"], g["clip_threshold"]
-        if beta1 is not None and not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta1: {beta1!r} (expected None or 0 <= beta1 < 1)")
-        if not clip > 0:
-            raise ValueError(f"Invalid clip_threshold: {clip!r} (expected > 0)")
-
-    def _init_inner(self, state: dict, like: Tensor, group: dict) -> None:
-        F.init_adafactor(state, like, group["beta1"])
-
-    def _inner(self, state: dict, g: Tensor, step: int, group: dict) -> Tensor:
-        return F.adafactor_(g, state, step, group["beta1"], group["eps"],
-                            group["clip_threshold"])
-
-    def _inner_shapes(self, shape: tuple, group: dict) -> dict:
-        out = {"exp_avg": shape} if group.get("beta1") is not None else {}
-        if len(shape) == 2:
-            out.update(exp_avg_sq_row=(shape[0],), exp_avg_sq_col=(shape[1],))
-        else:
-            out["exp_avg_sq"] = shape
-        return out

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import rules
 from ._base import STATE_POLICIES, LowRankOptimizer, _check
-from .galore import GaLoreAdamW, GaLoreAdamW8bit
 from .refresh import Exponential
 
 __all__ = ["LoQTAdamW", "LoQTAdamW8bit"]
@@ -69,7 +69,7 @@ class _LoQT:
         state, policy = self.state[p], self._merge_policy(p, group)
         if not state:
             state["step"] = 0
-            self._init_inner(state, p, group)
+            self.rule.init(state, p, group)
         if policy.due(state, state["step"]):
             if layer.merge_ready:
                 rots = layer.merge_(group["ec_iters"])
@@ -101,24 +101,28 @@ def _loqt_defaults(lr, betas, eps, weight_decay, update_proj_gap, increment_size
                 stagger=stagger, maximize=maximize, **extra)
 
 
-class LoQTAdamW(_LoQT, GaLoreAdamW):
+class LoQTAdamW(_LoQT, LowRankOptimizer):
+    rule = rules.Adam()
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, update_proj_gap: int = 100,
                  increment_size: float = 1.2, max_proj_gap: Optional[int] = None,
                  ec_iters: int = 5, state_on_merge: str = "reset", stagger: bool = True,
                  *, maximize: bool = False):
-        LowRankOptimizer.__init__(self, params, _loqt_defaults(
+        super().__init__(params, _loqt_defaults(
             lr, betas, eps, weight_decay, update_proj_gap, increment_size, max_proj_gap,
             ec_iters, state_on_merge, stagger, maximize))
 
 
-class LoQTAdamW8bit(_LoQT, GaLoreAdamW8bit):
+class LoQTAdamW8bit(_LoQT, LowRankOptimizer):
+    rule = rules.Adam8bit()
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, update_proj_gap: int = 100,
                  increment_size: float = 1.2, max_proj_gap: Optional[int] = None,
                  ec_iters: int = 5, state_on_merge: str = "reset", stagger: bool = True,
                  min_8bit_size: int = 4096, *, maximize: bool = False):
-        LowRankOptimizer.__init__(self, params, _loqt_defaults(
+        super().__init__(params, _loqt_defaults(
             lr, betas, eps, weight_decay, update_proj_gap, increment_size, max_proj_gap,
             ec_iters, state_on_merge, stagger, maximize, min_8bit_size=min_8bit_size))
 

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .galore import GaLoreAdamW8bit, _galore_defaults
+from . import rules
 from ._base import LowRankOptimizer
+from .galore import _galore_defaults
 from .projector import Projector
 from .refresh import LazyCosine
 
 __all__ = ["QGaLoreAdamW8bit"]
 
 
-class QGaLoreAdamW8bit(GaLoreAdamW8bit):
+class QGaLoreAdamW8bit(LowRankOptimizer):
+    rule = rules.Adam8bit()
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: Optional[int] = 128,
                  update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
@@ -20,7 +23,7 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
                  stochastic_round: bool = True, seed: int = 0, svd: str = "exact",
                  state_on_refresh: str = "project", stagger: bool = True,
                  min_8bit_size: int = 4096, *, maximize: bool = False):
-        LowRankOptimizer.__init__(self, params, _galore_defaults(
+        super().__init__(params, _galore_defaults(
             lr, weight_decay, rank, update_proj_gap, scale, proj_type, svd, state_on_refresh,
             stagger, maximize, betas=betas, eps=eps, min_8bit_size=min_8bit_size,
             proj_bits=proj_bits, proj_group_size=proj_group_size, cos_threshold=cos_threshold,
