@@ -3,11 +3,12 @@ from ._base import LowRankOptimizer
 from ._groups import param_groups
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .hooks import register_hooks
-from .loqt import LoQTAdamW, LoQTAdamW8bit
+from .loqt import LoQTAdamW, LoQTAdamW8bit, LoQTLinear, prepare_loqt
 from .lr_qat import (IntLinear, LRQATLinear, export_lr_qat, lr_qat_param_groups,
                      prepare_lr_qat)
-from .nn import LoQTLinear, QuantLinear, prepare_loqt, quantize_weights
-from .q_galore import QGaLoreAdamW8bit
+from .q_galore import QGaLoreAdamW8bit, QuantLinear, QuantWeight, quantize_weights
+from ._layers import to_plain
+from . import nn  # the layers, also as lowrank_optim.nn
 from .projector import Projector
 from .refresh import Exponential, FixedGap, LazyCosine
 
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LowRankOptimizer", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor",
-    "QGaLoreAdamW8bit", "QuantLinear", "quantize_weights",
+    "QGaLoreAdamW8bit", "QuantWeight", "QuantLinear", "quantize_weights", "to_plain",
     "LoQTAdamW", "LoQTAdamW8bit", "LoQTLinear", "prepare_loqt",
     "LRQATLinear", "IntLinear", "prepare_lr_qat", "lr_qat_param_groups", "export_lr_qat",
     "param_groups", "register_hooks", "Projector", "FixedGap", "LazyCosine", "Exponential",

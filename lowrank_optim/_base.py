@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from ._checks import check as _check, check_int, is_int
 from .rules import Rule
 from .distributed import check_not_sharded
 from .projector import PROJ_TYPES, SVD_METHODS, Projector, overlap
@@ -47,11 +48,6 @@ from .refresh import FixedGap
 __all__ = ["LowRankOptimizer", "STATE_POLICIES"]
 
 STATE_POLICIES = ("keep", "project", "reset")
-
-
-def _check(cond: bool, name: str, value, allowed: str) -> None:
-    if not cond:
-        raise ValueError(f"Invalid {name}: {value!r} (expected {allowed})")
 
 
 class LowRankOptimizer(Optimizer):
@@ -108,11 +104,9 @@ class LowRankOptimizer(Optimizer):
         self.rule.validate(g)
         rank = g.get("rank")
         if rank is not None:
-            _check(isinstance(rank, int) and not isinstance(rank, bool) and rank > 0, "rank",
-                   rank, "a positive int, or None for no projection")
-            gap = g["update_proj_gap"]
-            _check(isinstance(gap, int) and not isinstance(gap, bool) and gap > 0,
-                   "update_proj_gap", gap, "a positive int")
+            _check(is_int(rank) and rank > 0, "rank", rank,
+                   "a positive int, or None for no projection")
+            check_int("update_proj_gap", g["update_proj_gap"])
             _check(g["scale"] > 0, "scale", g["scale"], "scale > 0")
             _check(g["proj_type"] in PROJ_TYPES, "proj_type", g["proj_type"],
                    f"one of {PROJ_TYPES}")
@@ -280,7 +274,7 @@ class LowRankOptimizer(Optimizer):
         state = self.state.get(p, {})
         if not self.is_projected(p, group) or "proj_side" not in state:
             return None
-        left, right = self._projector(group)._bases(state, p)
+        left, right = self._projector(group).bases(state, p)
         return left if left is not None else right
 
     def register_hooks(self, model: torch.nn.Module, **kwargs):

@@ -5,6 +5,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from ._checks import check_int
+
 __all__ = ["param_groups"]
 
 
@@ -18,8 +20,7 @@ def param_groups(model: torch.nn.Module, rank: int = 128,
     norms, biases) goes to a plain group. This is the papers' choice:
     ``target_modules=("attn", "mlp")`` on LLaMA. Empty groups are left out.
     """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(f"Invalid rank: {rank!r} (expected a positive int)")
+    check_int("rank", rank)
     targets = None if target_modules is None else tuple(target_modules)
     if isinstance(target_modules, str):
         raise TypeError("target_modules must be an iterable of strings, not a string")

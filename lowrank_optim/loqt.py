@@ -5,13 +5,16 @@ import warnings
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import rules
-from ._base import STATE_POLICIES, LowRankOptimizer, _check
+from . import distributed, quant, rules
+from ._layers import Float32Tensors, plain_linear, swap_linears
+from ._base import STATE_POLICIES, LowRankOptimizer
+from ._checks import check as _check, is_int
+from .projector import RIGHT, Projector, choose_side
 from .refresh import Exponential
 
-__all__ = ["LoQTAdamW", "LoQTAdamW8bit"]
+__all__ = ["LoQTAdamW", "LoQTAdamW8bit", "LoQTLinear", "prepare_loqt"]
 
 
 def _owner(p: Tensor):
@@ -31,7 +34,7 @@ class _LoQT:
             v = g[name]
             if name == "max_proj_gap" and v is None:
                 continue
-            _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, name, v,
+            _check(is_int(v) and v >= lo, name, v,
                    f"an int >= {lo}" + (" or None" if name == "max_proj_gap" else ""))
         _check(g["increment_size"] >= 1, "increment_size", g["increment_size"], "a float >= 1")
         _check(g["state_on_merge"] in STATE_POLICIES, "state_on_merge", g["state_on_merge"],
@@ -210,3 +213,321 @@ NeurIPS 2024, https://arxiv.org/abs/2405.16528. Reference settings: lr 0.01, ran
 
 LoQTAdamW8bit.__doc__ = """:class:`LoQTAdamW` with 8-bit blockwise moments for tensors of at
 least ``min_8bit_size`` elements (as :class:`GaLoreAdamW8bit`)."""
+
+
+# ---- the layer ------------------------------------------------------------------------
+
+
+class _LoQTFn(torch.autograd.Function):
+    """``y = x·deq(Q)ᵀ + s·x·ΔWᵀ + b`` with ``ΔW`` = ``B·Pᵀ`` (RIGHT) or ``P·B`` (LEFT).
+
+    Saves only ``x``; backward re-dequantizes ``Q`` for ``∂L/∂x`` and returns ``∂L/∂B`` in
+    low rank. While the layer is armed for a merge it also forms this layer's dense weight
+    gradient once, takes the new basis from it and drops it (``LoQTLinear._capture``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, b, bias, layer):
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        ctx.save_for_backward(x)
+        p = layer.projection(x.dtype)
+        low = (x @ p) @ b.to(x.dtype).T if layer.side == RIGHT else (x @ b.to(x.dtype).T) @ p.T
+        return nn.functional.linear(x, layer.base_weight(x.dtype), bias).add_(low, alpha=layer.scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        layer, s, dtype = ctx.layer, ctx.layer.scale, grad_out.dtype
+        b = layer.B.to(dtype)
+        p = layer.projection(dtype)
+        grad_x = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            low = (grad_out @ b) @ p.T if layer.side == RIGHT else (grad_out @ p) @ b
+            grad_x = (grad_out @ layer.base_weight(dtype)).add_(low, alpha=s)
+        d2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            new = layer._capture(d2, x2)  # the new basis at a merge step, else None
+            p = p if new is None else new.to(dtype)
+            grad_b = s * (d2.T @ (x2 @ p) if layer.side == RIGHT else (d2 @ p).T @ x2)
+            grad_b = grad_b.to(layer.B.dtype)
+        if ctx.has_bias:
+            grad_bias = d2.sum(0)
+        return grad_x, grad_b, grad_bias, None
+
+
+class LoQTLinear(Float32Tensors):
+    r"""A Linear layer trained as LoQT: :math:`W = \mathrm{deq}(Q) + s\,\Delta W`, only
+    :math:`B` trainable.
+
+    For a weight :math:`W \in \mathbb{R}^{m\times n}` (``out × in``) the shared side rule
+    (:func:`~lowrank_optim.projector.choose_side`, ``"std"``) puts the frozen basis on the
+    smaller side: :math:`m \ge n`: :math:`\Delta W = B P^\top`, :math:`P \in
+    \mathbb{R}^{n\times r}`, :math:`B \in \mathbb{R}^{m\times r}`; :math:`m < n`:
+    :math:`\Delta W = P B`, :math:`P \in \mathbb{R}^{m\times r}`, :math:`B \in
+    \mathbb{R}^{r\times n}`. Then :math:`\partial L/\partial B = s\,G P` or
+    :math:`s\,P^\top G` with :math:`G = \partial L/\partial W`: GaLore's projected gradient,
+    so :math:`B` has GaLore's low-rank state shape.
+
+    Storage, all in ``state_dict()``: ``Q`` as buffers ``weight_codes``/``weight_scale``
+    (/``weight_offset``): NF4 through bitsandbytes in absmax blocks of ``group_size``
+    (``quant_type="nf4"``, 4 bits only; ``double_quant=True`` stores the absmax as 8-bit
+    codes, ``weight_scale_codes``/``_scale``/``_offset``, QLoRA's double quantization) or
+    asymmetric min-max integer codes from :mod:`lowrank_optim.quant` (``quant_type="int"``,
+    4 bits packed two per byte, or 8);
+    with ``bits=None`` a float buffer ``weight`` (LoQT-nq). ``P`` as the shared
+    :class:`~lowrank_optim.projector.Projector` stores it: ``proj_bits``-bit codes in groups
+    of ``proj_group_size`` (``proj_codes``/``proj_scale``/``proj_offset``) or a float32
+    ``proj``. ``B`` is the only parameter besides the bias; ``merges`` counts the merges.
+
+    Defaults: NF4 ``Q`` in blocks of 32 with a double-quantized absmax (4.26 bits per
+    weight; ``group_size=None`` and ``double_quant=None`` mean that for NF4, and blocks of
+    64 without double quantization for ``quant_type="int"``) and an INT8 ``P``. The
+    reference stores ``Q`` and ``P`` as NF4 in blocks of 64 (4.13 bits with its always-on
+    double quantization). Chosen by measurement (``benchmarks/results/loqt_quant.md``: main
+    job, 3 seeds, validation perplexity, ``state_on_merge="project"``): NF4/64 with an
+    INT4 ``P`` (this package's earlier default) 3.932, NF4/32 + double quantization 3.920,
+    INT8 ``P`` 3.922, both 3.899 (lower on every seed), against 3.898 for LoQT without any
+    quantization and 3.906 for :class:`~lowrank_optim.GaLoreAdamW`. The INT8 ``P`` costs
+    :math:`4\,r\min(m,n)` bits more per layer, the finer ``Q`` blocks save
+    :math:`0.24\,mn`: at rank :math:`r \le 0.06\max(m,n)` the two cancel, at LLaMA-1B's
+    rank 512 weights + optimizer state grow 1.5% (``benchmarks/results/memory.md``).
+
+    Forward is ``y = x·deq(Q)ᵀ + s·(x·P)·Bᵀ`` (or ``s·(x·Bᵀ)·Pᵀ``): no dense weight is
+    trained and no dense weight gradient exists, except that when
+    :class:`~lowrank_optim.LoQTAdamW` arms the layer before a merge, its backward forms
+    this layer's :math:`G` once (averaged over ranks under ``torch.distributed``), takes the
+    new top-``rank`` basis from its SVD (quantized as above), returns ``∂L/∂B`` in the new
+    basis and frees :math:`G` before the next layer's backward runs. Further micro-batches
+    of the same step reuse that basis. :meth:`merge_` then folds :math:`B` into :math:`Q`.
+
+    Until its first merge ``P`` is zero, so the layer computes ``deq(Q)·x``.
+    """
+
+    FLOAT32 = ("weight_scale", "weight_offset", "weight_scale_scale",
+                     "weight_scale_offset", "proj", "proj_scale", "proj_offset")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 rank: int = 128, scale: float = 0.5, bits: Optional[int] = 4,
+                 quant_type: Optional[str] = None, group_size: Optional[int] = None,
+                 proj_bits: Optional[int] = 8, proj_group_size: int = 64, svd: str = "exact",
+                 double_quant: Optional[bool] = None, device=None,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"Invalid scale: {scale!r} (expected scale > 0)")
+        quant_type = quant_type or ("nf4" if bits == 4 else "int")
+        if quant_type not in ("nf4", "int"):
+            raise ValueError(f"Invalid quant_type: {quant_type!r} (expected 'nf4' or 'int')")
+        nf4 = bits is not None and quant_type == "nf4"
+        group_size = (32 if nf4 else 64) if group_size is None else group_size
+        double_quant = nf4 if double_quant is None else double_quant
+        if bits is not None:
+            if quant_type == "nf4" and bits != 4:
+                raise ValueError(f"Invalid bits: {bits!r} (quant_type='nf4' has 4 bits; use "
+                                 "quant_type='int' for 2 to 8 bits, or bits=None)")
+            quant._check(bits, group_size, "nf4" if quant_type == "nf4" else "asym")
+        if double_quant and (bits is None or quant_type != "nf4"):
+            raise ValueError(f"Invalid double_quant: {double_quant!r} (it quantizes NF4's "
+                             "absmax: needs bits=4 with quant_type='nf4')")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.quant_type, self.group_size = bits, quant_type, group_size
+        self.double_quant = bool(double_quant)
+        self.scale = float(scale)
+        self.projector = Projector(rank, "std", svd, proj_bits, proj_group_size)
+        m, n = out_features, in_features
+        self.side = choose_side((m, n), "std")
+        self.rank = r = min(rank, m, n)
+        kw = dict(device=device)
+        if bits is None:
+            self.register_buffer("weight", torch.zeros(m, n, dtype=dtype, **kw))
+        else:
+            self._register_codes("weight", m * n, bits, group_size, quant_type == "int", kw)
+            if self.double_quant:  # the absmax as 8-bit codes, zero: an all-zero weight
+                groups = self._buffers.pop("weight_scale").numel()
+                self._register_codes("weight_scale", groups, 8, quant.DQ_GROUP, True, kw)
+                self.weight_scale_scale.fill_(1.0)
+        numel = min(m, n) * r
+        if proj_bits is None:
+            self.register_buffer("proj", torch.zeros(min(m, n), r, **kw))
+        else:
+            self._register_codes("proj", numel, proj_bits, proj_group_size, True, kw)
+        self.register_buffer("merges", torch.zeros((), dtype=torch.int64, **kw))
+        self.B = nn.Parameter(torch.zeros((m, r) if self.side == RIGHT else (r, n), dtype=dtype,
+                                          **kw))
+        self.bias = nn.Parameter(torch.zeros(m, dtype=dtype, **kw)) if bias else None
+        # armed (±1, the sign of the objective: -1 for a maximizing optimizer) by LoQTAdamW
+        # for the backward before a merge; 0 otherwise
+        self.capture = 0
+        self._pending = None  # (projector state with the new basis, rotations)
+        self.B.loqt_owner = self
+
+    def _register_codes(self, name, numel, bits, group_size, offset, kw) -> None:
+        # zero codes, scale 1, offset 0: dequantizes to exactly zero
+        self.register_buffer(f"{name}_codes", torch.zeros(
+            (numel + 1) // 2 if bits <= 4 else numel, dtype=torch.uint8, **kw))
+        groups = -(-numel // group_size)
+        self.register_buffer(f"{name}_scale", torch.ones(groups, **kw))
+        if offset:
+            self.register_buffer(f"{name}_offset", torch.zeros(groups, **kw))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "LoQTLinear":
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=w.device, dtype=w.dtype, **kwargs)
+        if w.device.type != "meta":
+            layer._store_base(w.float())
+            if linear.bias is not None:
+                layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    # ---- storage ------------------------------------------------------------------------
+    def _quantize(self, w: Tensor) -> Tensor | quant.QTensor:
+        if self.bits is None:
+            return w
+        if self.quant_type == "nf4":
+            return quant.nf4_quantize(w, self.group_size, self.double_quant)
+        return quant.quantize(w, self.bits, self.group_size)
+
+    def _dequantize(self, q, dtype=torch.float32) -> Tensor:
+        return q.to(dtype) if isinstance(q, Tensor) else q.dequantize(dtype)
+
+    def _store_base(self, w: Tensor) -> None:
+        self._write_base(self._quantize(w))
+
+    def _write_base(self, q) -> None:
+        """Copy a quantized (or, unquantized, float) weight into this layer's buffers."""
+        if isinstance(q, Tensor):
+            self.weight.copy_(q)
+        else:
+            flat = {}
+            quant.put(flat, "weight", q)
+            for key, t in flat.items():
+                self._buffers[key].copy_(t)
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``deq(Q)``, ``out × in``, in ``dtype``."""
+        if self.bits is None:
+            return self.weight.to(dtype)
+        fmt = "nf4" if self.quant_type == "nf4" else "asym"
+        q = quant.get(self._buffers, "weight", (self.out_features, self.in_features),
+                      self.bits, self.group_size, fmt)
+        return q.dequantize(dtype)
+
+    def _proj_state(self, with_side: bool = True) -> dict:
+        st = {k: v for k, v in self._buffers.items() if k.startswith("proj")}
+        if with_side:
+            st["proj_side"] = self.side
+        return st
+
+    def projection(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``deq(P)``, ``min(m, n) × rank`` (zero before the first merge)."""
+        return self._basis(self._proj_state()).to(dtype)
+
+    def _basis(self, st: dict) -> Tensor:
+        """The one-sided float32 basis stored in projector state ``st``."""
+        like = torch.empty(self.out_features, self.in_features, device="meta")
+        left, right = self.projector.bases(st, like)
+        return left if right is None else right
+
+    def _delta(self, p: Tensor, b: Tensor) -> Tensor:
+        return b @ p.T if self.side == RIGHT else p @ b
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dense weight this layer computes with, ``deq(Q) + s·ΔW``."""
+        delta = self._delta(self.projection(), self.B.detach().float())
+        # out of place: an unquantized layer's base_weight() is its buffer itself
+        return torch.add(self.base_weight(torch.float32), delta, alpha=self.scale).to(dtype)
+
+    def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """The plain ``nn.Linear`` this layer computes, ``deq(Q) + s·ΔW`` merged, in
+        ``dtype`` (default: ``B``'s)."""
+        return plain_linear(self, self.effective_weight(), self.bias, dtype or self.B.dtype)
+
+    # ---- merges -------------------------------------------------------------------------
+    def _capture(self, d2: Tensor, x2: Tensor) -> Optional[Tensor]:
+        """At an armed backward: the new basis (float32), computed on first use from this
+        micro-batch's dense gradient ``d2ᵀ·x2``, which is freed on return."""
+        if not self.capture:
+            return None
+        if self._pending is None:
+            g = distributed.all_reduce_mean_(d2.T.float() @ x2.float())
+            if self.capture < 0:  # a maximizing optimizer: the basis of the descent direction
+                g.neg_()
+            st = self._proj_state(with_side=bool(self.merges))
+            rots = self.projector.refresh(st, g, seed=int(self.merges))
+            del g
+            st["proj_side"] = self.side
+            self._pending = (st, rots)
+        return self._basis(self._pending[0])
+
+    @property
+    def merge_ready(self) -> bool:
+        """True once an armed backward has captured the basis for the next merge."""
+        return self._pending is not None
+
+    @torch.no_grad()
+    def merge_(self, ec_iters: int = 5) -> Optional[tuple]:
+        r"""Fold :math:`B` into :math:`Q` and install the captured basis.
+
+        :math:`W = \mathrm{deq}(Q) + s\,\Delta W(P_{old}, B)` (the effective weight), then
+        :math:`P \leftarrow P_{new}` and error compensation: with :math:`Q_0 = Q(W)`, for
+        :math:`c = 1..C`: :math:`R_c = W - \mathrm{deq}(Q_c)`, :math:`B_c = P^{+}R_c/s`
+        (or :math:`R_c P^{+\top}/s`), :math:`Q_{c+1} = Q(W - s\,\Delta W(P, B_c))`; the pair
+        with the smallest :math:`\|R_c - s\,\Delta W(P, B_c)\|_F` is kept. ``ec_iters=0``,
+        or an unquantized layer, gives :math:`Q = Q(W)`, :math:`B = 0`. Returns the
+        rotations :math:`P_{old}^\top P_{new}` (``None`` at the first merge or when the
+        basis was kept); raises ``RuntimeError`` when no basis was captured."""
+        if self._pending is None:
+            raise RuntimeError("LoQTLinear.merge_: no basis captured; arm the layer "
+                               "(layer.capture = 1) and run a backward pass first")
+        st, rots = self._pending
+        w = self.effective_weight()
+        for k, v in st.items():
+            if k != "proj_side":
+                self._buffers[k].copy_(v)
+        p = self.projection()
+        q, b = self._quantize(w), torch.zeros_like(self.B, dtype=torch.float32)
+        if self.bits is not None and ec_iters > 0:
+            pinv = torch.linalg.pinv(p)
+            best, qc = None, q  # round 1 quantizes w itself: q
+            for c in range(ec_iters):
+                resid = w - self._dequantize(qc)
+                bc = (resid @ pinv.T if self.side == RIGHT else pinv @ resid) / self.scale
+                low = self._delta(p, bc).mul_(self.scale)
+                err = float(torch.linalg.matrix_norm(resid.sub_(low)))
+                if best is None or err < best[0]:
+                    best = (err, qc, bc)
+                if c + 1 < ec_iters:
+                    qc = self._quantize(w - low)
+            _, q, b = best
+        self._write_base(q)
+        self.B.copy_(b)
+        self.merges += 1
+        self._pending, self.capture = None, 0
+        return rots
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.B.loqt_owner = self  # re-linked: copies (deepcopy, .to()) stay consistent
+        return _LoQTFn.apply(x, self.B, self.bias, self)
+
+    def extra_repr(self) -> str:
+        q = "none" if self.bits is None else "nf4" if self.quant_type == "nf4" else f"int{self.bits}"
+        if self.bits is not None:
+            q += f"/{self.group_size}" + ("+dq" if self.double_quant else "")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, rank={self.rank}, scale={self.scale}, "
+                f"quant={q}, proj_bits={self.projector.quant_bits}")
+
+
+def prepare_loqt(model: nn.Module, rank: int = 128, bits: Optional[int] = 4,
+                 target_modules: Optional[Iterable[str]] = ("attn", "mlp"),
+                 scale: float = 0.5, **kwargs) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose qualified name contains one of
+    ``target_modules`` (every Linear when ``None``) by a :class:`LoQTLinear` whose ``Q``
+    is the quantized weight; returns ``model``. ``kwargs`` go to :class:`LoQTLinear`
+    (``quant_type``, ``group_size``, ``double_quant``, ``proj_bits``, ``proj_group_size``,
+    ``svd``).
+    Other parameters (embeddings, norms, head) are untouched and stay trainable."""
+    return swap_linears(model, target_modules, lambda linear: LoQTLinear.from_linear(
+        linear, rank=rank, scale=scale, bits=bits, **kwargs))

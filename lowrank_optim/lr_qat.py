@@ -63,17 +63,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import quant
-from .nn import _swap_linears
+from ._checks import is_int as _is_int
+from ._layers import Float32Tensors, swap_linears
 
 __all__ = ["LRQATLinear", "IntLinear", "prepare_lr_qat", "lr_qat_param_groups",
            "export_lr_qat", "init_scale", "downcast"]
 
 STORAGES = ("int8", "int4x2")
 CLIP_RATIOS = torch.linspace(1.0, 0.2, 81)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _grid(bits: int) -> tuple[int, int]:
@@ -189,24 +186,6 @@ class _LRQATFn(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad_s, grad_bias, None, None
 
 
-class _Float32Scale(nn.Module):
-    """``.to(dtype)``, ``.half()``, ``.bfloat16()`` move ``self.scale`` but keep it float32."""
-
-    def _apply(self, fn, recurse=True):
-        keep = self.scale.detach()
-        super()._apply(fn, recurse)
-        s = self.scale
-        if s.dtype != keep.dtype:
-            restored = keep.to(s.device)
-            if isinstance(s, nn.Parameter):
-                s.data = restored
-                if s.grad is not None:
-                    s.grad = s.grad.to(keep.dtype)
-            else:
-                self._buffers["scale"] = restored
-        return self
-
-
 def _grouped_weight(w: Tensor, group_size: Optional[int]) -> Tensor:
     out_features, in_features = w.shape
     return w.detach().float().view(out_features, -1, group_size or in_features)
@@ -246,7 +225,7 @@ def downcast(w: Tensor, scale: Tensor, bits: int, group_size: Optional[int] = No
     return (n * 2 ** fb + f).to(torch.int8)
 
 
-class LRQATLinear(_Float32Scale):
+class LRQATLinear(Float32Tensors):
     """A Linear layer trained by LR-QAT (see the module docstring).
 
     Args:
@@ -264,6 +243,8 @@ class LRQATLinear(_Float32Scale):
     :meth:`from_linear` (the constructor leaves ``phi0`` zero and ``scale`` one, the
     shape a ``load_state_dict`` fills).
     """
+
+    FLOAT32 = ("scale",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  rank: int = 32, alpha: float = 1.0, group_size: Optional[int] = None,
@@ -341,11 +322,13 @@ class LRQATLinear(_Float32Scale):
                 f"alpha={self.alpha}, group_size={self.group_size}, storage={self.storage!r}")
 
 
-class IntLinear(_Float32Scale):
+class IntLinear(Float32Tensors):
     """A Linear layer with a frozen integer weight: buffers ``codes`` (uint8, the signed
     value plus 2^(bits-1); two per byte, low nibble first, when ``bits <= 4``) and
     ``scale`` (float32, out × groups), and an optional float ``bias``. Its forward is
     ``F.linear(x, s * codes, bias)``; :func:`export_lr_qat` produces it."""
+
+    FLOAT32 = ("scale",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  group_size: Optional[int] = None, device=None,
@@ -409,8 +392,8 @@ def prepare_lr_qat(model: nn.Module, bits: int = 4, rank: int = 32, alpha: float
                              f"{e}") from None
         return linear
 
-    _swap_linears(model, target_modules, check)  # each layer "replaced" by itself
-    return _swap_linears(model, target_modules, lambda linear: LRQATLinear.from_linear(
+    swap_linears(model, target_modules, check)  # each layer "replaced" by itself
+    return swap_linears(model, target_modules, lambda linear: LRQATLinear.from_linear(
         linear, bits, rank, alpha, group_size, storage))
 
 

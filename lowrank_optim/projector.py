@@ -63,6 +63,7 @@ from torch import Tensor
 
 from . import functional as F
 from . import quant
+from ._checks import check_int
 
 __all__ = ["Projector", "LEFT", "RIGHT", "BOTH", "PROJ_TYPES", "SVD_METHODS", "choose_side",
            "compute_basis", "overlap"]
@@ -125,8 +126,7 @@ class Projector:
     quant_group_size: int = 256
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise ValueError(f"Invalid rank: {self.rank!r} (expected a positive int)")
+        check_int("rank", self.rank)
         choose_side((1, 1), self.proj_type)  # validates proj_type
         if self.svd not in SVD_METHODS:
             raise ValueError(f"Invalid svd: {self.svd!r} (expected one of {SVD_METHODS})")
@@ -186,7 +186,7 @@ class Projector:
         new_right = v if side in (RIGHT, BOTH) else None
         rots = None
         if not first:
-            old_left, old_right = self._bases(state, grad)
+            old_left, old_right = self.bases(state, grad)
             rots = (None if new_left is None else old_left.T @ new_left,
                     None if new_right is None else old_right.T @ new_right)
         state["proj_side"] = side
@@ -208,8 +208,9 @@ class Projector:
             out = out @ right
         return out
 
-    def _bases(self, state: dict, like: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """(left basis or None, right basis or None), float32."""
+    def bases(self, state: dict, like: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The bases stored in ``state`` for a gradient like ``like``: (left ``U_r``, m×r,
+        or None; right ``V_r``, n×r, or None), float32 (dequantized when stored quantized)."""
         side, p = state["proj_side"], self._load(state, "proj", like)
         if side == LEFT:
             return p, None
@@ -232,7 +233,7 @@ class Projector:
     # -- apply ------------------------------------------------------------------------
     def project(self, state: dict, grad: Tensor) -> Tensor:
         """Low-rank float32 coordinates of ``grad`` in the stored basis."""
-        left, right = self._bases(state, grad)
+        left, right = self.bases(state, grad)
         out = grad.float()
         if left is not None:
             out = left.T @ out
@@ -242,7 +243,7 @@ class Projector:
 
     def project_back(self, state: dict, low: Tensor, like: Tensor) -> Tensor:
         """Full-size float32 tensor (shape of ``like``) from low-rank ``low``."""
-        left, right = self._bases(state, like)
+        left, right = self.bases(state, like)
         out = low.float()
         if left is not None:
             out = left @ out
@@ -254,7 +255,7 @@ class Projector:
         """``target += alpha · project_back(low)`` in place. For a float32 ``target`` and a
         one-sided basis this is one fused GEMM (``addmm_``): the full-size update is
         never materialised. Other dtypes get a float32 update and a single rounding."""
-        left, right = self._bases(state, target)
+        left, right = self.bases(state, target)
         if target.dtype == torch.float32 and (left is None) != (right is None):
             if left is not None:
                 return target.addmm_(left, low.float(), alpha=alpha)

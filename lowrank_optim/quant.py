@@ -41,6 +41,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ._checks import check, check_int, is_int
+
 __all__ = [
     "QTensor", "quantize", "dequantize", "stochastic_round", "pack_nibbles",
     "unpack_nibbles", "nf4_quantize", "nf4_dequantize", "put", "get", "nbytes",
@@ -70,12 +72,10 @@ class QTensor(NamedTuple):
 def _check(bits: int, group_size: int, fmt: str) -> None:
     if fmt not in _FORMATS:
         raise ValueError(f"Invalid quantization format {fmt!r}: expected one of {_FORMATS}")
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise ValueError(f"Invalid bits: {bits!r} (expected an int from 2 to 8)")
+    check(is_int(bits) and 2 <= bits <= 8, "bits", bits, "an int from 2 to 8")
     if fmt == "nf4" and bits != 4:
         raise ValueError(f"Invalid bits for NF4: {bits!r} (NF4 is 4-bit)")
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
-        raise ValueError(f"Invalid group_size: {group_size!r} (expected a positive int)")
+    check_int("group_size", group_size)
 
 
 def _grouped(x: Tensor, group_size: int) -> Tensor:

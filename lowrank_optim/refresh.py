@@ -35,17 +35,17 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from ._checks import check_int
+
 __all__ = ["FixedGap", "LazyCosine", "Exponential"]
 
 
 def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"Invalid {name}: {value!r} (expected a positive int)")
+    check_int(name, value)
 
 
 def _check_phase(phase) -> None:
-    if not isinstance(phase, int) or isinstance(phase, bool) or phase < 0:
-        raise ValueError(f"Invalid phase: {phase!r} (expected an int >= 0)")
+    check_int("phase", phase, 0)
 
 
 @dataclass(frozen=True)

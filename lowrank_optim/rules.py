@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._checks import check, check_int
 
 __all__ = ["Rule", "Adam", "Adam8bit", "Adafactor"]
 
@@ -88,9 +89,7 @@ class Adam8bit(Adam):
     smaller ones keep :class:`Adam`'s float moments, as bitsandbytes does."""
 
     def validate(self, group):
-        n = group["min_8bit_size"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"Invalid min_8bit_size: {n!r} (expected an int >= 0)")
+        check_int("min_8bit_size", group["min_8bit_size"], 0)
 
     def init(self, state, like, group):
         if like.numel() >= group["min_8bit_size"]:
@@ -128,10 +127,8 @@ class Adafactor(Rule):
 
     def validate(self, group):
         beta1, clip = group["beta1"], group["clip_threshold"]
-        if beta1 is not None and not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta1: {beta1!r} (expected None or 0 <= beta1 < 1)")
-        if not clip > 0:
-            raise ValueError(f"Invalid clip_threshold: {clip!r} (expected > 0)")
+        check(beta1 is None or 0.0 <= beta1 < 1.0, "beta1", beta1, "None or 0 <= beta1 < 1")
+        check(clip > 0, "clip_threshold", clip, "> 0")
 
     def init(self, state, like, group):
         F.init_adafactor(state, like, group["beta1"])
