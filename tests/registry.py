@@ -34,20 +34,36 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @dataclass(frozen=True)
 class OptConfig:
-    """One optimizer configuration: ``cls(params, **kwargs)``."""
+    """One optimizer configuration: ``cls(params, **kwargs)`` on :meth:`model`, and the
+    capabilities the common suite relies on (torch's ``OptimizerInfo.supports_*`` habit;
+    tests ask these flags, never which method a config is)."""
 
     id: str
     cls: type
     kwargs: dict = field(default_factory=dict)
-    loqt: dict = None  # prepare_loqt's arguments: the model's Linear layers become LoQT layers
+    # (swap, kwargs): the model's Linear layers are swapped by swap(model, **kwargs)
+    layers: tuple = None
+    # a param group's ``rank`` chooses what is projected (False: the layers decide, LoQT)
+    supports_group_rank: bool = True
+    # the layers' matrices are re-initialised at merges, even at lr 0 (LoQT's B)
+    merges_layer_mats: bool = False
+    # the layers' matrices hold only what their codes represent (INT8 weights): an update
+    # is exact within one code step, and even a zero update's stochastic requantization
+    # with fresh ranges may move a code by one
+    quantized_layer_mats: bool = False
+    # every parameter has the model's dtype (False: INT8 weights are float32 to autograd)
+    params_in_model_dtype: bool = True
 
     def make(self, params, **overrides):
         return self.cls(params, **{**self.kwargs, **overrides})
 
     def model(self, seed: int = 0, dtype=torch.float32, **kw) -> "Net":
-        """:func:`make_model`, prepared as this optimizer needs (LoQT layers)."""
+        """:func:`make_model`, with its Linear layers swapped as this config needs."""
         m = make_model(seed, dtype, **kw)
-        return m if self.loqt is None else lo.prepare_loqt(m, target_modules=None, **self.loqt)
+        if self.layers is not None:
+            swap, kwargs = self.layers
+            swap(m, target_modules=None, **kwargs)
+        return m
 
     def __repr__(self):  # short pytest ids
         return self.id
@@ -82,15 +98,21 @@ CONFIGS = [
               dict(_G, beta1=0.9, state_on_refresh="project")),
     # Q-GaLore's optimizer mechanics on float weights: INT4 basis (groups of 32 so the
     # small bases have several), lazy refresh after 2 similar SVDs, 8-bit moments.
-    # Quantized weights have their own tests (tests/test_q_galore.py).
+    # What only quantized weights have is tested in tests/test_q_galore.py.
     OptConfig("q_galore", lo.QGaLoreAdamW8bit,
               dict(_G, min_8bit_size=64, proj_group_size=32, queue_size=2)),
     OptConfig("q_galore_project", lo.QGaLoreAdamW8bit,
               dict(_G, min_8bit_size=64, proj_group_size=32, queue_size=2,
                    state_on_refresh="project")),
+    # ... and on INT8 weights (Net's Linear layers become QuantLinear, groups of 64)
+    OptConfig("q_galore_int8", lo.QGaLoreAdamW8bit,
+              dict(_G, min_8bit_size=64, proj_group_size=32, queue_size=2),
+              layers=(lo.quantize_weights, dict(bits=8, group_size=64)),
+              quantized_layer_mats=True, params_in_model_dtype=False),
     # LoQT: Net's two Linear layers become LoQT layers (fc1 tall: P on the input side;
     # fc2 wide: P on the output side); merges at steps 0, 3, 7, 11, ...
-    *[OptConfig(f"loqt_{name}", cls, dict(_L, **kw), loqt=dict(_Q, **q))
+    *[OptConfig(f"loqt_{name}", cls, dict(_L, **kw), layers=(lo.prepare_loqt, dict(_Q, **q)),
+                supports_group_rank=False, merges_layer_mats=True)
       for name, cls, kw, q in (
           ("nf4", lo.LoQTAdamW, {}, {}),
           ("nf4_64_p4_project", lo.LoQTAdamW, dict(state_on_merge="project"),

@@ -36,10 +36,15 @@ def assert_states_equal_dict(s1, s2):
             assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (i, k)
 
 
-def _merged(cfg, p) -> bool:
-    """True for a LoQT factor B: a merge re-parameterizes it (B is re-initialised by error
-    compensation) even at lr = 0, so "lr 0 leaves it unchanged" does not apply to it."""
-    return cfg.loqt is not None and hasattr(p, "loqt_owner")
+def _layer_mat(model, p) -> bool:
+    return any(p is mat(layer) for layer in (model.fc1, model.fc2))
+
+
+def _exact(cfg, model, p) -> bool:
+    """Whether a zero update must leave ``p`` bit-identical: always, except a layer matrix
+    of a config that merges (LoQT re-initialises B even at lr 0) or quantizes them (an INT8
+    weight is requantized stochastically)."""
+    return not ((cfg.merges_layer_mats or cfg.quantized_layer_mats) and _layer_mat(model, p))
 
 
 # ---- training ----------------------------------------------------------------------------
@@ -116,7 +121,7 @@ def test_per_group_lr_and_weight_decay(cfg):
     assert opt.param_groups[1]["weight_decay"] == 0.5 and opt.param_groups[0]["lr"] == 0.0
     train(model, opt, make_batches(5))
     for p, q in zip(frozen, [ref.emb.weight, mat(ref.fc1), ref.fc1.bias]):
-        if not _merged(cfg, p):
+        if _exact(cfg, model, p):
             assert torch.equal(p, q)  # lr = 0: neither the update nor the decay moves them
     assert not torch.equal(mat(model.fc2), mat(ref.fc2))
 
@@ -130,12 +135,15 @@ def test_per_group_lr_and_weight_decay(cfg):
         p.grad = torch.zeros_like(p)
     opt.step()
     for p, q in zip(list(m.parameters())[:3], w0[:3]):
-        assert torch.equal(p, q)
+        assert torch.equal(p, q) or not _exact(cfg, m, p)
     for p, q in zip(list(m.parameters())[3:], w0[3:]):
-        torch.testing.assert_close(p, q * (1 - 0.02 * 0.5), rtol=0, atol=1e-7)
+        # an INT8 weight: within one code step of its group
+        step = (q.max() - q.min()).item() / 255 if cfg.quantized_layer_mats and \
+            _layer_mat(m, p) else 0.0
+        torch.testing.assert_close(p, q * (1 - 0.02 * 0.5), rtol=0, atol=1e-7 + step)
 
 
-@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.loqt is None], ids=repr)
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.supports_group_rank], ids=repr)
 def test_per_group_rank(cfg):
     """A group may set its own rank, or rank=None for no projection (and then, in
     galore-torch's format, a group that names no rank is plain too)."""
@@ -190,7 +198,7 @@ def test_zero_grads_leave_params_unchanged(cfg, dtype):
             p.grad = torch.zeros_like(p)
         opt.step()
     for p, q in zip(m.parameters(), w0):
-        assert torch.equal(p, q)
+        assert torch.equal(p, q) or not _exact(cfg, m, p)
 
 
 # ---- checkpoints -------------------------------------------------------------------------
@@ -257,7 +265,7 @@ def test_state_dtypes(cfg):
                     assert v.dtype == torch.uint8
                 if "proj_side" in st or k.startswith("proj") or k.endswith("absmax"):
                     assert v.dtype == torch.float32 or k.endswith("_codes"), (k, v.dtype)
-        assert p.dtype == torch.bfloat16
+        assert p.dtype == torch.bfloat16 or not cfg.params_in_model_dtype
 
 
 @cfgs
@@ -363,7 +371,7 @@ def test_lr_scheduler(cfg):
         if i == 4:
             frozen = [p.detach().clone() for p in m1.parameters()]
     # the schedule reached the optimizer: lr 0 from step 4 on (wd acts through lr too)
-    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), frozen) if not _merged(cfg, p))
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), frozen) if _exact(cfg, m1, p))
     assert o1.param_groups[0]["lr"] == 0.0
     # and equals setting the lr by hand
     torch.manual_seed(0)
@@ -381,7 +389,8 @@ def test_bf16_params_train(cfg):
     m = cfg.model(dtype=torch.bfloat16)
     opt = cfg.make(m.parameters())
     losses = train(m, opt, make_batches(4) * 10)
-    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in m.parameters())
+    assert all((p.dtype == torch.bfloat16 or not cfg.params_in_model_dtype)
+               and torch.isfinite(p).all() for p in m.parameters())
     assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
 
 
