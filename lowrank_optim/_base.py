@@ -198,7 +198,7 @@ class LowRankOptimizer(Optimizer):
         if group.get("stochastic_round", True):
             if "sr_index" not in state:
                 state["sr_index"] = next(i for i, q in enumerate(
-                    q for g in self.param_groups for q in g["params"]) if q is p)
+                    q for grp in self.param_groups for q in grp["params"]) if q is p)
             seed = (group.get("seed", 0) * 1_000_003 + state["sr_index"]) * 1_000_003
             gen = torch.Generator(device=w.device).manual_seed(
                 (seed + state["step"]) % 2 ** 63)
