@@ -200,13 +200,8 @@ class Projector:
         r"""Re-express low-rank coordinates taken in the old basis in the new one
         (:math:`R_l^\top X R_r`); ``squared`` uses the element-wise squared rotations,
         which maps non-negative second moments to non-negative values."""
-        left, right = (None if r is None else (r.square() if squared else r) for r in rots)
-        out = low.float()
-        if left is not None:
-            out = left.T @ out
-        if right is not None:
-            out = out @ right
-        return out
+        return _sandwich(low, *(None if r is None else (r.square() if squared else r)
+                                for r in rots))
 
     def bases(self, state: dict, like: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The bases stored in ``state`` for a gradient like ``like``: (left ``U_r``, m×r,
@@ -233,13 +228,7 @@ class Projector:
     # -- apply ------------------------------------------------------------------------
     def project(self, state: dict, grad: Tensor) -> Tensor:
         """Low-rank float32 coordinates of ``grad`` in the stored basis."""
-        left, right = self.bases(state, grad)
-        out = grad.float()
-        if left is not None:
-            out = left.T @ out
-        if right is not None:
-            out = out @ right
-        return out
+        return _sandwich(grad, *self.bases(state, grad))
 
     def project_back(self, state: dict, low: Tensor, like: Tensor) -> Tensor:
         """Full-size float32 tensor (shape of ``like``) from low-rank ``low``."""
@@ -276,3 +265,13 @@ def overlap(rots: tuple) -> float:
     :math:`r/d` for unrelated random subspaces of dimension :math:`d`."""
     vals = [float(r.square().sum()) / min(r.shape) for r in rots if r is not None]
     return sum(vals) / len(vals)
+
+
+def _sandwich(x: Tensor, left: Optional[Tensor], right: Optional[Tensor]) -> Tensor:
+    """``leftᵀ · x · right`` in float32, a side that is ``None`` left out."""
+    out = x.float()
+    if left is not None:
+        out = left.T @ out
+    if right is not None:
+        out = out @ right
+    return out
