@@ -75,10 +75,7 @@ Args:
         ``"keep"`` (the reference: moments are reused as they are), ``"project"``
         (first moment rotated into the new basis, :math:`R^\top M`; second moment with
         the squared rotation) or ``"reset"`` (zeroed, bias correction restarted).
-        The default, ``"project"``, was chosen by measurement
-        (``benchmarks/results/state_on_refresh.md``: on the built-in corpus with a
-        refresh every 50 steps it reached a 1.5% lower validation perplexity than
-        ``"keep"`` and 0.7% lower than ``"reset"``, on both seeds).
+        Default ``"project"``; why: ``docs/decisions.md`` (Moments at a basis change).
     stagger (bool): spread the matrices' refreshes over one gap (matrix :math:`i` of
         :math:`N` refreshes at :math:`0`, then :math:`\phi_i = \lceil T(i+1)/N \rfloor`,
         :math:`\phi_i + T`, ...) so no step pays every SVD at once. With

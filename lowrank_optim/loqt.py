@@ -172,12 +172,8 @@ made) waits for the next backward pass, with a warning.
 Moments of :math:`B` at a merge (``state_on_merge``): ``"keep"`` (the reference: reused
 as they are), ``"project"`` (rotated into the new basis with :math:`P_{old}^\top
 P_{new}`, as :class:`GaLoreAdamW`'s ``state_on_refresh="project"``) or ``"reset"``
-(zeroed, bias correction restarted; the default, by measurement with the current storage
-and staggered merges: main job, 3 seeds, validation perplexity 3.854 against 3.899 for
-project, lower on every seed, ``benchmarks/results/loqt_quant.md``; tiny LLaMA, 400
-steps, merges from gap 50, 2 seeds, ``benchmarks/results/state_on_merge.md``: project
-+0.5%, keep +2.7% over reset. With NF4 blocks of 64, an INT4 ``P`` and unstaggered merges
-project had been best, reset +3.1%).
+(zeroed, bias correction restarted; the default, chosen by measurement:
+``docs/decisions.md``, Moments at a basis change).
 
 Args:
     params: parameters or param groups; a LoQT model's ``parameters()`` (the factors
@@ -195,9 +191,7 @@ Args:
         :math:`\phi_i = \lceil \tau (i+1)/N \rfloor` instead of :math:`\tau` (the gaps
         after it are the same), so after the first step the layers' merges and SVDs are
         spread out instead of all landing on one step. ``False`` is the reference's
-        schedule. Default True, by measurement: on the main job (tiny LLaMA, 500 steps,
-        3 seeds, ``benchmarks/results/loqt_stagger.md``) validation perplexity 3.932 vs
-        3.976, lower on every seed.
+        schedule. Default True, by measurement (``docs/decisions.md``, Stagger).
 
 Example:
     >>> import torch, lowrank_optim as lo
@@ -283,14 +277,8 @@ class LoQTLinear(Float32Tensors):
     weight; ``group_size=None`` and ``double_quant=None`` mean that for NF4, and blocks of
     64 without double quantization for ``quant_type="int"``) and an INT8 ``P``. The
     reference stores ``Q`` and ``P`` as NF4 in blocks of 64 (4.13 bits with its always-on
-    double quantization). Chosen by measurement (``benchmarks/results/loqt_quant.md``: main
-    job, 3 seeds, validation perplexity, ``state_on_merge="project"``): NF4/64 with an
-    INT4 ``P`` (this package's earlier default) 3.932, NF4/32 + double quantization 3.920,
-    INT8 ``P`` 3.922, both 3.899 (lower on every seed), against 3.898 for LoQT without any
-    quantization and 3.906 for :class:`~lowrank_optim.GaLoreAdamW`. The INT8 ``P`` costs
-    :math:`4\,r\min(m,n)` bits more per layer, the finer ``Q`` blocks save
-    :math:`0.24\,mn`: at rank :math:`r \le 0.06\max(m,n)` the two cancel, at LLaMA-1B's
-    rank 512 weights + optimizer state grow 1.5% (``benchmarks/results/memory.md``).
+    double quantization). Chosen by measurement, with the memory it costs:
+    ``docs/decisions.md`` (LoQT, storage defaults).
 
     Forward is ``y = x·deq(Q)ᵀ + s·(x·P)·Bᵀ`` (or ``s·(x·Bᵀ)·Pᵀ``): no dense weight is
     trained and no dense weight gradient exists, except that when

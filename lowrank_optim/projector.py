@@ -30,12 +30,8 @@ randomized SVD (``svd="randomized"``: a Gaussian sketch of ``r + oversample`` co
 ``niter`` QR-orthonormalised power iterations (default 1), then the exact SVD of the small
 :math:`(r+p) \times n` matrix, through the :math:`(r+p)`-square triangle of its QR when it is
 wide (Halko, Martinsson & Tropp, 2011); :math:`O(mnr)` instead of :math:`O(mn\min(m,n))`).
-One power iteration, by measurement: on real gradients of LLaMA-60M (byte vocabulary,
-rank 128) the bases of 0, 1 and 2 iterations captured the same share of the gradient 20
-steps later as the exact SVD's (within 0.01%); on synthetic 1B-shape spectra
-(``benchmarks/bench_svd.py``) one iteration kept 99.95% of the optimal energy, two 99.99%;
-the main job's validation perplexity over 3 seeds was 3.912 with one and 3.920 with two
-(exact: 3.906), and one iteration saves a third of the refresh's time. The sketch is
+One power iteration by default, chosen by measurement (``docs/decisions.md``, Randomized
+SVD). The sketch is
 drawn from its own generator seeded by the caller
 (the optimizers use the refresh count), never from the global RNG, so runs are
 reproducible and do not depend on the order in which layers are refreshed.
