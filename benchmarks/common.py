@@ -362,7 +362,7 @@ class MethodArgs:
 # 0.5x / 1x / 2x the earlier defaults: AdamW 7.5e-4 / 1.5e-3 / 3e-3 gave 1.584 / 1.530 /
 # 1.541; GaLore (scale 0.25, rank 32) 1e-2 / 2e-2 / 4e-2 gave 1.447 / 1.429 / 1.417 and
 # Q-GaLore 1.471 / 1.478 / 1.457 (both best at the grid's top: 8e-2 not tried); LoQT 1.454
-# / 1.4168 / 1.4168 (tie: the smaller rate kept). Without clipping the earlier grid had
+# / 1.41675 / 1.41676 (2e-2 kept: a tie within noise). Without clipping the earlier grid had
 # GaLore best at 2e-2 and AdamW at 1.5e-3 next to a cliff (3e-3 / 6e-3: loss 1.59 / 2.00).
 # The 8-bit, per-layer and other variants take their parent's rate. Larger models want
 # smaller rates (the papers: AdamW 1e-3, GaLore 1e-2 at 60M-1B): pass --lr.
