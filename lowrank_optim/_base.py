@@ -31,7 +31,6 @@ state dict from another model raises ``ValueError`` before anything is changed.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Optional
 
 import torch
@@ -42,7 +41,7 @@ from . import functional as F
 from ._checks import check as _check, check_int, is_int
 from .rules import Rule
 from .distributed import check_not_sharded
-from .projector import PROJ_TYPES, SVD_METHODS, Projector, overlap
+from .projector import BOTH, LEFT, PROJ_TYPES, RIGHT, SVD_METHODS, Projector, overlap
 from .refresh import FixedGap
 
 __all__ = ["LowRankOptimizer", "STATE_POLICIES"]
@@ -252,7 +251,10 @@ class LowRankOptimizer(Optimizer):
     # ---- torch.optim.Optimizer API ------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """Update every parameter that has a gradient; returns the closure's loss."""
+        """Update every parameter that has a gradient; returns the closure's loss.
+
+        In per-layer mode the parameters the hooks step are skipped (a true no-op for
+        them, see :mod:`lowrank_optim.hooks`); the others are stepped as usual."""
         if closure is not None and self._hooks is not None:
             raise RuntimeError("step(closure) cannot work in per-layer mode: parameters are "
                                "updated during backward. Call handle.remove() first.")
@@ -260,9 +262,10 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        hooked = self._hooks.covered if self._hooks is not None else frozenset()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and p not in hooked:
                     self.step_param(p, group)
         return loss
 
@@ -283,48 +286,106 @@ class LowRankOptimizer(Optimizer):
 
         return register_hooks(self, model, **kwargs)
 
-    def _expected_shapes(self, p: Tensor, group: dict, st: dict) -> dict:
-        """Shapes that the state tensors of ``p`` must have (checked on load)."""
-        if self.is_projected(p, group) and "proj_side" in st:
-            proj = self._projector(group)
-            return {**self.rule.shapes(proj.low_rank_shape(st, p.shape), group),
-                    **proj.basis_shapes(st, p.shape)}
-        return self.rule.shapes(tuple(p.shape), group)
+    # ---- loading ------------------------------------------------------------------------
+    # the scalars a state may hold: name -> least value of an int (lists: the similarity queue)
+    _SCALARS = {"step": 0, "sr_index": 0, "refresh_next": 0, "refresh_count": 0,
+                "refresh_gap": 1, "merge_next": 0, "merge_count": 0, "refresh_sims": list}
+
+    def _declared_state(self, p: Tensor, group: dict, side: Optional[int]) -> dict:
+        """The state tensors of ``p`` as this optimizer creates them (meta tensors: key,
+        shape and dtype): the rule's, on the low-rank shape with the basis of ``side`` for
+        a projected matrix (nothing before its first refresh, ``side`` None), else on ``p``."""
+        out, meta = {}, dict(device="meta")
+        if not self.is_projected(p, group):
+            self.rule.init(out, torch.empty(p.shape, dtype=p.dtype, **meta), group)
+        elif side is not None:
+            proj, (m, n) = self._projector(group), p.shape
+            r = min(proj.rank, m, n)
+            proj._store(out, "proj", torch.empty((n if side == RIGHT else m, r), **meta))
+            if side == BOTH:
+                proj._store(out, "proj_right", torch.empty((n, r), **meta))
+            low = proj.low_rank_shape({"proj_side": side}, p.shape)
+            self.rule.init(out, torch.empty(low, **meta), group)
+        return out
+
+    def _check_state(self, pos: int, p: Tensor, group: dict, st: dict) -> dict:
+        """Raise ``ValueError`` unless ``st`` is a state this optimizer could have made for
+        ``p`` (parameter ``pos`` in the file); returns its declared tensors."""
+        def bad(key, found, allowed):
+            raise ValueError(f"{type(self).__name__} cannot load this state dict: parameter "
+                             f"{pos} (shape {tuple(p.shape)}) has state {key!r} = {found}, "
+                             f"expected {allowed}")
+        side = st.get("proj_side")
+        if "proj_side" in st and not (self.is_projected(p, group) and side in (LEFT, RIGHT, BOTH)):
+            bad("proj_side", repr(side), "one of 0, 1, 2 (left, right, both) on a projected "
+                "matrix" if self.is_projected(p, group) else "none (not projected here)")
+        declared = self._declared_state(p, group, side) if st else {}
+        for key, v in st.items():
+            least = self._SCALARS.get(key)
+            if key == "proj_side" or key in declared:
+                continue
+            if least is list:
+                if not (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)):
+                    bad(key, repr(v), "a list of floats")
+            elif least is None:
+                bad(key, f"a {type(v).__name__}", f"no such entry (the state tensors here: "
+                    f"{sorted(declared)}; another optimizer's state?)")
+            elif not (is_int(v) and v >= least):
+                bad(key, repr(v), f"an int >= {least}")
+        if st and "step" not in st:
+            bad("step", "missing", "an int >= 0")
+        for key, d in declared.items():
+            v = st.get(key)
+            if not isinstance(v, Tensor):
+                bad(key, "missing" if v is None else repr(v), f"a tensor of shape "
+                    f"{tuple(d.shape)} and dtype {d.dtype}")
+            if v.shape != d.shape:
+                raise ValueError(f"state dict does not match this model: parameter {pos} "
+                                 f"(shape {tuple(p.shape)}) has state {key!r} of shape "
+                                 f"{tuple(v.shape)}, expected {tuple(d.shape)}")
+            if v.dtype != d.dtype and not (v.is_floating_point() and d.is_floating_point()):
+                bad(key, f"a tensor of dtype {v.dtype}", f"dtype {d.dtype}")
+        return declared
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this optimizer class, all or nothing: every param group
+        must carry this class's options and pass the constructor's checks, and every state
+        entry must be one this optimizer could have made for its parameter (the rule's and
+        the projector's tensors, of their shapes and dtypes, and valid counters); else
+        ``ValueError`` naming the group or parameter, the key, the value found and what is
+        allowed, and nothing is changed. A float tensor is loaded in the dtype this optimizer
+        creates it in (torch casts every state tensor to its parameter's dtype)."""
+        name = type(self).__name__
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
                              f"this optimizer has {len(self.param_groups)}")
-        ids = list(itertools.chain.from_iterable(g["params"] for g in saved_groups))
-        pairs = [(p, g) for g in self.param_groups for p in g["params"]]
-        if len(ids) != len(pairs):
-            raise ValueError(f"loaded state dict has {len(ids)} parameters, "
-                             f"this optimizer has {len(pairs)}")
-        gi = 0
-        owner = {}
-        for sg, g in zip(saved_groups, self.param_groups):
+        owner, pos = {}, 0
+        for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            missing = sorted(set(self.defaults) - set(sg))
+            if missing:
+                raise ValueError(f"{name} cannot load this state dict: param group {i} has no "
+                                 f"{', '.join(map(repr, missing))} (its options: "
+                                 f"{sorted(k for k in sg if k != 'params')}): the state dict "
+                                 f"of another optimizer class?")
             merged = {**g, **{k: v for k, v in sg.items() if k != "params"}}
+            try:
+                self._validate_group(merged)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{name} cannot load this state dict: param group {i}: "
+                                 f"{exc}") from None
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"loaded state dict has {len(sg['params'])} parameters in "
+                                 f"group {i}, this optimizer has {len(g['params'])}")
             for idx, p in zip(sg["params"], g["params"]):
-                owner[idx] = (p, merged, gi)
-                gi += 1
-        for idx, st in state_dict["state"].items():
-            if idx not in owner:
-                continue
-            p, merged, pos = owner[idx]
-            for key, shape in self._expected_shapes(p, merged, st).items():
-                v = st.get(key)
-                if isinstance(v, Tensor) and v.shape != torch.Size(shape):
-                    raise ValueError(
-                        f"state dict does not match this model: parameter {pos} (shape "
-                        f"{tuple(p.shape)}) has state {key!r} of shape {tuple(v.shape)}, "
-                        f"expected {tuple(shape)}")
+                owner[idx] = (p, merged, pos)
+                pos += 1
+        declared = {idx: self._check_state(pos, p, merged, state_dict["state"][idx])
+                    for idx, (p, merged, pos) in owner.items() if idx in state_dict["state"]}
         super().load_state_dict(state_dict)
-        for idx, st in state_dict["state"].items():
-            if idx not in owner:
-                continue
+        for idx, dec in declared.items():
             p = owner[idx][0]
             mine = self.state[p]
-            for key, v in st.items():
-                if isinstance(v, Tensor) and mine[key].dtype != v.dtype:
-                    mine[key] = v.to(device=p.device, copy=True)
+            for key, d in dec.items():
+                if mine[key].dtype != d.dtype:  # torch cast it to the parameter's dtype
+                    mine[key] = state_dict["state"][idx][key].to(p.device, d.dtype, copy=True)

@@ -7,8 +7,20 @@ and frees its gradient (``p.grad = None``); a parameter used several times in on
 forward gets one summed gradient and one step, as autograd accumulates it. Only one
 layer's gradient is alive at a time, so peak memory drops by roughly the total gradient size minus the largest
 parameter's. It stays one optimizer: ``state_dict``/``load_state_dict``, param groups and
-LR schedulers (``scheduler.step()`` once per optimizer step) work unchanged, and a stray
-``opt.step()`` is a harmless no-op because the gradients are already gone.
+LR schedulers (``scheduler.step()`` once per optimizer step) work unchanged.
+
+``opt.step()`` in this mode never touches a parameter the hooks step (whatever
+``accumulation_steps`` is: between micro-batches those keep their partial gradients, and
+a stray step used to apply them a second time). It steps only the optimizer's other
+parameters that have a gradient: the usual loop (backward, ``opt.step()``,
+``zero_grad()``) with hooks registered does what it does without them. A parameter of
+the optimizer that no hook steps is one that did not require grad when
+``register_hooks`` ran (unfrozen later), was added by ``add_param_group`` afterwards, or
+is not in ``model``. Its gradient is never consumed by the hooks, so skipping it
+silently would freeze it, and raising would stop a run whose owner may step it with
+``opt.step()`` on purpose: the end of the first backward that leaves such parameters a
+gradient warns once, naming them (``handle.remove()`` and ``register_hooks`` again
+covers them).
 
 Options:
 
@@ -61,6 +73,7 @@ the hooks (a PyTorch property); register them on the copy. FSDP2-sharded models 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -73,8 +86,33 @@ __all__ = ["register_hooks", "HooksHandle"]
 class HooksHandle:
     """What :func:`register_hooks` returns; ``remove()`` undoes it."""
 
-    def __init__(self, optimizer, handles: list, counts: dict):
+    def __init__(self, optimizer, handles: list, counts: dict, covered: set, names: dict):
         self.optimizer, self._handles, self.counts = optimizer, handles, counts
+        self.covered = covered  # the parameters the hooks step; opt.step() skips them
+        self._names, self._warned = names, set()
+
+    def _warn_uncovered(self) -> None:
+        """At the end of a backward: warn once about the optimizer's parameters that
+        have a gradient no hook will consume (see the module docstring)."""
+        new = []
+        for gi, group in enumerate(self.optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is None or p in self.covered or p in self._warned:
+                    continue
+                self._warned.add(p)
+                where = f"param_groups[{gi}]['params'][{i}], shape {tuple(p.shape)}"
+                name = self._names.get(p)
+                if name is None:
+                    new.append(f"{where} (not in the hooked model)")
+                else:
+                    new.append(f"{name!r} ({where}; it did not require grad or was not in "
+                               "the optimizer when register_hooks ran)")
+        if new:
+            warnings.warn(
+                f"{type(self.optimizer).__name__}: parameters with a gradient not stepped by "
+                f"the per-layer hooks: {'; '.join(new)}. opt.step() steps them (and leaves "
+                "the hooked ones alone); or call handle.remove() and register_hooks again "
+                "to cover them", stacklevel=2)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -115,12 +153,21 @@ def register_hooks(optimizer, model: torch.nn.Module, accumulation_steps: int = 
         raise ValueError("None of the model's parameters is optimized by this optimizer")
     for p in params:
         distributed.check_not_sharded(optimizer, p)
-    counts = {}
+    counts, check_queued = {}, [False]
+
+    def check_uncovered() -> None:
+        check_queued[0] = False
+        if optimizer._hooks is not None:  # not removed during this backward
+            optimizer._hooks._warn_uncovered()
 
     def step(p: torch.Tensor) -> None:
         """The per-parameter unit: count, clip, step, free."""
         if p not in group_of:  # in a DDP bucket, but optimized by another optimizer
             return
+        if not check_queued[0] and optimizer._hooks is not None:
+            # once per backward, after its last gradient has been accumulated
+            torch.autograd.Variable._execution_engine.queue_callback(check_uncovered)
+            check_queued[0] = True
         n = counts.get(p, 0) + 1
         if n < accumulation_steps:
             counts[p] = n
@@ -138,15 +185,18 @@ def register_hooks(optimizer, model: torch.nn.Module, accumulation_steps: int = 
         # scheduler.step() warns, wrongly here, that it was called before optimizer.step()
         optimizer._opt_called = True
 
-    handles, grad_hooked = [], set(params)
+    handles, grad_hooked, covered = [], set(params), set()
     if distributed.is_ddp(model):
         # stepped by a DDP communication hook after their bucket's all-reduce
         handles.append(distributed.attach_ddp(model, step))
         # parameters that DDP ignores are not reduced: stepped as without DDP
         grad_hooked = {p for name, p in model.module.named_parameters()
                        if name in model.parameters_to_ignore}
+        covered = set(params) - grad_hooked  # whatever DDP reduces, the hook steps
     for p in params:
         if p.requires_grad and p in grad_hooked:
             handles.append(p.register_post_accumulate_grad_hook(step))
-    optimizer._hooks = HooksHandle(optimizer, handles, counts)
+            covered.add(p)
+    names = {p: name for name, p in model.named_parameters()}
+    optimizer._hooks = HooksHandle(optimizer, handles, counts, covered, names)
     return optimizer._hooks

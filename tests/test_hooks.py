@@ -7,6 +7,7 @@ a generator seeded per refresh, not from the global RNG in stepping order.
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -184,3 +185,78 @@ def test_hooks_only_optimized_parameters():
         loss_fn(m, make_batches(1)[0]).backward()
     assert mat(m.fc1).grad is None and mat(m.fc2).grad is not None
     assert torch.equal(mat(m.fc2), w2)
+
+
+@every_config
+def test_hooks_stray_step_is_a_no_op_with_accumulation(cfg):
+    """A stray opt.step() after each micro-batch must not step the hooked parameters
+    (it stepped them with the partial gradient: 8 updates instead of 4)."""
+    n = 2
+    batches = make_batches(4 * n)
+    m1, m2 = cfg.model(), cfg.model()
+    o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters())
+    train(m1, o1, batches, accumulate=n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every parameter is covered: no warning
+        with o2.register_hooks(m2, accumulation_steps=n):
+            for b in batches:
+                (loss_fn(m2, b) / n).backward()
+                o2.step()
+    assert o2.state[m2.fc1.bias]["step"] == 4
+    assert_params_equal(m1, m2)
+    assert_states_equal(o1, o2)
+
+
+def _uncovered_setups():
+    """(setup, name in the warning): an optimized parameter that no hook steps."""
+    cfg = CONFIGS[0]
+
+    def unfrozen_after_register(m):
+        m.fc2.bias.requires_grad_(False)
+        opt = cfg.make(m.parameters())
+        handle = opt.register_hooks(m)
+        m.fc2.bias.requires_grad_(True)
+        return opt, handle
+
+    def added_after_register(m):
+        opt = cfg.make([p for n, p in m.named_parameters() if n != "fc2.bias"])
+        handle = opt.register_hooks(m)
+        opt.add_param_group({"params": [m.fc2.bias]})
+        return opt, handle
+
+    def outside_the_model(m):
+        opt = cfg.make(m.parameters())
+        return opt, opt.register_hooks(m.fc1)  # emb and fc2 are not in the hooked model
+
+    return [(unfrozen_after_register, r"'fc2\.bias'"),
+            (added_after_register, r"'fc2\.bias'"),
+            (outside_the_model, r"param_groups\[0\]\['params'\]\[0\]")]
+
+
+@pytest.mark.parametrize("setup,name", _uncovered_setups(),
+                         ids=["unfrozen", "add_param_group", "outside_model"])
+def test_hooks_uncovered_parameters_warn_and_step_with_opt_step(setup, name):
+    """A parameter of the optimizer that no hook steps is named in a warning (once, at
+    the end of the first backward that leaves it a gradient), and opt.step() steps it
+    and nothing else: the usual loop (backward, step, zero_grad) with hooks registered
+    is bit-identical to normal stepping."""
+    cfg = CONFIGS[0]
+    batches = make_batches(6)
+    m1, m2 = make_model(), make_model()
+    o1 = cfg.make(m1.parameters())
+    train(m1, o1, batches)
+    o2, handle = setup(m2)
+    for i, b in enumerate(batches):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loss_fn(m2, b).backward()
+        msgs = [str(w.message) for w in seen if "not stepped by the per-layer" in str(w.message)]
+        if i == 0:
+            assert len(msgs) == 1 and re.search(name, msgs[0]), msgs
+            assert "opt.step()" in msgs[0]
+        else:
+            assert not msgs  # once per parameter
+        o2.step()
+        o2.zero_grad()
+    handle.remove()
+    assert_params_equal(m1, m2)
