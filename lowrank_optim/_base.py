@@ -26,8 +26,10 @@ State is flat: tensors, ints, floats and lists of floats, so ``state_dict()`` lo
 ``torch.load(..., weights_only=True)``. ``torch.optim.Optimizer.load_state_dict`` casts
 every state tensor to its parameter's dtype (uint8 codes and float32 bases to bf16 on a
 bf16 model); the override here re-reads each tensor from the incoming dict in the dtype
-it was saved with, and first checks that every state entry fits its parameter, so a
-state dict from another model raises ``ValueError`` before anything is changed.
+it was saved with. Loading is all or nothing: the groups (this class's options, the
+constructor's checks) and every state entry (the keys, shapes and dtypes the rule and the
+projector create, valid counters and side) are checked first, so a state dict of another
+model or optimizer class, or a bad hand edit, raises ``ValueError`` and changes nothing.
 """
 from __future__ import annotations
 

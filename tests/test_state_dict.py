@@ -1,0 +1,127 @@
+"""Loading the wrong state dict (issue 17, item 6): ``load_state_dict`` validates the
+whole file before it changes anything. A state dict of another optimizer class (torch's
+AdamW included) or a hand-edited one raises a ``ValueError`` that names the group or
+parameter, the key, what was found and what is allowed; the optimizer is then exactly as
+before: it steps like a twin that never saw the bad file."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowrank_optim as lo
+from registry import BY_ID, assert_params_equal, assert_states_equal, make_batches, roundtrip, train
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
+
+
+def _pair(cfg, steps=4):
+    """Two identical (model, optimizer) pairs, each trained ``steps`` steps."""
+    out = []
+    for _ in range(2):
+        m = cfg.model()
+        o = cfg.make(m.parameters())
+        train(m, o, make_batches(steps))
+        out += [m, o]
+    return out
+
+
+def _refused(cfg, bad: dict, match: str):
+    """Loading ``bad`` raises ValueError(match) and leaves the optimizer as its twin."""
+    m, o, twin_m, twin_o = _pair(cfg)
+    groups = roundtrip(o.state_dict())["param_groups"]
+    with pytest.raises(ValueError, match=match):
+        o.load_state_dict(bad)
+    assert roundtrip(o.state_dict())["param_groups"] == groups
+    assert_states_equal(o, twin_o)
+    batches = make_batches(5, seed=3)
+    train(m, o, batches)
+    train(twin_m, twin_o, batches)
+    assert_params_equal(m, twin_m)
+    assert_states_equal(o, twin_o)
+
+
+def _saved(cfg, steps=4, **kw) -> dict:
+    """The state dict (through bytes) of ``cfg`` trained ``steps`` steps."""
+    m = cfg.model()
+    o = cfg.make(m.parameters(), **kw)
+    train(m, o, make_batches(steps))
+    return roundtrip(o.state_dict())
+
+
+def test_torch_adamw_state_dict_is_refused():
+    cfg = BY_ID["galore_adamw"]
+    m = cfg.model()
+    adamw = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    train(m, adamw, make_batches(4))
+    _refused(cfg, roundtrip(adamw.state_dict()), r"param group 0.*'rank'")
+
+
+def test_galore_adamw_into_adafactor_is_refused():
+    _refused(BY_ID["galore_adafactor"], _saved(BY_ID["galore_adamw"]),
+             r"GaLoreAdafactor.*param group 0.*'beta1'")
+
+
+def test_galore_adamw_into_loqt_is_refused():
+    cfg = BY_ID["loqt_nf4"]
+    m = cfg.model()
+    galore = lo.GaLoreAdamW(m.parameters(), lr=1e-2, rank=2, update_proj_gap=3)
+    train(m, galore, make_batches(4))
+    _refused(cfg, roundtrip(galore.state_dict()), r"LoQTAdamW.*param group 0")
+
+
+def test_8bit_state_into_float_rule_is_refused():
+    _refused(BY_ID["galore_adamw"], _saved(BY_ID["galore_adamw8bit"]),
+             r"parameter \d+.*'exp_avg")
+
+
+def test_bad_proj_side_is_refused():
+    sd = _saved(BY_ID["galore_adamw"])
+    i = next(i for i, st in sd["state"].items() if "proj_side" in st)
+    sd["state"][i]["proj_side"] = 7
+    _refused(BY_ID["galore_adamw"], sd, rf"parameter {i}\b.*'proj_side'.*7.*0, 1, 2")
+
+
+def test_bad_group_option_is_refused():
+    sd = _saved(BY_ID["galore_adamw"])
+    sd["param_groups"][0]["update_proj_gap"] = 0
+    _refused(BY_ID["galore_adamw"], sd, r"param group 0.*update_proj_gap: 0\b")
+
+
+@pytest.mark.parametrize("key,value", [("step", -1), ("step", 2.5), ("refresh_next", "x")])
+def test_bad_counter_is_refused(key, value):
+    sd = _saved(BY_ID["galore_adamw"])
+    i = next(i for i, st in sd["state"].items() if "proj_side" in st)
+    sd["state"][i][key] = value
+    _refused(BY_ID["galore_adamw"], sd, rf"parameter {i}\b.*'{key}'.*{value!r}")
+
+
+def test_truncated_8bit_absmax_is_refused():
+    cfg = BY_ID["galore_adamw8bit"]
+    sd = _saved(cfg)
+    i = next(i for i, st in sd["state"].items() if "exp_avg_absmax" in st)
+    sd["state"][i]["exp_avg_absmax"] = sd["state"][i]["exp_avg_absmax"][:0]
+    _refused(cfg, sd, rf"parameter {i}\b.*'exp_avg_absmax'.*\(0,\).*\(1,\)")
+
+
+def test_truncated_q_galore_proj_scale_is_refused():
+    cfg = BY_ID["q_galore"]
+    sd = _saved(cfg)
+    i = next(i for i, st in sd["state"].items() if "proj_scale" in st)
+    sd["state"][i]["proj_scale"] = sd["state"][i]["proj_scale"][:1]
+    _refused(cfg, sd, rf"parameter {i}\b.*'proj_scale'.*\(1,\)")
+
+
+def test_wrong_dtype_is_refused():
+    cfg = BY_ID["galore_adamw8bit"]
+    sd = _saved(cfg)
+    i = next(i for i, st in sd["state"].items() if "exp_avg_codes" in st)
+    sd["state"][i]["exp_avg_codes"] = sd["state"][i]["exp_avg_codes"].float()
+    _refused(cfg, sd, rf"parameter {i}\b.*'exp_avg_codes'.*float32.*uint8")
+
+
+def test_missing_state_tensor_is_refused():
+    cfg = BY_ID["galore_adamw"]
+    sd = _saved(cfg)
+    i = next(i for i, st in sd["state"].items() if "proj_side" in st)
+    del sd["state"][i]["proj"]
+    _refused(cfg, sd, rf"parameter {i}\b.*'proj'.*missing")
