@@ -210,7 +210,7 @@ class Projector:
         return p, self._load(state, "proj_right", like)
 
     def basis_shapes(self, state: dict, shape) -> dict:
-        """Shapes of the stored float bases of a parameter of ``shape`` (load checks)."""
+        """Shapes of the stored float bases of a parameter of ``shape``."""
         m, n = shape
         r = min(self.rank, m, n)
         if self.quant_bits is not None:

@@ -55,16 +55,6 @@ class QGaLoreAdamW8bit(LowRankOptimizer):
                           threshold=group["cos_threshold"], queue_size=group["queue_size"],
                           growth=group["gamma_proj"])
 
-    def _expected_shapes(self, p, group, st):
-        shapes = super()._expected_shapes(p, group, st)
-        if "proj_codes" in st and group.get("proj_bits") is not None:
-            # the packed INT4 basis: rows × min(rank, m, n) codes, two per byte
-            m, n = p.shape
-            rows = n if st["proj_side"] == 1 else m
-            numel = rows * min(group["rank"], m, n)
-            shapes["proj_codes"] = ((numel + 1) // 2 if group["proj_bits"] <= 4 else numel,)
-        return shapes
-
 
 QGaLoreAdamW8bit.__doc__ = r"""Q-GaLore: GaLore with quantized weights, projections and moments.
 
