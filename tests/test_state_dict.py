@@ -95,28 +95,17 @@ def test_bad_counter_is_refused(key, value):
     _refused(BY_ID["galore_adamw"], sd, rf"parameter {i}\b.*'{key}'.*{value!r}")
 
 
-def test_truncated_8bit_absmax_is_refused():
-    cfg = BY_ID["galore_adamw8bit"]
+@pytest.mark.parametrize("cfg_id,key,tamper,pattern", [
+    ("galore_adamw8bit", "exp_avg_absmax", lambda t: t[:0], r"'exp_avg_absmax'.*\(0,\).*\(1,\)"),
+    ("q_galore", "proj_scale", lambda t: t[:1], r"'proj_scale'.*\(1,\)"),
+    ("galore_adamw8bit", "exp_avg_codes", lambda t: t.float(), r"'exp_avg_codes'.*float32.*uint8"),
+], ids=["truncated_8bit_absmax", "truncated_q_galore_proj_scale", "wrong_dtype"])
+def test_tampered_state_tensor_is_refused(cfg_id, key, tamper, pattern):
+    cfg = BY_ID[cfg_id]
     sd = _saved(cfg)
-    i = next(i for i, st in sd["state"].items() if "exp_avg_absmax" in st)
-    sd["state"][i]["exp_avg_absmax"] = sd["state"][i]["exp_avg_absmax"][:0]
-    _refused(cfg, sd, rf"parameter {i}\b.*'exp_avg_absmax'.*\(0,\).*\(1,\)")
-
-
-def test_truncated_q_galore_proj_scale_is_refused():
-    cfg = BY_ID["q_galore"]
-    sd = _saved(cfg)
-    i = next(i for i, st in sd["state"].items() if "proj_scale" in st)
-    sd["state"][i]["proj_scale"] = sd["state"][i]["proj_scale"][:1]
-    _refused(cfg, sd, rf"parameter {i}\b.*'proj_scale'.*\(1,\)")
-
-
-def test_wrong_dtype_is_refused():
-    cfg = BY_ID["galore_adamw8bit"]
-    sd = _saved(cfg)
-    i = next(i for i, st in sd["state"].items() if "exp_avg_codes" in st)
-    sd["state"][i]["exp_avg_codes"] = sd["state"][i]["exp_avg_codes"].float()
-    _refused(cfg, sd, rf"parameter {i}\b.*'exp_avg_codes'.*float32.*uint8")
+    i = next(i for i, st in sd["state"].items() if key in st)
+    sd["state"][i][key] = tamper(sd["state"][i][key])
+    _refused(cfg, sd, rf"parameter {i}\b.*" + pattern)
 
 
 def test_missing_state_tensor_is_refused():
