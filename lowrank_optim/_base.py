@@ -18,6 +18,10 @@ gradient it runs one pipeline:
    update adds a residual or rescales the full gradient (Fira, APOLLO) overrides this
    step (and sets ``needs_full_grad`` to receive the gradient there).
 
+Before any of this, :meth:`LowRankOptimizer.step` checks every gradient: one NaN or Inf
+and nothing is changed (a warning, ``skipped_steps``); the per-layer hooks check each
+gradient before ``step_param`` (:mod:`lowrank_optim.hooks`).
+
 The base knows no rule's state keys and no layer type: a parameter stored in another
 form (Q-GaLore's INT8 :class:`~lowrank_optim.nn.QuantWeight`) is updated through its
 ``dequantize()``/``requantize_()`` (:meth:`LowRankOptimizer._apply`).
@@ -60,6 +64,13 @@ class LowRankOptimizer(Optimizer):
     :class:`~lowrank_optim.rules.Rule`), passes its ``defaults`` to ``__init__``, and may
     override ``_projector`` (the projector of a group), ``_refresh_policy`` (when a
     basis is refreshed) and ``_put_back_`` (how the update is put back together).
+
+    Attributes: ``skip_nonfinite`` (default True): a step with a NaN/Inf gradient is
+    skipped, all or nothing (:meth:`step`; per parameter in per-layer mode); False lets
+    the values in, as torch's optimizers do. ``skipped_steps``: how many steps were
+    skipped so (not in ``state_dict``). Why: ``docs/decisions.md`` (Non-finite gradients).
+    At construction a rank whose projected state is not smaller than the unprojected
+    one warns (``docs/decisions.md``, Rank too large).
     """
 
     rule: Rule = None

@@ -29,14 +29,50 @@ Options:
   then kept between micro-batches, so memory is saved only on the last one.
 * ``max_grad_norm_per_param=c``: each parameter's gradient is clipped to norm ``c``
   before its update (``torch.nn.utils.clip_grad_norm_`` on that parameter alone).
+* ``scaler=``: the ``torch.amp.GradScaler`` of a mixed-precision loop
+  (``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``, unchanged). Each
+  gradient is unscaled before its update (GradScaler's own kernel and ``1/scale``, so
+  the result is normal mode's with the same scaler, bit for bit); a gradient that
+  overflowed (NaN/Inf after unscaling) skips that parameter's update, all or nothing,
+  and is reported at ``scaler.step(opt)``, so ``scaler.update()`` lowers the scale, as
+  in normal mode and without a warning. Only the overflowing parameters are skipped: the
+  others were stepped earlier in the same backward (normal mode skips the whole step).
+  This optimizer tells GradScaler, in per-layer mode only, that it handles the scaling
+  itself (``_step_supports_amp_scaling``, as torch's fused optimizers do), so
+  ``scaler.step(opt)`` hands it the scale and the inf check of the gradients left for
+  ``opt.step()``; without ``scaler=`` that call raises ``RuntimeError`` (the hooks have
+  already stepped with scaled gradients). Lightning's AMP plugin reads the same flag:
+  it leaves the unscaling to the optimizer and refuses ``gradient_clip_val``.
 
-What cannot work in this mode raises instead of silently doing nothing:
+Each gradient is checked before its update (one fused pass and one host sync per
+parameter; :meth:`~lowrank_optim._base.LowRankOptimizer.step` has the normal-mode
+rule): without a scaler, a NaN/Inf gradient skips that parameter's update (its value,
+state and ``step`` count stay as they were, so its refresh schedule does not advance),
+its gradient is freed, and the end of the backward warns once, naming the skipped
+parameters, and adds one to ``opt.skipped_steps``. ``opt.skip_nonfinite = False`` turns
+the check off (torch's behaviour: the values go in; no sync). Why:
+``docs/decisions.md`` (Non-finite gradients).
+
+``opt.step(closure)`` runs the closure, whose backward performs the updates, and returns
+its loss (training frameworks that always pass one, such as Lightning's automatic
+optimization, work unchanged); it then steps the parameters no hook steps, as
+``opt.step()`` does.
+
+What cannot work in this mode raises or warns instead of silently doing nothing:
 
 * global gradient-norm clipping (the total norm is known only when every gradient has
   been produced, and by then most have been applied): ``max_grad_norm=`` raises
-  ``ValueError``, pointing to ``max_grad_norm_per_param``. A call of
-  ``torch.nn.utils.clip_grad_norm_`` after backward sees no gradients and does nothing.
-* ``opt.step(closure)`` raises ``RuntimeError``.
+  ``ValueError``, pointing to ``max_grad_norm_per_param``. A global clip after backward
+  (``torch.nn.utils.clip_grad_norm_``, HF Trainer's ``max_grad_norm``, Lightning's
+  ``gradient_clip_val``) sees no gradients and does nothing: the end of the first
+  backward without ``max_grad_norm_per_param`` warns once per ``register_hooks`` (a
+  ``UserWarning`` whose message starts with the optimizer's name and "in per-layer
+  mode"; filter it if you do not clip).
+* a parameter that receives no gradient in a backward is not stepped, whatever
+  ``zero_grad(set_to_none=...)`` did: its hook never fires. Normal stepping after
+  ``zero_grad(set_to_none=False)`` steps it with a zero gradient (its moments decay and
+  it moves by momentum, as in ``torch.optim.AdamW``); per-layer mode behaves as
+  ``set_to_none=True``, torch's default.
 
 Under ``DistributedDataParallel`` pass the wrapped model, ``opt.register_hooks(ddp_model)``
 (hooks on ``ddp_model.module`` would step before the gradient all-reduce and the replicas
@@ -73,6 +109,8 @@ the hooks (a PyTorch property); register them on the copy. FSDP2-sharded models 
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Optional
 
@@ -82,6 +120,17 @@ from . import distributed
 from ._checks import nonfinite_
 
 __all__ = ["register_hooks", "HooksHandle"]
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from the function that calls this, of the first
+    frame outside torch and this package (at the end of a backward: the user's
+    ``loss.backward()``), so a warning points at the user's line, not autograd's."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class HooksHandle:
@@ -158,7 +207,8 @@ class HooksHandle:
             self._skipped = []
             warnings.warn(f"{type(opt).__name__}: non-finite gradient: the update of {where} "
                           "was skipped in this backward (the other parameters were stepped; "
-                          f"skipped_steps={opt.skipped_steps})", RuntimeWarning, stacklevel=2)
+                          f"skipped_steps={opt.skipped_steps})", RuntimeWarning,
+                          stacklevel=_user_stacklevel())
         if not self._clip_warned:
             self._clip_warned = True
             warnings.warn(
@@ -167,7 +217,7 @@ class HooksHandle:
                 "(torch.nn.utils.clip_grad_norm_, HF Trainer's max_grad_norm, Lightning's "
                 "gradient_clip_val) sees no gradients and clips nothing; pass "
                 "register_hooks(..., max_grad_norm_per_param=c) to clip each gradient, or "
-                "ignore this warning if you do not clip", stacklevel=2)
+                "ignore this warning if you do not clip", stacklevel=_user_stacklevel())
 
     def scaler_step(self, todo: list) -> bool:
         """Called by ``opt.step()`` with the parameters it is about to step (those no hook
@@ -218,7 +268,7 @@ class HooksHandle:
                 f"{type(self.optimizer).__name__}: parameters with a gradient not stepped by "
                 f"the per-layer hooks: {'; '.join(new)}. opt.step() steps them (and leaves "
                 "the hooked ones alone); or call handle.remove() and register_hooks again "
-                "to cover them", stacklevel=2)
+                "to cover them", stacklevel=_user_stacklevel())
 
     def remove(self) -> None:
         for h in self._handles:

@@ -237,13 +237,13 @@ def test_step_with_closure_in_per_layer_mode(cfg):
     assert_states_equal(*opts)
 
 
-@modes
-def test_global_clip_warning(per_layer):
+def test_global_clip_warning():
     """Per-layer mode without per-parameter clipping warns, once, at the end of the first
     backward, that a global clip after backward clips nothing; not in normal mode, and
     not with ``max_grad_norm_per_param``."""
     cfg = CONFIGS[0]
-    for kwargs, expected in (({}, per_layer), ({"max_grad_norm_per_param": 1.0}, False)):
+    for per_layer, kwargs, expected in ((True, {}, True), (False, {}, False),
+                                        (True, {"max_grad_norm_per_param": 1.0}, False)):
         model = cfg.model()
         opt = cfg.make(model.parameters())
         handle = opt.register_hooks(model, **kwargs) if per_layer else None
