@@ -1,8 +1,9 @@
 """Issue #17's probes, on every configuration of the registry, in normal and per-layer mode:
 non-finite gradients never enter parameters or state (a step is all or nothing: the whole
 step in normal mode, each parameter's in per-layer mode); ``GradScaler`` works in both
-modes; ``step(closure)`` in per-layer mode (Lightning's call); a global clip that per-layer
-mode cannot honour warns; a rank too large for a matrix warns; item 10's small errors.
+modes; a global clip that per-layer mode cannot honour warns; a rank too large for a
+matrix warns; item 10's small errors. ``step(closure)`` in per-layer mode (Lightning's
+call) is ``tests/test_optimizers.py::test_step_with_closure``.
 """
 from __future__ import annotations
 
@@ -211,30 +212,6 @@ def test_grad_scaler_steps_uncovered_parameters_unscaled():
         runs.append(model)
     assert torch.equal(runs[0].fc2.weight, runs[1].fc2.weight)
     assert torch.equal(runs[0].emb.weight, runs[1].emb.weight)
-
-
-@every_config
-def test_step_with_closure_in_per_layer_mode(cfg):
-    """Lightning's automatic optimization: ``opt.step(closure=...)`` where the closure
-    zeroes the gradients, runs forward and backward and returns the loss; in per-layer
-    mode the closure's backward performs the updates, and the loss is returned."""
-    batches = make_batches(6)
-    models = [cfg.model(), cfg.model()]
-    opts = [cfg.make(m.parameters()) for m in models]
-    handle = opts[1].register_hooks(models[1], max_grad_norm_per_param=1e9)
-    losses = [[], []]
-    for k, (m, o) in enumerate(zip(models, opts)):
-        for b in batches:
-            def closure():
-                o.zero_grad()
-                loss = loss_fn(m, b)
-                loss.backward()
-                return loss
-            losses[k].append(o.step(closure=closure).item())
-    handle.remove()
-    assert losses[0] == losses[1]
-    assert_params_equal(*models)
-    assert_states_equal(*opts)
 
 
 def test_global_clip_warning():
