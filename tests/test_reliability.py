@@ -214,6 +214,73 @@ def test_grad_scaler_steps_uncovered_parameters_unscaled():
     assert torch.equal(runs[0].emb.weight, runs[1].emb.weight)
 
 
+def _lightning_step(model, opt, batch, scaler=None):
+    """One optimizer step as Lightning 2.x's automatic optimization makes it: a closure
+    (training_step, zero_grad, backward) passed to ``opt.step(closure=...)`` (32-bit), or
+    with a scaler (16-mixed) run first, ``scaler.unscale_`` unless the optimizer handles
+    the unscaling (``_step_supports_amp_scaling``), then ``scaler.step``/``update``."""
+    def closure():
+        loss = loss_fn(model, batch)
+        opt.zero_grad()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        return loss.detach()
+    if scaler is None:
+        return opt.step(closure=closure)
+    loss = closure()
+    if not getattr(opt, "_step_supports_amp_scaling", False):
+        scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    return loss
+
+
+@every_config
+def test_lightning_call_sequence(cfg):
+    """Lightning's call sequences, 32-bit and 16-mixed (lightning is not installed here;
+    ``_lightning_step`` copies them): per-layer mode (with ``scaler=``) computes what
+    normal stepping does, and returns the closure's loss."""
+    batches = make_batches(4)
+    runs = []
+    for per_layer in (False, True):
+        model = cfg.model()
+        opt = cfg.make(model.parameters())
+        losses = []
+        for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)):
+            handle = opt.register_hooks(model, scaler=scaler, max_grad_norm_per_param=1e9
+                                        ) if per_layer else None
+            assert getattr(opt, "_step_supports_amp_scaling", False) == per_layer
+            losses += [_lightning_step(model, opt, b, scaler).item() for b in batches]
+            if handle is not None:
+                handle.remove()
+        runs.append((model, opt, losses))
+    assert runs[0][2] == runs[1][2]
+    assert_params_equal(runs[0][0], runs[1][0])
+    assert_states_equal(runs[0][1], runs[1][1])
+
+
+def test_grad_scaler_with_accumulation():
+    """Per-layer mode, ``accumulation_steps=2`` and a scaler: the gradients stay scaled
+    between micro-batches and are unscaled once, before the step: normal mode's result."""
+    cfg = CONFIGS[0]
+    runs = []
+    for per_layer in (False, True):
+        model = cfg.model()
+        opt = cfg.make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        if per_layer:
+            opt.register_hooks(model, accumulation_steps=2, scaler=scaler,
+                               max_grad_norm_per_param=1e9)
+        for i, b in enumerate(make_batches(8)):
+            scaler.scale(loss_fn(model, b) / 2).backward()
+            if i % 2:
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+        runs.append((model, opt))
+    assert_params_equal(runs[0][0], runs[1][0])
+    assert_states_equal(runs[0][1], runs[1][1])
+
+
 def test_global_clip_warning():
     """Per-layer mode without per-parameter clipping warns, once, at the end of the first
     backward, that a global clip after backward clips nothing; not in normal mode, and
