@@ -45,7 +45,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
-from ._checks import all_finite, check as _check, check_int, is_int, plain
+from ._checks import (all_finite, check as _check, check_int, is_int, plain,
+                      user_stacklevel)
 from .rules import Rule
 from .distributed import check_not_sharded
 from .projector import (BOTH, LEFT, PROJ_TYPES, RIGHT, SVD_METHODS, Projector,
@@ -68,7 +69,7 @@ class LowRankOptimizer(Optimizer):
     Attributes: ``skip_nonfinite`` (default True): a step with a NaN/Inf gradient is
     skipped, all or nothing (:meth:`step`; per parameter in per-layer mode); False lets
     the values in, as torch's optimizers do. ``skipped_steps``: how many steps were
-    skipped so (not in ``state_dict``). Why: ``docs/decisions.md`` (Non-finite gradients).
+    skipped so far (not in ``state_dict``). Why: ``docs/decisions.md`` (Non-finite gradients).
     At construction a rank whose projected state is not smaller than the unprojected
     one warns (``docs/decisions.md``, Rank too large).
     """
@@ -78,6 +79,8 @@ class LowRankOptimizer(Optimizer):
     # skip a step (a parameter's, in per-layer mode) with a NaN/Inf gradient; False: torch's
     # behaviour (the non-finite values enter the parameters and the state)
     skip_nonfinite = True
+    skipped_steps = 0  # steps skipped for a NaN/Inf gradient (instance attribute once counted)
+    _constructed = False  # __init__ done: a group added later gets its own rank check
     _hooks = None  # the active HooksHandle; a deepcopy or unpickled copy has none
     _group_format = False
 
@@ -89,7 +92,8 @@ class LowRankOptimizer(Optimizer):
         super().__init__(params, {k: plain(v) for k, v in defaults.items()})
         self._hooks = None  # set while register_hooks is active
         self.skipped_steps = 0
-        self._warn_rank(self.param_groups, stacklevel=4)
+        self._warn_rank(self.param_groups)
+        self._constructed = True
 
     def __getstate__(self) -> dict:
         # torch's __getstate__ keeps defaults/state/param_groups only; keep the group format
@@ -97,7 +101,7 @@ class LowRankOptimizer(Optimizer):
         # and the non-finite option and counter
         return {**super().__getstate__(), "_group_format": self._group_format,
                 **{k: v for k, v in self.__dict__.items()
-                   if k in ("skip_nonfinite", "skipped_steps")}}
+                   if k in ("skip_nonfinite", "skipped_steps", "_constructed")}}
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -123,8 +127,8 @@ class LowRankOptimizer(Optimizer):
                                  f"{p.dtype}); optimize torch.view_as_real(p) instead")
             check_not_sharded(self, p)
         super().add_param_group(param_group)
-        if hasattr(self, "skipped_steps"):  # added after construction (else: __init__ warns)
-            self._warn_rank(self.param_groups[-1:], stacklevel=3)
+        if self._constructed:  # else __init__ checks every group at once
+            self._warn_rank(self.param_groups[-1:])
 
     def _validate_group(self, g: dict) -> None:
         lr = g["lr"]
@@ -148,7 +152,7 @@ class LowRankOptimizer(Optimizer):
             _check(g["state_on_refresh"] in STATE_POLICIES, "state_on_refresh",
                    g["state_on_refresh"], f"one of {STATE_POLICIES}")
 
-    def _warn_rank(self, groups: list, stacklevel: int) -> None:
+    def _warn_rank(self, groups: list) -> None:
         """Warn, once for the groups given (all of them at construction, a group added
         later on its own), about projected matrices whose optimizer state at the group's
         rank is at least the same rule's state on the whole matrix (the rank is too large
@@ -174,7 +178,7 @@ class LowRankOptimizer(Optimizer):
             warnings.warn(f"{type(self).__name__}: projection costs at least as much "
                           "optimizer state as the same rule without it on "
                           f"{'; '.join(bad)} (docs/decisions.md, Rank too large)",
-                          stacklevel=stacklevel)
+                          stacklevel=user_stacklevel())
 
     def _state_bytes(self, p: Tensor, group: dict, rank: Optional[int]) -> int:
         """Bytes of ``p``'s state at ``rank`` (None: unprojected), from meta tensors."""
@@ -345,13 +349,14 @@ class LowRankOptimizer(Optimizer):
                 if p.grad is not None and p not in hooked]
         if self._hooks is not None and self._hooks.scaler_step(todo):
             return loss  # GradScaler found an overflow in these gradients: it reports it
-        if self.skip_nonfinite and not all_finite(
-                [p.grad for p, _ in todo if not p.grad.is_sparse]):
+        dense = [p for p, _ in todo if not p.grad.is_sparse]  # sparse: step_param raises
+        if self.skip_nonfinite and not all_finite([p.grad for p in dense]):
             self.skipped_steps += 1
-            bad = next(i for i, (p, _) in enumerate(todo) if not all_finite([p.grad]))
+            bad = next(p for p in dense if not all_finite([p.grad]))
             warnings.warn(f"{type(self).__name__}: step skipped, non-finite gradient in "
-                          f"{self._where(todo[bad][0])} (nothing was updated; "
-                          f"skipped_steps={self.skipped_steps})", RuntimeWarning, stacklevel=2)
+                          f"{self._where(bad)} (nothing was updated; "
+                          f"skipped_steps={self.skipped_steps})", RuntimeWarning,
+                          stacklevel=user_stacklevel())
             return loss
         for p, group in todo:
             self.step_param(p, group)

@@ -3,12 +3,14 @@ what is allowed."""
 from __future__ import annotations
 
 import numbers
+import os
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["is_int", "check", "check_int", "plain", "nonfinite_", "all_finite"]
+__all__ = ["is_int", "check", "check_int", "plain", "nonfinite_", "all_finite", "user_stacklevel"]
 
 
 def is_int(v) -> bool:
@@ -66,3 +68,14 @@ def nonfinite_(tensors: list, inv_scale: Optional[Tensor] = None) -> Tensor:
 def all_finite(tensors: list) -> bool:
     """Whether every element of every tensor is finite (:func:`nonfinite_`, one host sync)."""
     return not nonfinite_(tensors).item()
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from the function that calls this, of the first
+    frame outside torch and this package: the user's line (``opt.step()``, wrapped by
+    torch; ``loss.backward()``, whose end-of-backward callbacks run inside autograd)."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -109,28 +109,15 @@ the hooks (a PyTorch property); register them on the copy. FSDP2-sharded models 
 """
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from typing import Optional
 
 import torch
 
 from . import distributed
-from ._checks import nonfinite_
+from ._checks import nonfinite_, user_stacklevel
 
 __all__ = ["register_hooks", "HooksHandle"]
-
-
-def _user_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel, from the function that calls this, of the first
-    frame outside torch and this package (at the end of a backward: the user's
-    ``loss.backward()``), so a warning points at the user's line, not autograd's."""
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class HooksHandle:
@@ -208,7 +195,7 @@ class HooksHandle:
             warnings.warn(f"{type(opt).__name__}: non-finite gradient: the update of {where} "
                           "was skipped in this backward (the other parameters were stepped; "
                           f"skipped_steps={opt.skipped_steps})", RuntimeWarning,
-                          stacklevel=_user_stacklevel())
+                          stacklevel=user_stacklevel())
         if not self._clip_warned:
             self._clip_warned = True
             warnings.warn(
@@ -217,7 +204,7 @@ class HooksHandle:
                 "(torch.nn.utils.clip_grad_norm_, HF Trainer's max_grad_norm, Lightning's "
                 "gradient_clip_val) sees no gradients and clips nothing; pass "
                 "register_hooks(..., max_grad_norm_per_param=c) to clip each gradient, or "
-                "ignore this warning if you do not clip", stacklevel=_user_stacklevel())
+                "ignore this warning if you do not clip", stacklevel=user_stacklevel())
 
     def scaler_step(self, todo: list) -> bool:
         """Called by ``opt.step()`` with the parameters it is about to step (those no hook
@@ -268,7 +255,7 @@ class HooksHandle:
                 f"{type(self.optimizer).__name__}: parameters with a gradient not stepped by "
                 f"the per-layer hooks: {'; '.join(new)}. opt.step() steps them (and leaves "
                 "the hooked ones alone); or call handle.remove() and register_hooks again "
-                "to cover them", stacklevel=_user_stacklevel())
+                "to cover them", stacklevel=user_stacklevel())
 
     def remove(self) -> None:
         for h in self._handles:
