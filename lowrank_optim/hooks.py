@@ -129,7 +129,7 @@ class HooksHandle:
         self.covered = covered  # the parameters the hooks step; opt.step() skips them
         self.scaler, self.max_grad_norm_per_param = scaler, max_grad_norm_per_param
         self._names, self._warned = names, set()
-        self._queued = False  # the end-of-backward callback is queued
+        self._queued = None  # the backward (graph task) whose end callback is queued
         self._skipped = []  # parameters skipped in this backward for a NaN/Inf gradient
         self._overflow = False  # a scaled gradient overflowed since the last scaler.step
         self._clip_warned = max_grad_norm_per_param is not None
@@ -178,12 +178,14 @@ class HooksHandle:
         return False
 
     def _queue_end_of_backward(self) -> None:
-        if not self._queued:  # once per backward, after its last gradient is accumulated
+        # once per backward, after its last gradient is accumulated (keyed on autograd's
+        # graph task, so a backward that raised half-way does not block the next ones)
+        task = torch._C._current_graph_task_id()
+        if self._queued != task:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            self._queued = True
+            self._queued = task
 
     def _end_of_backward(self) -> None:
-        self._queued = False
         if self.optimizer._hooks is not self:  # removed during this backward
             return
         self._warn_uncovered()
@@ -223,9 +225,9 @@ class HooksHandle:
                 "skip an overflow; call handle.remove(), then "
                 "opt.register_hooks(model, scaler=scaler)")
         if opt.grad_scale is not None:  # None: scaler.unscale_(opt) has unscaled them
-            inv = opt.grad_scale.double().reciprocal().float()
-            for p, _ in todo:
-                p.grad.mul_(inv.to(p.grad.device))
+            # GradScaler's kernel and 1/scale, as its own unscale_ (found_inf has the check)
+            nonfinite_([p.grad for p, _ in todo if not p.grad.is_sparse],
+                       opt.grad_scale.double().reciprocal().float())
         scale = self.scaler._get_scale_async()
         found = torch.full((), float(self._overflow), device=scale.device)
         self._overflow = False

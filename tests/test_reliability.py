@@ -369,3 +369,18 @@ def test_pickle_with_hooks_active(cfg):
     with pytest.raises(TypeError, match="HooksHandle cannot be pickled"):
         pickle.dumps(handle)
     handle.remove()
+
+
+def test_warnings_after_a_backward_that_raised():
+    """A backward that raised half-way (here: a scaler registered, the loss not scaled)
+    does not stop the end-of-backward checks of the next ones."""
+    cfg = CONFIGS[0]
+    model = cfg.model()
+    opt = cfg.make(model.parameters())
+    scaler = torch.amp.GradScaler("cpu")
+    handle = opt.register_hooks(model, scaler=scaler)
+    with pytest.raises(RuntimeError, match=r"not scaled; call scaler\.scale\(loss\)"):
+        loss_fn(model, make_batches(1)[0]).backward()
+    with pytest.warns(UserWarning, match=CLIP_WARNING):
+        scaler.scale(loss_fn(model, make_batches(1)[0])).backward()
+    handle.remove()
