@@ -60,8 +60,8 @@ def nonfinite_(tensors: list, inv_scale: Optional[Tensor] = None) -> Tensor:
         inv = torch.ones((), device=device) if inv_scale is None else inv_scale.to(device)
         torch._amp_foreach_non_finite_check_and_unscale_(ts, f, inv)
         found.append(f)
-    if not found:
-        return torch.zeros(())
+    if len(found) <= 1:
+        return found[0] if found else torch.zeros(())
     return torch.stack([f.to(found[0].device) for f in found]).amax()
 
 
