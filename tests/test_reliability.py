@@ -384,3 +384,29 @@ def test_warnings_after_a_backward_that_raised():
     with pytest.warns(UserWarning, match=CLIP_WARNING):
         scaler.scale(loss_fn(model, make_batches(1)[0])).backward()
     handle.remove()
+
+
+def test_hf_trainer_fp16_sequence_in_per_layer_mode():
+    """HF Trainer / accelerate with fp16: ``scaler.unscale_(opt)``, ``clip_grad_norm_``
+    (nothing left to clip in per-layer mode: the first backward warned), ``scaler.step``,
+    ``scaler.update``; an overflow in the hooks still lowers the scale."""
+    cfg = CONFIGS[0]
+    model = cfg.model()
+    opt = cfg.make(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    armed, p = _poison(model, cfg, float("inf"))
+    opt.register_hooks(model, scaler=scaler)
+    scales = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", CLIP_WARNING)
+        for i, b in enumerate(make_batches(4)):
+            armed[0] = i == 2
+            scaler.scale(loss_fn(model, b)).backward()
+            scaler.unscale_(opt)
+            assert torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) == 0
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            scales.append(scaler.get_scale())
+    assert scales == [2.0 ** 12] * 2 + [2.0 ** 11] * 2
+    assert all(torch.isfinite(q).all() for q in model.parameters())
