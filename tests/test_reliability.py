@@ -191,29 +191,6 @@ def test_grad_scaler_in_per_layer_mode_without_it_raises():
         scaler.step(opt)
 
 
-def test_grad_scaler_steps_uncovered_parameters_unscaled():
-    """A parameter that no hook steps is stepped by ``scaler.step(opt)``, unscaled, as in
-    normal mode (here: every parameter outside the hooked fc1)."""
-    cfg = CONFIGS[0]
-    runs = []
-    for hooked in (False, True):
-        model = cfg.model()
-        opt = cfg.make(model.parameters())
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-        if hooked:
-            opt.register_hooks(model.fc1, scaler=scaler, max_grad_norm_per_param=1e9)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*not stepped by the per-layer hooks")
-            for b in make_batches(4):
-                scaler.scale(loss_fn(model, b)).backward()
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad()
-        runs.append(model)
-    assert torch.equal(runs[0].fc2.weight, runs[1].fc2.weight)
-    assert torch.equal(runs[0].emb.weight, runs[1].emb.weight)
-
-
 def _lightning_step(model, opt, batch, scaler=None):
     """One optimizer step as Lightning 2.x's automatic optimization makes it: a closure
     (training_step, zero_grad, backward) passed to ``opt.step(closure=...)`` (32-bit), or
@@ -258,24 +235,29 @@ def test_lightning_call_sequence(cfg):
     assert_states_equal(runs[0][1], runs[1][1])
 
 
-def test_grad_scaler_with_accumulation():
-    """Per-layer mode, ``accumulation_steps=2`` and a scaler: the gradients stay scaled
-    between micro-batches and are unscaled once, before the step: normal mode's result."""
-    cfg = CONFIGS[0]
+@pytest.mark.parametrize("variant", ["uncovered", "accumulation"])
+def test_grad_scaler_per_layer_variants(variant):
+    """Per-layer mode with a scaler equals normal mode with it: ``uncovered``, the
+    parameters no hook steps (all but the hooked fc1's) are stepped by
+    ``scaler.step(opt)``, unscaled; ``accumulation``, with ``accumulation_steps=2`` the
+    gradients stay scaled between micro-batches and are unscaled once, before the step."""
+    cfg, n = CONFIGS[0], 2 if variant == "accumulation" else 1
     runs = []
     for per_layer in (False, True):
         model = cfg.model()
         opt = cfg.make(model.parameters())
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
         if per_layer:
-            opt.register_hooks(model, accumulation_steps=2, scaler=scaler,
-                               max_grad_norm_per_param=1e9)
-        for i, b in enumerate(make_batches(8)):
-            scaler.scale(loss_fn(model, b) / 2).backward()
-            if i % 2:
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad()
+            opt.register_hooks(model.fc1 if variant == "uncovered" else model, scaler=scaler,
+                               accumulation_steps=n, max_grad_norm_per_param=1e9)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*not stepped by the per-layer hooks")
+            for i, b in enumerate(make_batches(4 * n)):
+                scaler.scale(loss_fn(model, b) / n).backward()
+                if (i + 1) % n == 0:
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad()
         runs.append((model, opt))
     assert_params_equal(runs[0][0], runs[1][0])
     assert_states_equal(runs[0][1], runs[1][1])
