@@ -158,20 +158,26 @@ class LowRankOptimizer(Optimizer):
         rank is at least the same rule's state on the whole matrix (the rank is too large
         for the shape: e.g. rank 128 on a 128-wide matrix), naming each and the largest
         rank that saves memory. Why: ``docs/decisions.md`` (Rank too large)."""
-        bad = []
+        bad, sizes = [], {}
+
+        def size(p, group, rank):  # matrices of one shape and group share their sizes
+            key = (tuple(p.shape), p.dtype, id(group), rank)
+            if key not in sizes:
+                sizes[key] = self._state_bytes(p, group, rank)
+            return sizes[key]
+
         for group in groups:
             for p in group["params"]:
                 if not self.is_projected(p, group):
                     continue
-                full, r = self._state_bytes(p, group, None), min(group["rank"], *p.shape)
-                if self._state_bytes(p, group, r) < full:
+                full, r = size(p, group, None), min(group["rank"], *p.shape)
+                if size(p, group, r) < full:
                     continue
                 lo, hi = 0, r  # the state grows with the rank: the largest rank below `full`
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
-                    lo, hi = (mid, hi) if self._state_bytes(p, group, mid) < full else (lo, mid)
-                bad.append(f"{self._where(p)} at rank {r}: "
-                           f"{self._state_bytes(p, group, r) / full:.2f}x; " +
+                    lo, hi = (mid, hi) if size(p, group, mid) < full else (lo, mid)
+                bad.append(f"{self._where(p)} at rank {r}: {size(p, group, r) / full:.2f}x; " +
                            (f"rank <= {lo} saves memory" if lo else
                             "no rank saves memory, leave it unprojected (rank=None)"))
         if bad:
