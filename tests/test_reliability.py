@@ -116,14 +116,19 @@ def test_nonfinite_gradient_goes_in_when_asked():
     assert copy.deepcopy(opt).skip_nonfinite is False
 
 
+def _scaler(**kwargs) -> torch.amp.GradScaler:
+    """A GradScaler for the test device (``LOWRANK_TEST_DEVICE``, see conftest.py)."""
+    return torch.amp.GradScaler(torch.empty(0).device.type, **kwargs)
+
+
 def _scaled_run(cfg, per_layer, overflow_at=None, steps=6):
-    """Train with a CPU GradScaler (``register_hooks(model, scaler=scaler)`` in per-layer
+    """Train with a GradScaler (``register_hooks(model, scaler=scaler)`` in per-layer
     mode), an overflow injected into one matrix's gradient at ``overflow_at``; returns the
     model, optimizer, scales, and the states and values of that matrix and of the last
     bias before and after the overflow step."""
     model = cfg.model()
     opt = cfg.make(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = _scaler(init_scale=2.0 ** 12)
     armed, p = _poison(model, cfg, float("inf"))
     handle = opt.register_hooks(model, scaler=scaler) if per_layer else None
     scales, around = [], []
@@ -183,7 +188,7 @@ def test_grad_scaler_in_per_layer_mode_without_it_raises():
     cfg = CONFIGS[0]
     model = cfg.model()
     opt = cfg.make(model.parameters())
-    scaler = torch.amp.GradScaler("cpu")
+    scaler = _scaler()
     opt.register_hooks(model, max_grad_norm_per_param=1.0)
     scaler.scale(loss_fn(model, make_batches(1)[0])).backward()
     with pytest.raises(RuntimeError, match=r"without its scaler.*register_hooks\(model, "
@@ -222,7 +227,7 @@ def test_lightning_call_sequence(cfg):
         model = cfg.model()
         opt = cfg.make(model.parameters())
         losses = []
-        for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)):
+        for scaler in (None, _scaler(init_scale=2.0 ** 12)):
             handle = opt.register_hooks(model, scaler=scaler, max_grad_norm_per_param=1e9
                                         ) if per_layer else None
             assert getattr(opt, "_step_supports_amp_scaling", False) == per_layer
@@ -246,7 +251,7 @@ def test_grad_scaler_per_layer_variants(variant):
     for per_layer in (False, True):
         model = cfg.model()
         opt = cfg.make(model.parameters())
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+        scaler = _scaler(init_scale=2.0 ** 12)
         if per_layer:
             opt.register_hooks(model.fc1 if variant == "uncovered" else model, scaler=scaler,
                                accumulation_steps=n, max_grad_norm_per_param=1e9)
@@ -359,7 +364,7 @@ def test_warnings_after_a_backward_that_raised():
     cfg = CONFIGS[0]
     model = cfg.model()
     opt = cfg.make(model.parameters())
-    scaler = torch.amp.GradScaler("cpu")
+    scaler = _scaler()
     handle = opt.register_hooks(model, scaler=scaler)
     with pytest.raises(RuntimeError, match=r"not scaled; call scaler\.scale\(loss\)"):
         loss_fn(model, make_batches(1)[0]).backward()
@@ -375,7 +380,7 @@ def test_hf_trainer_fp16_sequence_in_per_layer_mode():
     cfg = CONFIGS[0]
     model = cfg.model()
     opt = cfg.make(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = _scaler(init_scale=2.0 ** 12)
     armed, p = _poison(model, cfg, float("inf"))
     opt.register_hooks(model, scaler=scaler)
     scales = []
