@@ -101,10 +101,14 @@ would drift apart, as galore-torch's layer-wise mode does):
   that already has a communication hook (fp16 compression, PowerSGD) raises
   ``RuntimeError``. With ``find_unused_parameters=True`` a parameter that no rank used
   in a backward is not stepped, as in normal stepping; parameters that DDP ignores
-  (``_ddp_params_and_buffers_to_ignore``) are stepped by plain gradient hooks.
+  (``_ddp_params_and_buffers_to_ignore``) are stepped by plain gradient hooks;
+* ``scaler=`` works the same: each rank unscales and checks the *averaged* gradient, so
+  every rank skips the same parameters and reports the same overflow.
 
 ``handle.remove()`` restores normal stepping. ``copy.deepcopy(model)`` does not copy
-the hooks (a PyTorch property); register them on the copy. FSDP2-sharded models raise
+the hooks (a PyTorch property); register them on the copy. The optimizer and the model
+pickle with hooks active (the copies have none); the handle itself refuses to
+(``TypeError``). FSDP2-sharded models raise
 ``NotImplementedError`` (:func:`lowrank_optim.distributed.check_not_sharded`).
 """
 from __future__ import annotations
