@@ -299,6 +299,9 @@ class TorchRule(Rule):
             half, _ = self._probe(group, torch.zeros(2, 3), grads, lr=0.5)
         except (TypeError, RuntimeError) as exc:
             raise ValueError(f"{name} cannot run as a rule on a probe tensor: {exc}") from exc
+        if not bool(torch.isfinite(d0).all()):
+            raise ValueError(f"{name} gave non-finite updates on a probe with the options "
+                             f"{ {k: group[k] for k in self.options} }: check their values")
         if not torch.allclose(d0, d1, rtol=1e-4, atol=1e-6):
             raise ValueError(f"{name} cannot run in the low-rank space: its update depends on "
                              "the parameter's values (a probe from zero and from random "

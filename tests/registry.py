@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+import torch_optimizer
 from torch import nn
 
 import lowrank_optim as lo
@@ -69,6 +70,13 @@ class OptConfig:
         return self.id
 
 
+class GaLoreYogi(lo.GaLore):
+    """``lo.GaLore`` around ``torch_optimizer.Yogi`` (the adapter's registry entry)."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, torch_optimizer.Yogi, **kwargs)
+
+
 # Small rank and a short gap, so that every test run crosses several basis refreshes.
 _G = dict(lr=1e-2, rank=4, update_proj_gap=3, scale=1.0)
 _L = dict(lr=1e-2, update_proj_gap=3)  # LoQTAdamW
@@ -109,6 +117,12 @@ CONFIGS = [
               dict(_G, min_8bit_size=64, proj_group_size=32, queue_size=2),
               layers=(lo.quantize_weights, dict(bits=8, group_size=64)),
               quantized_layer_mats=True, params_in_model_dtype=False),
+    # any torch optimizer in the low-rank space: Yogi (an int step). Its moments start at
+    # initial_accumulator (1e-6), which moves parameters even with zero gradients; 0 here
+    # (the common suite asks zero gradients to leave them; the 1e-6 start: test_rules.py)
+    OptConfig("galore_yogi", GaLoreYogi, dict(_G, initial_accumulator=0.0)),
+    OptConfig("galore_yogi_plain_wd", GaLoreYogi,
+              dict(lr=1e-2, rank=None, weight_decay=0.01, initial_accumulator=0.0)),
     # Fira: GaLore's state plus the limiter's norm; APOLLO(-Mini): random projections
     # (reseeded every 3 steps), channel- or tensor-wise scaling of the full gradient
     OptConfig("fira", lo.FiraAdamW, dict(_G)),
@@ -153,9 +167,9 @@ class ErrorCase:
 
 
 _ADAMW_LIKE = (lo.GaLoreAdamW, lo.GaLoreAdamW8bit, lo.QGaLoreAdamW8bit, lo.FiraAdamW,
-               lo.APOLLOAdamW)
+               lo.APOLLOAdamW, GaLoreYogi)
 _ALL = (lo.GaLoreAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor, lo.QGaLoreAdamW8bit,
-        lo.FiraAdamW, lo.APOLLOAdamW)  # APOLLO last: it has no svd
+        lo.FiraAdamW, GaLoreYogi, lo.APOLLOAdamW)  # APOLLO last: it has no svd
 _SCALED = (lo.FiraAdamW, lo.APOLLOAdamW, lo.APOLLOMini)
 
 
@@ -186,6 +200,8 @@ ERRORS = [
               r"scale_type: 'row'"),
     ErrorCase("APOLLOAdamW-project", lo.APOLLOAdamW, dict(state_on_refresh="project"),
               ValueError, r"state_on_refresh: 'project'.*not orthonormal"),
+    ErrorCase("GaLoreYogi-initial_accumulator", GaLoreYogi, dict(initial_accumulator=-1.0),
+              ValueError, r"non-finite.*'initial_accumulator': -1\.0"),
     ErrorCase("APOLLOAdamW-seed", lo.APOLLOAdamW, dict(seed=-1), ValueError, r"seed: -1\b"),
     ErrorCase("APOLLOAdamW8bit-min_8bit_size", lo.APOLLOAdamW8bit, dict(min_8bit_size=-1),
               ValueError, r"min_8bit_size: -1\b"),
