@@ -159,7 +159,10 @@ refused, a random basis is not orthonormal); the basis seed depends on the group
 ``seed`` and the refresh count, not on the layer, as the paper's "seed :math:`t`"; the
 limiter skips the first step and any step after a zero update; ``stagger`` is off by
 default (a random draw costs nothing to spread out). The scaling factors include Adam's
-bias correction. :math:`\epsilon` in the ratio (:math:`10^{-8}`) is Fira's.
+bias correction. :math:`\epsilon` in the ratio (:math:`10^{-8}`) is Fira's. Cost per step:
+two products of :math:`G` with :math:`P` (the base's projection and one here, as the base
+frees it) and a draw of :math:`P`; no full-size temporary. The param groups' ``svd`` entry
+is unused (the base's checks want one).
 
 * **APOLLO-Mini**: ``rank=1, scale_type="tensor", scale=sqrt(128)`` (the paper's
   :math:`\alpha = \sqrt{128}` makes up for the rank-1 estimate's smaller norm ratio),
