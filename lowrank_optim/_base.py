@@ -42,8 +42,9 @@ from torch.optim import Optimizer
 from . import functional as F
 from ._checks import check as _check, check_int, is_int
 from .rules import Rule
-from .distributed import check_not_sharded
-from .projector import BOTH, LEFT, PROJ_TYPES, RIGHT, SVD_METHODS, Projector, overlap
+from . import fsdp
+from .projector import (BOTH, LEFT, PROJ_TYPES, RIGHT, SVD_METHODS, Projector, choose_side,
+                        overlap)
 from .refresh import FixedGap
 
 __all__ = ["LowRankOptimizer", "STATE_POLICIES"]
@@ -64,6 +65,7 @@ class LowRankOptimizer(Optimizer):
     needs_full_grad = False  # _put_back_ receives the full gradient (else None)
     _hooks = None  # the active HooksHandle; a deepcopy or unpickled copy has none
     _group_format = False
+    supports_fsdp2 = False  # steps FSDP2-sharded parameters (lowrank_optim.fsdp)
 
     def __init__(self, params, defaults: dict):
         params = list(params) if not isinstance(params, Tensor) else params
@@ -86,11 +88,12 @@ class LowRankOptimizer(Optimizer):
         params = param_group["params"]
         if not isinstance(params, (Tensor, set)):  # a generator must survive the checks
             param_group["params"] = params = list(params)
-        for p in [params] if isinstance(params, Tensor) else params:
+        for i, p in enumerate([params] if isinstance(params, Tensor) else params):
             if isinstance(p, Tensor) and p.is_complex():
                 raise ValueError(f"Complex parameters are not supported (got one of dtype "
                                  f"{p.dtype}); optimize torch.view_as_real(p) instead")
-            check_not_sharded(self, p)
+            fsdp.check_param(self, p, merged,
+                             f"param_groups[{len(self.param_groups)}]['params'][{i}]")
         super().add_param_group(param_group)
 
     def _validate_group(self, g: dict) -> None:
@@ -132,7 +135,7 @@ class LowRankOptimizer(Optimizer):
         """Offset of ``p``'s second refresh (``prefix="merge"``: merge) when ``stagger`` is
         on: the matrices are spread evenly over one gap, so their SVDs do not all land on
         the same step."""
-        if not group.get("stagger") or f"{prefix}_next" in self.state[p]:
+        if not group.get("stagger") or self.state[p].get(f"{prefix}_count"):
             return 0  # the phase matters only until the first refresh has been scheduled
         mats = [q for grp in self.param_groups for q in grp["params"]
                 if self._staggered(q, grp)]
@@ -154,18 +157,26 @@ class LowRankOptimizer(Optimizer):
         """Update one parameter from its ``.grad`` (the unit the hook engine calls)."""
         if p.grad is None:
             return
-        g = self._grad(p, group)
-        state = self.state[p]
         projected = self.is_projected(p, group)
+        if projected:
+            policy = self._refresh_policy(p, group)
+        # an FSDP2-sharded p: its local slice, gradient slice and state (lowrank_optim.fsdp)
+        with fsdp.local_view(p, self._grad(p, group), self.state[p]) as (p, g, state, shards):
+            self._step_local(p, g, group, state, projected and policy, shards)
+
+    def _step_local(self, p: Tensor, g: Tensor, group: dict, state: dict, policy,
+                    shards: Optional[fsdp.Shards]) -> None:
+        """:meth:`step_param` on plain tensors (``policy``: the refresh policy of a
+        projected parameter, else False; ``shards``: how ``p`` is split, or None)."""
         if not state:
             state["step"] = 0
-            if not projected:
+            if not policy:
                 self.rule.init(state, p, group)
         proj = None
-        if projected:
-            proj, policy = self._projector(group), self._refresh_policy(p, group)
+        if policy:
+            proj = self._projector(group)
             if policy.due(state, state["step"]):
-                self._refresh(p, g, group, state, proj, policy)
+                self._refresh(p, g, group, state, proj, policy, shards)
         low = g if proj is None else proj.project(state, g)
         d = self.rule.update(state, low, state["step"] + 1, group, low_rank=proj is not None)
         state["step"] += 1
@@ -223,11 +234,20 @@ class LowRankOptimizer(Optimizer):
         else:
             proj.add_back_(state, w, d, alpha=-lr * group["scale"])
 
-    def _refresh(self, p, g, group, state, proj: Projector, policy) -> None:
-        """New basis, then the ``state_on_refresh`` policy on the inner state."""
+    def _refresh(self, p, g, group, state, proj: Projector, policy,
+                 shards: Optional[fsdp.Shards] = None) -> None:
+        """New basis, then the ``state_on_refresh`` policy on the inner state. ``g`` is
+        this rank's slice of a sharded gradient when ``shards`` is set: the basis is
+        computed from the whole (gathered) gradient, the state in the local shape."""
+        count = state.get(f"{policy.prefix}_count", 0)
+        if count == 0:  # a placeholder (made for a checkpoint, _init_for_checkpoint)
+            proj.clear(state)
         first = not proj.has_basis(state)
-        rots = proj.refresh(state, g, seed=state.get(f"{policy.prefix}_count", 0))
-        low = torch.empty(proj.low_rank_shape(state, p.shape), device=p.device)
+        full = g if shards is None else shards.gather(g)
+        rots = proj.refresh(state, full, seed=count)
+        low = torch.empty(fsdp.local_shape(proj.low_rank_shape(state, full.shape), shards,
+                                           g), device=p.device)
+        del full
         if first:
             self.rule.init(state, low, group)
         else:
@@ -264,6 +284,9 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        elif self.supports_fsdp2 and fsdp.is_checkpoint_init(self):
+            self._init_for_checkpoint()
+            return None
         hooked = self._hooks.covered if self._hooks is not None else frozenset()
         for group in self.param_groups:
             for p in group["params"]:
@@ -271,13 +294,44 @@ class LowRankOptimizer(Optimizer):
                     self.step_param(p, group)
         return loss
 
+    def _init_for_checkpoint(self) -> None:
+        """The state ``torch.distributed.checkpoint`` asks a fresh optimizer for (its
+        ``_init_optim_state`` calls ``step()`` with zero gradients and lr 0): every
+        entry a trained optimizer has, so that ``dcp.load`` fills them all, but no step
+        taken (``step`` 0) and no basis: a projected matrix gets zero placeholders and a
+        refresh count of 0, so its next real step computes its first basis (the refresh
+        schedule, stagger included, starts there). Plain parameters get zero moments."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                projected = self.is_projected(p, group)
+                policy = self._refresh_policy(p, group) if projected else None
+                with fsdp.local_view(p, None, self.state[p]) as (w, _, state, shards):
+                    state["step"] = 0
+                    if policy is None:
+                        self.rule.init(state, w, group)
+                        continue
+                    proj, (m, n) = self._projector(group), p.shape
+                    side, r = choose_side(p.shape, group["proj_type"]), min(proj.rank, m, n)
+                    state["proj_side"] = side
+                    proj._store(state, "proj", w.new_zeros(n if side == RIGHT else m, r,
+                                                           dtype=torch.float32))
+                    if side == BOTH:
+                        proj._store(state, "proj_right", w.new_zeros(n, r, dtype=torch.float32))
+                    low = torch.empty(fsdp.local_shape(proj.low_rank_shape(state, p.shape),
+                                                       shards, w), device=w.device)
+                    self.rule.init(state, low, group)
+                    state[f"{policy.prefix}_next"] = state[f"{policy.prefix}_count"] = 0
+
     def basis(self, p: Tensor) -> Optional[Tensor]:
         """The current float32 basis of a projected parameter (``U_r``, m×r, for a left
         or two-sided projection; ``V_r``, n×r, for a right one; dequantized when stored
         quantized), or ``None`` before its first refresh or for a plain parameter."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         state = self.state.get(p, {})
-        if not self.is_projected(p, group) or "proj_side" not in state:
+        if not self.is_projected(p, group) or "proj_side" not in state \
+                or state.get("refresh_count") == 0:  # none, or a checkpoint's placeholder
             return None
         left, right = self._projector(group).bases(state, p)
         return left if left is not None else right

@@ -68,8 +68,11 @@ would drift apart, as galore-torch's layer-wise mode does):
   (``_ddp_params_and_buffers_to_ignore``) are stepped by plain gradient hooks.
 
 ``handle.remove()`` restores normal stepping. ``copy.deepcopy(model)`` does not copy
-the hooks (a PyTorch property); register them on the copy. FSDP2-sharded models raise
-``NotImplementedError`` (:func:`lowrank_optim.distributed.check_not_sharded`).
+the hooks (a PyTorch property); register them on the copy.
+
+Under FSDP2 pass the ``fully_shard``-ed model: FSDP2 calls post-accumulate-grad hooks on
+the *sharded* parameter after its reduce-scatter, so each parameter is stepped there on
+its local slice (:mod:`lowrank_optim.fsdp`), refresh collectives included.
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ from typing import Optional
 
 import torch
 
-from . import distributed
+from . import distributed, fsdp
 
 __all__ = ["register_hooks", "HooksHandle"]
 
@@ -151,8 +154,9 @@ def register_hooks(optimizer, model: torch.nn.Module, accumulation_steps: int = 
     params = [p for p in model.parameters() if p in group_of]
     if not params:
         raise ValueError("None of the model's parameters is optimized by this optimizer")
-    for p in params:
-        distributed.check_not_sharded(optimizer, p)
+    for name, p in model.named_parameters():  # FSDP2 hooks: on the sharded parameter
+        if p in group_of:
+            fsdp.check_param(optimizer, p, optimizer.param_groups[group_of[p]], repr(name))
     counts, check_queued = {}, [False]
 
     def check_uncovered() -> None:

@@ -149,6 +149,11 @@ class Projector:
     def has_basis(self, state: dict) -> bool:
         return "proj_side" in state
 
+    def clear(self, state: dict) -> None:
+        """Remove the basis (and its side) from ``state``: the next refresh is a first one."""
+        for key in [k for k in state if k.startswith("proj")]:
+            del state[key]
+
     # -- refresh ------------------------------------------------------------------------
     def refresh(self, state: dict, grad: Tensor, seed: int = 0) -> Optional[tuple]:
         r"""Recompute the basis from ``grad`` and store it in ``state``.

@@ -1,0 +1,251 @@
+r"""FSDP2 (``torch.distributed.fsdp.fully_shard``): the optimizers on sharded parameters.
+
+Under FSDP2 every parameter and gradient is a ``DTensor``: each rank holds one slice
+(``Shard(0)``, rows, by default; ``Shard(1)`` where ``fully_shard``'s
+``shard_placement_fn`` says so) on a one-dimensional device mesh. ``GaLoreAdamW`` and
+``GaLoreAdafactor`` step such a parameter on its local slice:
+
+* the basis lies on the *unsharded* dimension (a right basis :math:`Q`, n×r, of a
+  ``Shard(0)`` matrix; a left basis :math:`P`, m×r, of a ``Shard(1)`` one) and is
+  replicated: a plain tensor, equal on every rank. The projected gradient
+  (:math:`G_i Q` or :math:`P^\top G_i`), the moments, a basis change's r×r rotation and
+  the update (:math:`W_i \mathrel{-}= \eta\alpha N_i Q^\top`) are then all local, so
+  **between refreshes an Adam step communicates nothing**;
+* the moments are ``DTensor``\ s with the parameter's mesh and placement, of the global
+  shape a single process would have, so ``torch.distributed.checkpoint`` saves and
+  reshards them exactly (2 ranks onto 1 and back). Plain tensors would be saved as if
+  replicated (DCP then loads the wrong moments silently, or fails on uneven shards);
+* a refresh with ``svd="exact"`` gathers that one layer's gradient (one all-gather),
+  and every rank computes the same basis from the same whole matrix: the result equals
+  the single-process one. The non-finite check runs on the gathered gradient, identical
+  on every rank, so all ranks keep or refresh the basis together (no rank waits alone
+  in a collective). ``svd="randomized"`` gathers the gradient as well (a distributed
+  sketch that never gathers it is not implemented yet);
+* ``GaLoreAdafactor``'s factored second moment and its RMS clipping are means over the
+  whole low-rank matrix: two small all-reduces per step (r+1 and 1 floats), so its
+  steps also equal the single-process ones.
+
+What cannot work raises a clear error at construction (:func:`check_param`): a basis
+that would lie on the sharded dimension (a left basis on a ``Shard(0)`` matrix needs an
+r×n all-reduce at every step: shard that matrix on dim 1 with
+:func:`shard_placement_fn`, or choose another ``proj_type``), ``proj_type="full"``,
+meshes of more than one dimension (HSDP, tensor parallelism), and the optimizers whose
+state cannot be sharded yet (8-bit moments, Q-GaLore, LoQT: see :data:`UNSUPPORTED`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .distributed import _dtensor_class
+from .projector import BOTH, LEFT, RIGHT, choose_side
+
+__all__ = ["is_sharded", "Shards", "shards_of", "local_shape", "check_param", "local_view",
+           "shard_placement_fn", "is_checkpoint_init"]
+
+
+def is_sharded(p: Tensor) -> bool:
+    """True for a ``DTensor`` (an FSDP2-sharded parameter or gradient)."""
+    return isinstance(p, _dtensor_class())
+
+
+@dataclass(frozen=True)
+class Shards:
+    """How a parameter is split: on ``dim`` (0 or 1) of a one-dimensional ``mesh``,
+    ``size`` elements there in all (the global shape is ``shape``)."""
+
+    mesh: object
+    placements: tuple
+    dim: int
+    shape: tuple
+
+    @property
+    def size(self) -> int:
+        return self.shape[self.dim]
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
+
+    def all_reduce_(self, t: Tensor) -> Tensor:
+        """Sum ``t`` over the ranks, in place."""
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def wrap(self, local: Tensor, dim: int, size: int) -> Tensor:
+        """A ``DTensor`` of this mesh split on ``dim`` (global size ``size`` there)
+        whose slice on this rank is ``local``."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        shape = list(local.shape)
+        shape[dim] = size
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, self.mesh, (Shard(dim),), shape=torch.Size(shape),
+                                  stride=stride)
+
+    def gather(self, local: Tensor) -> Tensor:
+        """The whole matrix from every rank's slice ``local`` (one all-gather)."""
+        return self.wrap(local, self.dim, self.size).full_tensor()
+
+
+def local_shape(shape, shards: Optional[Shards], local: Tensor) -> tuple:
+    """``shape`` (of a whole low-rank matrix) with the sharded dimension's size taken
+    from this rank's slice ``local`` (unchanged without ``shards``)."""
+    if shards is None:
+        return tuple(shape)
+    out = list(shape)
+    out[shards.dim] = local.shape[shards.dim]
+    return tuple(out)
+
+
+def shards_of(p: Tensor) -> Optional[Shards]:
+    """The :class:`Shards` of a sharded parameter (``None`` for a plain tensor)."""
+    if not is_sharded(p):
+        return None
+    return Shards(p.device_mesh, tuple(p.placements), p.placements[0].dim, tuple(p.shape))
+
+
+# the optimizers that cannot step sharded parameters yet, and why
+UNSUPPORTED = {
+    "GaLoreAdamW8bit": "its 8-bit moments are quantized in blocks of 256 elements of the "
+                       "flattened low-rank matrix, which do not line up with the rows of a "
+                       "shard unless (rows per rank)·rank is a multiple of 256",
+    "QGaLoreAdamW8bit": "its INT8 weights are a tensor subclass that FSDP2 cannot shard, and "
+                        "its 8-bit moments have GaLoreAdamW8bit's block alignment problem",
+    "LoQTAdamW": "its layers hold quantized weights and a projection as buffers that every "
+                 "rank would have to merge from the whole weight",
+    "LoQTAdamW8bit": "see LoQTAdamW",
+}
+
+
+def check_param(optimizer, p: Tensor, group: dict, where: str) -> None:
+    """Raise a clear error unless ``optimizer`` can step the sharded parameter ``p``
+    (``where``: its position, for the message); nothing for a plain tensor."""
+    if not is_sharded(p):
+        return
+    from torch.distributed.tensor import Shard
+
+    name = type(optimizer).__name__
+    desc = f"{where} (DTensor of shape {tuple(p.shape)}, placements {tuple(p.placements)})"
+    if not getattr(optimizer, "supports_fsdp2", False):
+        why = UNSUPPORTED.get(name, "it has not been made to work on shards")
+        raise NotImplementedError(
+            f"{name} does not support FSDP2-sharded parameters ({desc}): {why}. Use "
+            "GaLoreAdamW or GaLoreAdafactor under FSDP2, or DistributedDataParallel "
+            f"(per-layer mode: opt.register_hooks(ddp_model)) with {name}.")
+    if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard):
+        raise NotImplementedError(
+            f"{name} supports FSDP2 on a one-dimensional mesh with a Shard placement; "
+            f"{desc} is on a {p.device_mesh.ndim}-D mesh (HSDP or tensor parallelism). "
+            "Shard the model with fully_shard on a 1-D mesh, or use DistributedDataParallel.")
+    if p.dim() != 2 or not optimizer.is_projected(p, group):
+        return
+    dim, ptype = p.placements[0].dim, group["proj_type"]
+    side = choose_side(p.shape, ptype)
+    if side == BOTH:
+        raise NotImplementedError(
+            f"{name}: proj_type='full' puts a basis on both dimensions of {desc}, one of "
+            "them sharded (an r×n all-reduce at every step); use proj_type='std' under FSDP2")
+    basis_dim = 0 if side == LEFT else 1
+    if basis_dim == dim:
+        other, dims = 1 - dim, ("rows", "columns")
+        raise ValueError(
+            f"{name}: proj_type={ptype!r} puts the basis of {desc} on its {dims[dim]} "
+            f"(dim {dim}), the dimension FSDP2 shards: projecting would need an all-reduce "
+            f"at every step. Shard it on dim {other} instead: fully_shard(..., "
+            f"shard_placement_fn=lowrank_optim.shard_placement_fn()) does so when "
+            f"{p.shape[other]} divides by the world size; or use proj_type="
+            f"{'right' if side == LEFT else 'left'!r} for it (a {p.shape[1 - basis_dim]}"
+            f"-row basis), or put it in a param group with rank=None (plain AdamW).")
+
+
+def shard_placement_fn(proj_type: str = "std", world_size: Optional[int] = None) -> Callable:
+    """A ``shard_placement_fn`` for ``fully_shard`` that puts every matrix's basis on its
+    unsharded dimension: a matrix whose ``proj_type`` basis is on the rows (a wide
+    matrix under ``"std"``: left basis) is sharded on dim 1 when its columns divide by
+    the world size (FSDP2 needs that for ``Shard(1)``); every other parameter keeps
+    FSDP2's default ``Shard(0)``.
+
+    Example::
+
+        fully_shard(block, shard_placement_fn=lowrank_optim.shard_placement_fn())
+    """
+    choose_side((1, 1), proj_type)  # validates proj_type
+
+    def fn(p: Tensor):
+        from torch.distributed.tensor import Shard
+
+        if p.dim() != 2 or choose_side(p.shape, proj_type) != LEFT:
+            return None
+        world = world_size or dist.get_world_size()
+        return Shard(1) if p.shape[1] % world == 0 else None
+
+    return fn
+
+
+@contextlib.contextmanager
+def local_view(p: Tensor, grad: Optional[Tensor], state: dict):
+    """``(w, g, st, shards)``: this rank's slices of ``p`` and ``grad`` and of the state
+    tensors (``st``, a dict; writes to its tensors write the state), and ``p``'s
+    :class:`Shards`. On exit, tensors that were put into ``st`` are stored back, the
+    moments as ``DTensor``\\ s (:func:`_store_back`). A plain ``p`` passes through."""
+    shards = shards_of(p)
+    if shards is None:
+        yield p, grad, state, None
+        return
+    view = {k: v.to_local() if is_sharded(v) else v for k, v in state.items()}
+    before = dict(view)
+    try:
+        yield p.to_local(), None if grad is None else grad.to_local(), view, shards
+    finally:
+        for k in set(state) - set(view):
+            del state[k]
+        for k, v in view.items():
+            if k not in before or v is not before[k]:
+                state[k] = _store_back(k, v, shards)
+
+
+def _store_back(key: str, v, shards: Shards):
+    """A state entry as stored: a moment (shaped like the local gradient or its
+    projection, split on the same dimension) as a ``DTensor``; the basis (``proj*``),
+    numbers and a replicated Adafactor factor as they are."""
+    if not isinstance(v, Tensor) or key.startswith("proj"):
+        return v
+    d = shards.dim
+    if key in ("exp_avg_sq_row", "exp_avg_sq_col"):  # Adafactor's factors of a matrix
+        own = 0 if key == "exp_avg_sq_row" else 1
+        return shards.wrap(v, 0, shards.shape[own]) if own == d else v
+    if v.dim() <= d:
+        raise RuntimeError(f"cannot shard the optimizer state {key!r} of shape "
+                           f"{tuple(v.shape)} on dim {d}")  # a rule this module does not know
+    return shards.wrap(v, d, shards.size)
+
+
+def is_checkpoint_init(optimizer) -> bool:
+    """True when ``step()`` is called by ``torch.distributed.checkpoint`` to create the
+    state of a fresh optimizer (``_init_optim_state`` of
+    ``torch/distributed/checkpoint/state_dict.py``): no state yet, every learning rate
+    0, and every parameter that requires grad has an all-zero gradient (set by
+    ``zeros_like``). On sharded parameters the ranks agree by one small all-reduce (a
+    real first step at lr 0 whose gradients are zero on only some ranks must not send
+    them down different paths); it runs only when the cheap checks pass."""
+    if optimizer.state or any(float(g["lr"]) != 0.0 for g in optimizer.param_groups):
+        return False
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not any(p.grad is not None for p in params):
+        return False
+    zero = all(p.grad is not None and not (p.grad.to_local() if is_sharded(p.grad)
+                                           else p.grad).any()
+               for p in params if p.requires_grad)
+    sharded = next((p for p in params if is_sharded(p)), None)
+    if sharded is not None:
+        flag = torch.tensor([0.0 if zero else 1.0], device=sharded.to_local().device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=sharded.device_mesh.get_group())
+        zero = flag.item() == 0.0
+    return zero
+
