@@ -35,6 +35,7 @@ state cannot be sharded yet (8-bit moments, Q-GaLore, LoQT: see :data:`UNSUPPORT
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -46,7 +47,7 @@ from .distributed import _dtensor_class
 from .projector import BOTH, LEFT, RIGHT, choose_side
 
 __all__ = ["is_sharded", "Shards", "shards_of", "local_shape", "check_param", "local_view",
-           "shard_placement_fn", "is_checkpoint_init"]
+           "shard_placement_fn", "stepping", "is_checkpoint_init"]
 
 
 def is_sharded(p: Tensor) -> bool:
@@ -188,6 +189,17 @@ def shard_placement_fn(proj_type: str = "std", world_size: Optional[int] = None)
     return fn
 
 
+_STEPPING: contextvars.ContextVar = contextvars.ContextVar("lowrank_optim_fsdp_stepping",
+                                                         default=None)
+
+
+def stepping() -> Optional[Shards]:
+    """The :class:`Shards` of the parameter being stepped inside :func:`local_view`
+    (``None`` outside, or for a plain parameter): a rule whose math reduces over the
+    whole tensor (Adafactor) asks it."""
+    return _STEPPING.get()
+
+
 @contextlib.contextmanager
 def local_view(p: Tensor, grad: Optional[Tensor], state: dict):
     """``(w, g, st, shards)``: this rank's slices of ``p`` and ``grad`` and of the state
@@ -200,9 +212,11 @@ def local_view(p: Tensor, grad: Optional[Tensor], state: dict):
         return
     view = {k: v.to_local() if is_sharded(v) else v for k, v in state.items()}
     before = dict(view)
+    token = _STEPPING.set(shards)
     try:
         yield p.to_local(), None if grad is None else grad.to_local(), view, shards
     finally:
+        _STEPPING.reset(token)
         for k in set(state) - set(view):
             del state[k]
         for k, v in view.items():

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from . import fsdp
 from ._checks import check, check_int
 
 __all__ = ["Rule", "Adam", "Adam8bit", "Adafactor"]
@@ -135,7 +136,7 @@ class Adafactor(Rule):
 
     def update(self, state, g, step, group, low_rank):
         return F.adafactor_(g, state, step, group["beta1"], group["eps"],
-                            group["clip_threshold"])
+                            group["clip_threshold"], shard=fsdp.stepping())
 
     def shapes(self, shape, group):
         out = {"exp_avg": shape} if group.get("beta1") is not None else {}
