@@ -238,16 +238,16 @@ class LowRankOptimizer(Optimizer):
                  shards: Optional[fsdp.Shards] = None) -> None:
         """New basis, then the ``state_on_refresh`` policy on the inner state. ``g`` is
         this rank's slice of a sharded gradient when ``shards`` is set: the basis is
-        computed from the whole (gathered) gradient, the state in the local shape."""
+        computed from the whole gradient (:meth:`Projector.refresh`), the state in the
+        local shape."""
         count = state.get(f"{policy.prefix}_count", 0)
         if count == 0:  # a placeholder (made for a checkpoint, _init_for_checkpoint)
             proj.clear(state)
         first = not proj.has_basis(state)
-        full = g if shards is None else shards.gather(g)
-        rots = proj.refresh(state, full, seed=count)
-        low = torch.empty(fsdp.local_shape(proj.low_rank_shape(state, full.shape), shards,
-                                           g), device=p.device)
-        del full
+        rots = proj.refresh(state, g, seed=count, shards=shards)
+        shape = g.shape if shards is None else shards.shape
+        low = torch.empty(fsdp.local_shape(proj.low_rank_shape(state, shape), shards, g),
+                          device=p.device)
         if first:
             self.rule.init(state, low, group)
         else:

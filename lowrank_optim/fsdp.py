@@ -93,6 +93,78 @@ class Shards:
         """The whole matrix from every rank's slice ``local`` (one all-gather)."""
         return self.wrap(local, self.dim, self.size).full_tensor()
 
+    def offset(self) -> int:
+        """Where this rank's slice starts on ``dim`` (``torch.chunk``'s split, as FSDP2's)."""
+        chunk = -(-self.size // self.mesh.size())
+        return min(self.mesh.get_local_rank() * chunk, self.size)
+
+    def _tsqr(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """QR of the tall matrix whose row slices are the ranks' ``y`` (k columns) by
+        TSQR: a local QR, an all-gather of the k×k triangles, the QR of their stack.
+        Returns this rank's rows of Q, R, and the stack (R and the stack are the same
+        on every rank)."""
+        k = y.shape[1]
+        q, r = torch.linalg.qr(y)
+        mine = y.new_zeros(k, k)
+        mine[:r.shape[0]] = r
+        stack = y.new_empty(self.mesh.size() * k, k)
+        dist.all_gather_into_tensor(stack, mine, group=self.group)
+        q2, r2 = torch.linalg.qr(stack)
+        i = self.mesh.get_local_rank() * k
+        return q @ q2[i:i + r.shape[0]], r2, stack
+
+    def randomized_svd(self, local: Tensor, rank: int, oversample: int = 8, niter: int = 1,
+                       seed: int = 0) -> Optional[tuple[Tensor, Tensor]]:
+        r""":func:`lowrank_optim.projector.compute_basis`'s randomized SVD of the whole
+        matrix :math:`G` whose slice on this rank is ``local``, without gathering
+        :math:`G`: the same seeded sketch :math:`\Omega` (n×q, q = r + oversample), the
+        range of :math:`G\Omega` orthonormalised by TSQR (rows split) or from an
+        all-reduce of the m×q sketch (columns split), ``niter`` power iterations, then
+        the small SVD. Returns ``(U_r, V_r)``, the factor on the sharded dimension as
+        this rank's slice and the other whole (the same on every rank; the one a basis
+        may use), or ``None`` when :math:`G` has NaN/Inf values, which every rank sees
+        in the first gathered or reduced sketch, so they all decide alike.
+
+        Communication per rank (float32, W ranks, rows split): (1+niter) all-gathers
+        of W q×q triangles and (niter+1) all-reduces of q×n, against the m×n all-gather
+        of ``svd="exact"`` (columns split: m and n swap roles)."""
+        a = local.float()
+        m, n = (self.size, a.shape[1]) if self.dim == 0 else (a.shape[0], self.size)
+        r = min(rank, m, n)
+        q = min(r + oversample, m, n)
+        gen = torch.Generator(device=a.device).manual_seed(seed)
+        sketch = torch.randn(n, q, generator=gen, device=a.device)
+        if self.dim == 0:  # rows split: the range lives in row slices (TSQR)
+            basis, _, stack = self._tsqr(a @ sketch)
+            if not bool(torch.isfinite(stack).all()):
+                return None
+            for _ in range(niter):
+                z = torch.linalg.qr(self.all_reduce_(a.T @ basis)).Q
+                basis = self._tsqr(a @ z)[0]
+            b = self.all_reduce_(basis.T @ a)  # q×n, whole
+            if n <= q:
+                ub, _, vh = torch.linalg.svd(b, full_matrices=False)
+                return (basis @ ub)[:, :r].contiguous(), vh[:r].T.contiguous()
+            qb, rb = torch.linalg.qr(b.T)
+            ub, _, wh = torch.linalg.svd(rb.T)
+            return (basis @ ub[:, :r]).contiguous(), qb @ wh[:r].T
+        # columns split: the sketch's rows follow the columns; the range is whole
+        off = self.offset()
+        y = self.all_reduce_(a @ sketch[off:off + a.shape[1]])
+        if not bool(torch.isfinite(y).all()):
+            return None
+        basis = torch.linalg.qr(y).Q
+        for _ in range(niter):
+            z = self._tsqr(a.T @ basis)[0]
+            basis = torch.linalg.qr(self.all_reduce_(a @ z)).Q
+        b = basis.T @ a  # q × (this rank's columns)
+        if n <= q:
+            ub, _, vh = torch.linalg.svd(self.gather(b), full_matrices=False)
+            return (basis @ ub)[:, :r].contiguous(), vh[:r].T[off:off + a.shape[1]].contiguous()
+        qb, rb, _ = self._tsqr(b.T)
+        ub, _, wh = torch.linalg.svd(rb.T)
+        return (basis @ ub[:, :r]).contiguous(), qb @ wh[:r].T
+
 
 def local_shape(shape, shards: Optional[Shards], local: Tensor) -> tuple:
     """``shape`` (of a whole low-rank matrix) with the sharded dimension's size taken

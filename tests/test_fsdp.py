@@ -175,6 +175,39 @@ def _dcp(rank: int, tmp: str) -> dict:
     return out
 
 
+def _nonfinite(rank: int) -> dict:
+    """A NaN in rank 0's slice of two gradients (one per shard dimension) at a refresh:
+    every rank keeps the basis (and warns), none waits alone in a collective; at the
+    first refresh every rank raises."""
+    import warnings
+
+    out = {}
+    for svd in ("exact", "randomized"):
+        model = _sharded_model()
+        opt = lo.GaLoreAdamW(model.parameters(), **dict(_G, svd=svd, stagger=False))
+        mats = (model.emb.weight, model.fc1.weight)
+        _train(model, opt, rank, range(_G["update_proj_gap"]))
+        before = [opt.basis(p).clone() for p in mats]
+        loss_fn(model, tuple(t[rank * 8:(rank + 1) * 8] for t in _data()[0])).backward()
+        if rank == 0:
+            for p in mats:
+                p.grad.to_local()[0, 0] = float("nan")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        out[svd] = dict(kept=all(torch.equal(b, opt.basis(p)) for b, p in zip(before, mats)),
+                        warned=sum("Non-finite" in str(w.message) for w in caught))
+        model = _sharded_model()
+        opt = lo.GaLoreAdamW(model.parameters(), **dict(_G, svd=svd))
+        loss_fn(model, tuple(t[rank * 8:(rank + 1) * 8] for t in _data()[0])).backward()
+        if rank == 0:
+            model.fc1.weight.grad.to_local()[0, 0] = float("inf")
+        out[f"{svd}_first"] = _error(opt.step)
+    every = [None] * WORLD
+    dist.all_gather_object(every, out)
+    return every
+
+
 def _error(fn) -> str | None:
     try:
         fn()
@@ -211,10 +244,11 @@ def _worker(rank: int, port: int, tmp: str) -> None:
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     results = {}
     try:
-        for name in [*SCENARIOS, "dcp", "errors"]:
+        extra = {"dcp": lambda: _dcp(rank, tmp), "errors": _errors,
+                 "nonfinite": lambda: _nonfinite(rank)}
+        for name in [*SCENARIOS, *extra]:
             try:
-                results[name] = (_dcp(rank, tmp) if name == "dcp" else _errors()
-                                 if name == "errors" else _run(name, rank))
+                results[name] = extra[name]() if name in extra else _run(name, rank)
             except Exception:  # noqa: BLE001 - the test of this scenario fails with it
                 results[name] = traceback.format_exc()
         if rank == 0:
@@ -281,15 +315,21 @@ def test_equals_single_process_within_adamw_drift(results, name):
 
 @pytest.mark.parametrize("name", ["adamw", "adamw_reset_wd", "randomized", "adafactor"])
 def test_communication_only_at_refreshes(results, name):
-    """Adam: nothing between refreshes, one all-gather per refreshed matrix. Adafactor:
-    plus, per step, one all-reduce for a matrix's factors and one for the RMS clip of
-    every parameter."""
+    """Every collective of ``opt.step()``: an Adam step sends nothing but, per refreshed
+    matrix, one all-gather of its gradient (``svd="exact"``) or, randomized, two
+    all-gathers of q×q triangles and two all-reduces of sketches (the gradient is never
+    gathered). Adafactor adds, per step, one all-reduce for a matrix's factors and one
+    for the RMS clip of every parameter."""
     log = _result(results, name)["comm"]
     per_step = 0 if name != "adafactor" else 2 * 3 + 2  # Net's 3 matrices, 2 biases
+    per_refresh = (["_allgather_base_"] * 2 + ["allreduce_"] * 2 if name == "randomized"
+                   else ["all_gather_into_tensor"])
     assert any(n == 0 for n, _ in log) and any(n > 0 for n, _ in log)
     for refreshed, ops in log:
-        assert ops.count("all_gather_into_tensor") == refreshed, (refreshed, ops)
-        assert len(ops) == refreshed + per_step, (refreshed, ops)
+        for op in set(per_refresh):
+            assert ops.count(op) == refreshed * per_refresh.count(op) + (
+                per_step if op == "allreduce_" else 0), (refreshed, ops)
+        assert len(ops) == refreshed * len(per_refresh) + per_step, (refreshed, ops)
 
 
 def test_state_layout(results):
@@ -343,6 +383,13 @@ def test_dcp_two_rank_checkpoint_on_one_process(results):
     _single(model=model, opt=opt, steps=range(HALF, STEPS))
     ref, _ = _single()
     assert _drift({n: p.detach() for n, p in model.named_parameters()}, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_nonfinite_gradient_slice_at_refresh(results, svd):
+    for r in _result(results, "nonfinite"):  # every rank
+        assert r[svd]["kept"] and r[svd]["warned"] == 2
+        assert r[f"{svd}_first"].startswith("FloatingPointError"), r[f"{svd}_first"]
 
 
 def test_clear_errors(results):
