@@ -21,6 +21,11 @@ Under FSDP2 every parameter and gradient is a ``DTensor``: each rank holds one s
   on every rank, so all ranks keep or refresh the basis together (no rank waits alone
   in a collective). ``svd="randomized"`` gathers the gradient as well (a distributed
   sketch that never gathers it is not implemented yet);
+* ``GaLoreAdamW8bit``'s 8-bit moments (blocks of 256 elements, one absmax each) work
+  where each rank's slice is whole blocks of the single-process moment (a row-split
+  moment whose rows per rank times its row length is a multiple of 256: LLaMA-7B's
+  attention and gate/up matrices at 8 and 64 ranks); elsewhere a clear error
+  (:func:`_check_blocks`, ``benchmarks/bench_fsdp.py`` counts the cases);
 * ``GaLoreAdafactor``'s factored second moment and its RMS clipping are means over the
   whole low-rank matrix: two small all-reduces per step (r+1 and 1 floats), so its
   steps also equal the single-process ones.
@@ -29,12 +34,14 @@ What cannot work raises a clear error at construction (:func:`check_param`): a b
 that would lie on the sharded dimension (a left basis on a ``Shard(0)`` matrix needs an
 r×n all-reduce at every step: shard that matrix on dim 1 with
 :func:`shard_placement_fn`, or choose another ``proj_type``), ``proj_type="full"``,
-meshes of more than one dimension (HSDP, tensor parallelism), and the optimizers whose
-state cannot be sharded yet (8-bit moments, Q-GaLore, LoQT: see :data:`UNSUPPORTED`).
+meshes of more than one dimension (HSDP, tensor parallelism), 8-bit moments whose
+blocks do not line up with the shards, and the optimizers whose state cannot be sharded
+yet (Q-GaLore, LoQT: see :data:`UNSUPPORTED`).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -46,7 +53,7 @@ from torch import Tensor
 from .distributed import _dtensor_class
 from .projector import BOTH, LEFT, RIGHT, choose_side
 
-__all__ = ["is_sharded", "Shards", "shards_of", "local_shape", "check_param", "local_view",
+__all__ = ["is_sharded", "Shards", "shards_of", "local_shape", "global_numel", "check_param", "local_view",
            "shard_placement_fn", "stepping", "is_checkpoint_init"]
 
 
@@ -185,11 +192,8 @@ def shards_of(p: Tensor) -> Optional[Shards]:
 
 # the optimizers that cannot step sharded parameters yet, and why
 UNSUPPORTED = {
-    "GaLoreAdamW8bit": "its 8-bit moments are quantized in blocks of 256 elements of the "
-                       "flattened low-rank matrix, which do not line up with the rows of a "
-                       "shard unless (rows per rank)·rank is a multiple of 256",
-    "QGaLoreAdamW8bit": "its INT8 weights are a tensor subclass that FSDP2 cannot shard, and "
-                        "its 8-bit moments have GaLoreAdamW8bit's block alignment problem",
+    "QGaLoreAdamW8bit": "its INT8 weights are a tensor subclass that FSDP2 cannot shard, its "
+                        "quantized basis and lazy refresh queue are not made rank-symmetric",
     "LoQTAdamW": "its layers hold quantized weights and a projection as buffers that every "
                  "rank would have to merge from the whole weight",
     "LoQTAdamW8bit": "see LoQTAdamW",
@@ -209,13 +213,16 @@ def check_param(optimizer, p: Tensor, group: dict, where: str) -> None:
         why = UNSUPPORTED.get(name, "it has not been made to work on shards")
         raise NotImplementedError(
             f"{name} does not support FSDP2-sharded parameters ({desc}): {why}. Use "
-            "GaLoreAdamW or GaLoreAdafactor under FSDP2, or DistributedDataParallel "
+            "GaLoreAdamW, GaLoreAdamW8bit or GaLoreAdafactor under FSDP2, or "
+            "DistributedDataParallel "
             f"(per-layer mode: opt.register_hooks(ddp_model)) with {name}.")
     if p.device_mesh.ndim != 1 or not isinstance(p.placements[0], Shard):
         raise NotImplementedError(
             f"{name} supports FSDP2 on a one-dimensional mesh with a Shard placement; "
             f"{desc} is on a {p.device_mesh.ndim}-D mesh (HSDP or tensor parallelism). "
             "Shard the model with fully_shard on a 1-D mesh, or use DistributedDataParallel.")
+    if "min_8bit_size" in group:
+        _check_blocks(optimizer, p, group, desc)
     if p.dim() != 2 or not optimizer.is_projected(p, group):
         return
     dim, ptype = p.placements[0].dim, group["proj_type"]
@@ -227,14 +234,69 @@ def check_param(optimizer, p: Tensor, group: dict, where: str) -> None:
     basis_dim = 0 if side == LEFT else 1
     if basis_dim == dim:
         other, dims = 1 - dim, ("rows", "columns")
+        how = (f"does so when {p.shape[1]} divides by the world size" if other == 1 else
+               "keeps FSDP2's default Shard(0) for it")
+        fn = "shard_placement_fn()" if ptype == "std" else f"shard_placement_fn({ptype!r})"
         raise ValueError(
             f"{name}: proj_type={ptype!r} puts the basis of {desc} on its {dims[dim]} "
             f"(dim {dim}), the dimension FSDP2 shards: projecting would need an all-reduce "
             f"at every step. Shard it on dim {other} instead: fully_shard(..., "
-            f"shard_placement_fn=lowrank_optim.shard_placement_fn()) does so when "
-            f"{p.shape[other]} divides by the world size; or use proj_type="
+            f"shard_placement_fn=lowrank_optim.{fn}) {how}; or use proj_type="
             f"{'right' if side == LEFT else 'left'!r} for it (a {p.shape[1 - basis_dim]}"
             f"-row basis), or put it in a param group with rank=None (plain AdamW).")
+
+
+def _moment_shape(optimizer, p: Tensor, group: dict) -> tuple:
+    """The global shape of ``p``'s moments (the low-rank shape of a projected matrix)."""
+    if p.dim() != 2 or not optimizer.is_projected(p, group):
+        return tuple(p.shape)
+    m, n = p.shape
+    r = min(group["rank"], m, n)
+    side = choose_side(p.shape, group["proj_type"])
+    return {LEFT: (r, n), RIGHT: (m, r), BOTH: (r, r)}[side]
+
+
+def _check_blocks(optimizer, p: Tensor, group: dict, desc: str) -> None:
+    """8-bit moments (blocks of 256 elements of the flattened moment, one absmax each) on
+    a shard: each rank's slice must be whole blocks of the single-process moment, so that
+    every rank quantizes exactly the blocks one process would, and the absmax vector
+    splits like a ``Shard(0)`` DTensor (then DCP reshards both exactly). That holds for
+    a row-split moment whose rows per rank times its row length is a multiple of 256;
+    never for a column-split one (a rank's columns are not contiguous in it)."""
+    from .functional import BLOCK_8BIT
+
+    shape = _moment_shape(optimizer, p, group)
+    numel = math.prod(shape)
+    if numel < group["min_8bit_size"]:
+        return  # float32 moments
+    dim, world = p.placements[0].dim, p.device_mesh.size()
+    row = numel // shape[0]
+    rows = -(-shape[0] // world)
+    blocks = -(-numel // BLOCK_8BIT)
+    fix = (f"Use GaLoreAdamW, or min_8bit_size > {numel} to keep this tensor's moments in "
+           "float32")
+    if dim != 0 and len(shape) == 2:
+        raise ValueError(
+            f"{type(optimizer).__name__}: the 8-bit moments of {desc}, shape {shape}, are "
+            f"split on their columns, and a rank's columns are not contiguous in the "
+            f"256-element blocks of the flattened moment. {fix}, or proj_type='right' for "
+            "this matrix with FSDP2's default Shard(0).")
+    if (rows * row) % BLOCK_8BIT or -(-blocks // world) != rows * row // BLOCK_8BIT:
+        raise ValueError(
+            f"{type(optimizer).__name__}: the 8-bit moments of {desc}, shape {shape}, hold "
+            f"{rows} rows × {row} = {rows * row} elements per rank, not an even split of "
+            f"its {blocks} whole blocks of {BLOCK_8BIT} over {world} ranks: the ranks would "
+            f"quantize other blocks than one process. {fix}.")
+
+
+def global_numel(local: Tensor) -> int:
+    """The number of elements of the whole tensor whose slice is ``local`` while a
+    sharded parameter is stepped (:func:`stepping`; ``local.numel()`` otherwise): the
+    size a rule's choices (8-bit or float32 moments) must depend on."""
+    shards = stepping()
+    if shards is None or local.dim() <= shards.dim:
+        return local.numel()
+    return math.prod(shards.size if i == shards.dim else s for i, s in enumerate(local.shape))
 
 
 def shard_placement_fn(proj_type: str = "std", world_size: Optional[int] = None) -> Callable:
@@ -293,16 +355,22 @@ def local_view(p: Tensor, grad: Optional[Tensor], state: dict):
             del state[k]
         for k, v in view.items():
             if k not in before or v is not before[k]:
-                state[k] = _store_back(k, v, shards)
+                state[k] = _store_back(k, v, shards, view)
 
 
-def _store_back(key: str, v, shards: Shards):
+def _store_back(key: str, v, shards: Shards, view: dict):
     """A state entry as stored: a moment (shaped like the local gradient or its
     projection, split on the same dimension) as a ``DTensor``; the basis (``proj*``),
     numbers and a replicated Adafactor factor as they are."""
     if not isinstance(v, Tensor) or key.startswith("proj"):
         return v
     d = shards.dim
+    if key.endswith("_absmax"):  # 8-bit: one per 256-element block, whole blocks per rank
+        from .functional import BLOCK_8BIT
+
+        codes = view[key[:-len("_absmax")] + "_codes"]
+        numel = codes.numel() // max(1, codes.shape[0]) * shards.size
+        return shards.wrap(v, 0, -(-numel // BLOCK_8BIT))
     if key in ("exp_avg_sq_row", "exp_avg_sq_col"):  # Adafactor's factors of a matrix
         own = 0 if key == "exp_avg_sq_row" else 1
         return shards.wrap(v, 0, shards.shape[own]) if own == d else v

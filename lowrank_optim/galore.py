@@ -112,6 +112,7 @@ class GaLoreAdamW8bit(LowRankOptimizer):
     """
 
     rule = rules.Adam8bit()
+    supports_fsdp2 = True  # where its blocks line up with the shards (lowrank_optim.fsdp)
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: Optional[int] = 128,

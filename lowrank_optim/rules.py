@@ -93,7 +93,7 @@ class Adam8bit(Adam):
         check_int("min_8bit_size", group["min_8bit_size"], 0)
 
     def init(self, state, like, group):
-        if like.numel() >= group["min_8bit_size"]:
+        if fsdp.global_numel(like) >= group["min_8bit_size"]:  # a shard: the whole tensor's
             F.init_adam8bit(state, like)
         else:
             super().init(state, like, group)

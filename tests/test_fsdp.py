@@ -12,6 +12,8 @@ left bases; ``fc1``'s tall weight and the biases on dim 0) and trains it for
 * an Adam step communicates nothing but a refresh's all-gather of that layer's gradient
   (every collective of ``opt.step()`` counted); Adafactor's two small all-reduces;
 * the moments are DTensors of the single-process shapes, the basis a plain tensor;
+  ``GaLoreAdamW8bit``'s codes and absmax blocks, where they line up with the shards, load
+  on one process as exactly the tensors the ranks held;
 * per-layer mode (``opt.register_hooks(model)``) equals normal stepping;
 * ``torch.distributed.checkpoint``: save → load into a fresh optimizer → continue equals
   the uninterrupted run bit for bit; a 2-rank checkpoint continues on 1 process and a
@@ -49,6 +51,9 @@ SCENARIOS = {  # name: (optimizer class, kwargs, per-layer hooks)
                                             stagger=False), False),
     "randomized": (lo.GaLoreAdamW, dict(_G, svd="randomized"), False),
     "adafactor": (lo.GaLoreAdafactor, _G, False),
+    # 8-bit moments where their 256-element blocks line up with the shards: Tall's fc1
+    # moment (256×4, 512 elements per rank); the others are below min_8bit_size
+    "adamw8bit": (lo.GaLoreAdamW8bit, dict(_G, proj_type="right", min_8bit_size=512), False),
     "torch_adamw": (torch.optim.AdamW, dict(lr=1e-2), False),  # the drift FSDP2 itself shows
 }
 
@@ -67,16 +72,33 @@ class _Collectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class Tall(torch.nn.Module):
+    """Linear(16, 256) -> tanh -> Linear(256, 8) (``registry.Net``'s inputs and targets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 256), torch.nn.Linear(256, 8)
+
+    def forward(self, tok, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _make(name: str = ""):
+    torch.manual_seed(0)
+    return Tall() if name.endswith("8bit") else make_model()
+
+
 @functools.lru_cache
 def _data() -> list:
     return make_batches(STEPS, seed=1, batch=BATCH)
 
 
-def _sharded_model():
+def _sharded_model(name: str = ""):
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model()
-    fully_shard(model, shard_placement_fn=lo.shard_placement_fn())
+    model = _make(name)
+    proj_type = SCENARIOS.get(name, (None, {}))[1].get("proj_type", "std")
+    fully_shard(model, shard_placement_fn=lo.shard_placement_fn(proj_type))
     return model
 
 
@@ -111,14 +133,22 @@ def _state_layout(opt, model) -> dict:
 
 def _run(name: str, rank: int) -> dict:
     cls, kwargs, hooks = SCENARIOS[name]
-    model = _sharded_model()
+    model = _sharded_model(name)
     opt = cls(model.parameters(), **kwargs)
     if hooks:
         opt.register_hooks(model)
     log = []
     _train(model, opt, rank, range(STEPS), hooks, log)
-    return dict(params=_full(model), comm=log, layout=_state_layout(opt, model),
-                grads_left=any(p.grad is not None for p in model.parameters()))
+    out = dict(params=_full(model), comm=log, layout=_state_layout(opt, model),
+               grads_left=any(p.grad is not None for p in model.parameters()))
+    if name.endswith("8bit"):  # its whole state, and a checkpoint one process loads
+        import torch.distributed.checkpoint as dcp
+
+        out["state"] = {n: {k: v.full_tensor() if lo.fsdp.is_sharded(v) else v
+                            for k, v in opt.state[p].items()}
+                        for n, p in model.named_parameters()}
+        dcp.save(_dcp_state(model, opt), checkpoint_id=f"{_TMP[0]}/{name}")
+    return out
 
 
 def _dcp_state(model, opt):
@@ -231,15 +261,23 @@ def _errors() -> dict:
         "row_sharded": _error(lambda: lo.GaLoreAdamW(rows.parameters(), **_G)),
         "hooks": _error(lambda: hooks_opt.register_hooks(sharded)),
         "full": _error(lambda: lo.GaLoreAdamW(sharded.parameters(), **_G, proj_type="full")),
-        "8bit": _error(lambda: lo.GaLoreAdamW8bit(sharded.parameters(), **_G)),
+        "8bit_columns": _error(lambda: lo.GaLoreAdamW8bit(sharded.parameters(), **_G,
+                                                          min_8bit_size=64)),
+        "8bit_rows": _error(lambda: lo.GaLoreAdamW8bit(
+            _sharded_model("adamw8bit").parameters(), **dict(_G, proj_type="right"),
+            min_8bit_size=64)),
         "q_galore": _error(lambda: lo.QGaLoreAdamW8bit(sharded.parameters(), **_G)),
         "hsdp": _error(lambda: lo.GaLoreAdamW(hsdp.parameters(), **_G)),
         "plain_group": _error(lambda: lo.GaLoreAdamW(rows.parameters(), lr=1e-2, rank=None)),
     }
 
 
+_TMP = [None]
+
+
 def _worker(rank: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
+    _TMP[0] = tmp
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     results = {}
@@ -259,7 +297,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 
 def _single(cls=lo.GaLoreAdamW, kwargs=_G, steps=range(STEPS), model=None, opt=None):
     """One process on the whole batch."""
-    model = model or make_model()
+    model = model or _make(cls.__name__)
     opt = opt or cls(model.parameters(), **kwargs)
     for step in steps:
         loss_fn(model, _data()[step]).backward()
@@ -299,7 +337,8 @@ def _drift(params: dict, model) -> float:
                for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw_reset_wd", "randomized", "adafactor"])
+@pytest.mark.parametrize("name", ["adamw", "adamw_reset_wd", "randomized", "adafactor",
+                                  "adamw8bit"])
 def test_equals_single_process_within_adamw_drift(results, name):
     """Measured (8 steps, relative to each tensor's largest entry): torch AdamW under
     FSDP2 drifts 9e-8 from one process; GaLoreAdamW 3.4e-7, GaLoreAdafactor 2.3e-7 (a
@@ -313,7 +352,8 @@ def test_equals_single_process_within_adamw_drift(results, name):
     assert drift <= 10 * adamw, (drift, adamw)
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw_reset_wd", "randomized", "adafactor"])
+@pytest.mark.parametrize("name", ["adamw", "adamw_reset_wd", "randomized", "adafactor",
+                                  "adamw8bit"])
 def test_communication_only_at_refreshes(results, name):
     """Every collective of ``opt.step()``: an Adam step sends nothing but, per refreshed
     matrix, one all-gather of its gradient (``svd="exact"``) or, randomized, two
@@ -392,6 +432,22 @@ def test_nonfinite_gradient_slice_at_refresh(results, svd):
         assert r[f"{svd}_first"].startswith("FloatingPointError"), r[f"{svd}_first"]
 
 
+def test_8bit_two_rank_checkpoint_is_the_single_process_state(results):
+    """The 8-bit codes and absmax blocks of the two ranks, loaded by one process, are
+    the tensors the ranks held (their full_tensor), bit for bit, and of the shapes one
+    process creates."""
+    r = _result(results, "adamw8bit")
+    cls, kwargs, _ = SCENARIOS["adamw8bit"]
+    model, opt = _single(cls, kwargs, steps=range(1))
+    _dcp_load(model, opt, f"{results['tmp']}/adamw8bit", no_dist=True)
+    assert "exp_avg_codes" in opt.state[model.fc1.weight]  # 8-bit moments were sharded
+    for n, p in model.named_parameters():
+        assert opt.state[p].keys() == r["state"][n].keys(), n
+        for k, v in opt.state[p].items():
+            ranks = r["state"][n][k]
+            assert torch.equal(v, ranks) if isinstance(v, torch.Tensor) else v == ranks, (n, k)
+
+
 def test_clear_errors(results):
     e = _result(results, "errors")
     assert e["row_sharded"].startswith("ValueError")
@@ -399,9 +455,12 @@ def test_clear_errors(results):
                  "shard_placement_fn", "proj_type='right'"):
         assert part in e["row_sharded"], part
     assert e["hooks"].startswith("ValueError") and "'emb.weight'" in e["hooks"]
+    assert "shard_placement_fn('reverse_std')" in e["hooks"]
     assert e["full"].startswith("NotImplementedError") and "proj_type='full'" in e["full"]
-    for key, what in (("8bit", "blocks of 256"), ("q_galore", "INT8"),
-                      ("hsdp", "2-D mesh")):
+    assert e["8bit_columns"].startswith("ValueError") and "columns" in e["8bit_columns"]
+    for part in ("(256,)", "128 rows × 1 = 128 elements per rank", "min_8bit_size > 256"):
+        assert part in e["8bit_rows"], (part, e["8bit_rows"])
+    for key, what in (("q_galore", "INT8"), ("hsdp", "2-D mesh")):
         assert e[key].startswith("NotImplementedError") and what in e[key], e[key]
         assert "FSDP2" in e[key]
     assert e["plain_group"] is None  # rank=None: plain AdamW on any shard
@@ -417,4 +476,5 @@ def test_shard_placement_fn():
     assert lo.shard_placement_fn("right", world_size=2)(torch.zeros(8, 32)) is None
     with pytest.raises(ValueError, match="proj_type"):
         lo.shard_placement_fn("diagonal")
+
 
