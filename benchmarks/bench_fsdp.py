@@ -25,7 +25,7 @@ side (``proj_type="std"``: min(m, n)), q = min(r + 8, m, n), one power iteration
 LLaMA-7B (d=4096, h=11008, 32 blocks, vocab 32000; embeddings, head and norms plain
 AdamW) is evaluated in closed form at 8 and 64 ranks. A last table says, for each
 LLaMA-7B matrix, whether ``GaLoreAdamW8bit``'s 256-element moment blocks would line up
-with the shard boundaries (the reason it raises under FSDP2).
+with the shard boundaries (where they do not, it raises a ValueError under FSDP2).
 """
 from __future__ import annotations
 

@@ -18,6 +18,10 @@ gradient it runs one pipeline:
    update adds a residual or rescales the full gradient (Fira, APOLLO) overrides this
    step (and sets ``needs_full_grad`` to receive the gradient there).
 
+An FSDP2-sharded parameter (a ``DTensor``) runs the same pipeline on this rank's slices
+of the parameter, gradient and state (:func:`lowrank_optim.fsdp.local_view`); its
+refresh computes the basis from the whole gradient.
+
 The base knows no rule's state keys and no layer type: a parameter stored in another
 form (Q-GaLore's INT8 :class:`~lowrank_optim.nn.QuantWeight`) is updated through its
 ``dequantize()``/``requantize_()`` (:meth:`LowRankOptimizer._apply`).

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowrank_optim as lo
-from registry import loss_fn, make_batches, make_model
+from registry import error_text, loss_fn, make_batches, make_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.cpu_only(reason="gloo process groups of forked CPU processes"),
@@ -207,20 +207,12 @@ def _resume(sc: Scenario, rank: int, path: str) -> torch.Tensor:
     return _gather(model)
 
 
-def _error(fn) -> str | None:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - reported to the parent as text
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def _errors() -> dict:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
     ddp = DDP(make_model())
     ddp.register_comm_hook(None, fp16_compress_hook)
-    return {"second_hook": _error(
+    return {"second_hook": error_text(
         lambda: lo.GaLoreAdamW(ddp.parameters(), **_G).register_hooks(ddp))}
 
 
