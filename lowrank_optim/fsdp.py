@@ -68,7 +68,6 @@ class Shards:
     ``size`` elements there in all (the global shape is ``shape``)."""
 
     mesh: object
-    placements: tuple
     dim: int
     shape: tuple
 
@@ -187,7 +186,7 @@ def shards_of(p: Tensor) -> Optional[Shards]:
     """The :class:`Shards` of a sharded parameter (``None`` for a plain tensor)."""
     if not is_sharded(p):
         return None
-    return Shards(p.device_mesh, tuple(p.placements), p.placements[0].dim, tuple(p.shape))
+    return Shards(p.device_mesh, p.placements[0].dim, tuple(p.shape))
 
 
 # the optimizers that cannot step sharded parameters yet, and why

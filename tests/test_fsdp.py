@@ -139,8 +139,12 @@ def _run(name: str, rank: int) -> dict:
         opt.register_hooks(model)
     log = []
     _train(model, opt, rank, range(STEPS), hooks, log)
+    bases = [None] * WORLD  # the replicated bases: the same bits on every rank
+    dist.all_gather_object(bases, [s[k] for s in opt.state.values() for k in s
+                                   if k.startswith("proj") and k != "proj_side"])
     out = dict(params=_full(model), comm=log, layout=_state_layout(opt, model),
-               grads_left=any(p.grad is not None for p in model.parameters()))
+               grads_left=any(p.grad is not None for p in model.parameters()),
+               bases=bases)
     if name.endswith("8bit"):  # its whole state, and a checkpoint one process loads
         import torch.distributed.checkpoint as dcp
 
@@ -363,6 +367,12 @@ def test_communication_only_at_refreshes(results, name):
             assert ops.count(op) == refreshed * per_refresh.count(op) + (
                 per_step if op == "allreduce_" else 0), (refreshed, ops)
         assert len(ops) == refreshed * len(per_refresh) + per_step, (refreshed, ops)
+
+
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if n != "torch_adamw"])
+def test_bases_identical_on_every_rank(results, name):
+    bases = _result(results, name)["bases"]
+    assert bases[0] and all(torch.equal(a, b) for a, b in zip(bases[0], bases[1]))
 
 
 def test_state_layout(results):
