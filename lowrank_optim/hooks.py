@@ -72,7 +72,10 @@ the hooks (a PyTorch property); register them on the copy.
 
 Under FSDP2 pass the ``fully_shard``-ed model: FSDP2 calls post-accumulate-grad hooks on
 the *sharded* parameter after its reduce-scatter, so each parameter is stepped there on
-its local slice (:mod:`lowrank_optim.fsdp`), refresh collectives included.
+its local slice (:mod:`lowrank_optim.fsdp`), refresh collectives included. Gradient
+accumulation: with a reduce-scatter every micro-batch, ``accumulation_steps=N``; with
+``model.set_requires_gradient_sync(False)`` on all but the last micro-batch, leave
+``accumulation_steps=1`` (FSDP2 reduce-scatters, and calls the hooks, only on the last).
 """
 from __future__ import annotations
 

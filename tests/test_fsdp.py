@@ -155,6 +155,32 @@ def _run(name: str, rank: int) -> dict:
     return out
 
 
+def _accumulate(rank: int) -> dict:
+    """Two micro-batches per step (each rank's half batch split in two), normal and
+    per-layer stepping: reduce-scattered every micro-batch (hooks with
+    ``accumulation_steps=2``), or the first under ``set_requires_gradient_sync(False)``
+    (FSDP2 then reduce-scatters, and calls the hooks, once: ``accumulation_steps=1``)."""
+    out = {}
+    for no_sync in (False, True):
+        for hooks in (False, True):
+            model = _sharded_model()
+            opt = lo.GaLoreAdamW(model.parameters(), **_G)
+            if hooks:
+                opt.register_hooks(model, accumulation_steps=1 if no_sync else 2)
+            for step in range(STEPS):
+                for i in range(2):
+                    if no_sync:
+                        model.set_requires_gradient_sync(i == 1)
+                    start = rank * BATCH // WORLD + i * BATCH // 4
+                    micro = tuple(t[start:start + BATCH // 4] for t in _data()[step])
+                    (loss_fn(model, micro) / 2).backward()
+                if not hooks:
+                    opt.step()
+                    opt.zero_grad()
+            out[(no_sync, hooks)] = _full(model)
+    return out
+
+
 def _dcp_state(model, opt):
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -279,6 +305,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     results = {}
     try:
         extra = {"dcp": lambda: _dcp(rank, tmp), "errors": _errors,
+                 "accumulate": lambda: _accumulate(rank),
                  "nonfinite": lambda: _nonfinite(rank)}
         for name in [*SCENARIOS, *extra]:
             try:
@@ -392,6 +419,14 @@ def test_hooks_equal_normal_stepping(results):
     assert not r["grads_left"]
     step = _result(results, "adamw")["params"]
     for n, t in r["params"].items():
+        assert torch.equal(t, step[n]), n
+
+
+@pytest.mark.parametrize("no_sync", [False, True], ids=["sync", "no_sync"])
+def test_hooks_accumulation_equals_normal_stepping(results, no_sync):
+    r = _result(results, "accumulate")
+    step, hooks = r[(no_sync, False)], r[(no_sync, True)]
+    for n, t in hooks.items():
         assert torch.equal(t, step[n]), n
 
 
