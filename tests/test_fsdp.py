@@ -54,6 +54,8 @@ SCENARIOS = {  # name: (optimizer class, kwargs, per-layer hooks)
     # 8-bit moments where their 256-element blocks line up with the shards: Tall's fc1
     # moment (256×4, 512 elements per rank); the others are below min_8bit_size
     "adamw8bit": (lo.GaLoreAdamW8bit, dict(_G, proj_type="right", min_8bit_size=512), False),
+    # uneven shards: Net(hidden=33), fc1's 33 rows split 17 + 16 (fc2 plain, see _optimizer)
+    "uneven": (lo.GaLoreAdamW, _G, False),
     "torch_adamw": (torch.optim.AdamW, dict(lr=1e-2), False),  # the drift FSDP2 itself shows
 }
 
@@ -83,9 +85,22 @@ class Tall(torch.nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
-def _make(name: str = ""):
+CHECKPOINTED = ("adamw8bit", "uneven")  # also saved by DCP; one process loads them
+
+
+def _make(name: str):
     torch.manual_seed(0)
-    return Tall() if name.endswith("8bit") else make_model()
+    return Tall() if name == "adamw8bit" else make_model(hidden=33 if name == "uneven" else 32)
+
+
+def _optimizer(name: str, model):
+    cls, kwargs, _ = SCENARIOS[name]
+    if name != "uneven":
+        return cls(model.parameters(), **kwargs)
+    # fc2's 8×33 weight: its left basis would be on the rows FSDP2 splits (33 columns do
+    # not divide by 2): plain AdamW, in galore-torch's group format
+    return cls([{"params": [model.emb.weight, model.fc1.weight], "rank": kwargs["rank"]},
+                {"params": [model.fc1.bias, model.fc2.weight, model.fc2.bias]}], **kwargs)
 
 
 @functools.lru_cache
@@ -93,7 +108,7 @@ def _data() -> list:
     return make_batches(STEPS, seed=1, batch=BATCH)
 
 
-def _sharded_model(name: str = ""):
+def _sharded_model(name: str = "adamw"):
     from torch.distributed.fsdp import fully_shard
 
     model = _make(name)
@@ -132,9 +147,9 @@ def _state_layout(opt, model) -> dict:
 
 
 def _run(name: str, rank: int) -> dict:
-    cls, kwargs, hooks = SCENARIOS[name]
+    hooks = SCENARIOS[name][2]
     model = _sharded_model(name)
-    opt = cls(model.parameters(), **kwargs)
+    opt = _optimizer(name, model)
     if hooks:
         opt.register_hooks(model)
     log = []
@@ -145,7 +160,7 @@ def _run(name: str, rank: int) -> dict:
     out = dict(params=_full(model), comm=log, layout=_state_layout(opt, model),
                grads_left=any(p.grad is not None for p in model.parameters()),
                bases=bases)
-    if name.endswith("8bit"):  # its whole state, and a checkpoint one process loads
+    if name in CHECKPOINTED:  # its whole state, and a checkpoint one process loads
         import torch.distributed.checkpoint as dcp
 
         out["state"] = {n: {k: v.full_tensor() if lo.fsdp.is_sharded(v) else v
@@ -318,10 +333,10 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def _single(cls=lo.GaLoreAdamW, kwargs=_G, steps=range(STEPS), model=None, opt=None):
-    """One process on the whole batch."""
-    model = model or _make(cls.__name__)
-    opt = opt or cls(model.parameters(), **kwargs)
+def _single(name: str = "adamw", steps=range(STEPS), model=None, opt=None):
+    """One process on the whole batch: scenario ``name``'s model and optimizer."""
+    model = model or _make(name)
+    opt = opt or _optimizer(name, model)
     for step in steps:
         loss_fn(model, _data()[step]).backward()
         opt.step()
@@ -361,23 +376,21 @@ def _drift(params: dict, model) -> float:
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw_reset_wd", "randomized", "adafactor",
-                                  "adamw8bit"])
+                                  "adamw8bit", "uneven"])
 def test_equals_single_process_within_adamw_drift(results, name):
     """Measured (8 steps, max |Δ| relative to each tensor's largest entry): torch AdamW
     under FSDP2 drifts 1.1e-7 from one process; GaLoreAdamW 3.2e-7 (with reset and
     weight decay 7.7e-7, randomized 2.1e-7, 8-bit 3.8e-7), GaLoreAdafactor 2.2e-7: a
     refresh's SVD of a gradient that differs in its last bits moves the basis a few
     times more than the gradient moved. Bound: 10x AdamW's drift."""
-    cls, kwargs, _ = SCENARIOS[name]
-    adamw = _drift(_result(results, "torch_adamw")["params"],
-                   _single(torch.optim.AdamW, dict(lr=1e-2))[0])
-    drift = _drift(_result(results, name)["params"], _single(cls, kwargs)[0])
+    adamw = _drift(_result(results, "torch_adamw")["params"], _single("torch_adamw")[0])
+    drift = _drift(_result(results, name)["params"], _single(name)[0])
     assert 0 < adamw < 1e-6  # FSDP2's own reduction order: float noise
     assert drift <= 10 * adamw, (drift, adamw)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw_reset_wd", "randomized", "adafactor",
-                                  "adamw8bit"])
+                                  "adamw8bit", "uneven"])
 def test_communication_only_at_refreshes(results, name):
     """Every collective of ``opt.step()``: an Adam step sends nothing but, per refreshed
     matrix, one all-gather of its gradient (``svd="exact"``) or, randomized, two
@@ -470,15 +483,16 @@ def test_nonfinite_gradient_slice_at_refresh(results, svd):
         assert r[f"{svd}_first"].startswith("FloatingPointError"), r[f"{svd}_first"]
 
 
-def test_8bit_two_rank_checkpoint_is_the_single_process_state(results):
-    """The 8-bit codes and absmax blocks of the two ranks, loaded by one process, are
-    the tensors the ranks held (their full_tensor), bit for bit, and of the shapes one
-    process creates."""
-    r = _result(results, "adamw8bit")
-    cls, kwargs, _ = SCENARIOS["adamw8bit"]
-    model, opt = _single(cls, kwargs, steps=range(1))
-    _dcp_load(model, opt, f"{results['tmp']}/adamw8bit", no_dist=True)
-    assert "exp_avg_codes" in opt.state[model.fc1.weight]  # 8-bit moments were sharded
+@pytest.mark.parametrize("name", CHECKPOINTED)
+def test_two_rank_checkpoint_is_the_single_process_state(results, name):
+    """The state of the two ranks (8-bit codes and absmax blocks; uneven 17 + 16 row
+    shards), loaded by one process, is the tensors the ranks held (their full_tensor),
+    bit for bit, and of the shapes one process creates."""
+    r = _result(results, name)
+    model, opt = _single(name, steps=range(1))
+    _dcp_load(model, opt, f"{results['tmp']}/{name}", no_dist=True)
+    if name == "adamw8bit":
+        assert "exp_avg_codes" in opt.state[model.fc1.weight]  # 8-bit moments were sharded
     for n, p in model.named_parameters():
         assert opt.state[p].keys() == r["state"][n].keys(), n
         for k, v in opt.state[p].items():
