@@ -196,7 +196,7 @@ def main(argv=None) -> None:
     numel = sum(m * n for m, n in shapes)
     plain = a.width * a.layers
     got = measure(a)["every"][0]
-    lines = [f"# bench_fsdp: FSDP2 optimizer state and refresh communication", "",
+    lines = ["# bench_fsdp: FSDP2 optimizer state and refresh communication", "",
              f"- command: `{shlex.join(['python', *sys.argv])}`",
              f"- torch {torch.__version__}, {platform.processor() or platform.machine()}, "
              f"gloo, {a.world} ranks, {datetime.date.today()}", "",
@@ -211,7 +211,8 @@ def main(argv=None) -> None:
     for name, label in (("adamw", "torch AdamW"), ("exact", "GaLoreAdamW, svd=exact"),
                         ("randomized", "GaLoreAdamW, svd=randomized")):
         r = got[name]
-        closed_ref = "-" if name == "adamw" else f"{sum(refresh_bytes(m, n, a.rank, a.world, name) for m, n in shapes) / MB:.3f} MB"
+        closed_ref = "-" if name == "adamw" else (
+            f"{sum(refresh_bytes(m, n, a.rank, a.world, name) for m, n in shapes) / MB:.3f} MB")
         lines.append(f"| {label} | {r['state'] / MB:.3f} MB | {closed_state[name] / MB:.3f} MB | "
                      f"{r['refresh'][1]}, {r['refresh'][0] / MB:.3f} MB | {closed_ref} | "
                      f"{r['between'][1]} |")

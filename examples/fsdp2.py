@@ -4,8 +4,8 @@ sharded parameters, normal or per-layer stepping, a distributed checkpoint (DCP)
     torchrun --nproc_per_node=2 examples/fsdp2.py                    # GaLoreAdamW, opt.step()
     torchrun --nproc_per_node=2 examples/fsdp2.py --per_layer=1      # opt.register_hooks(model)
     torchrun --nproc_per_node=2 examples/fsdp2.py --svd=randomized   # distributed sketch
-    torchrun --nproc_per_node=2 examples/fsdp2.py --resume=1         # continue from the DCP checkpoint
-    torchrun --nproc_per_node=1 examples/fsdp2.py --resume=1         # ... on another number of ranks
+    torchrun --nproc_per_node=2 examples/fsdp2.py --resume=1         # continue from the checkpoint
+    torchrun --nproc_per_node=1 examples/fsdp2.py --resume=1         # ... on another world size
     python examples/fsdp2.py                                         # one process, world of 1
 
 Each block and the root are ``fully_shard``-ed with ``lowrank_optim.shard_placement_fn()``,
@@ -60,7 +60,8 @@ def build(dev):
 
 def main() -> None:
     rank, world = setup(device)
-    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else \
+        torch.device("cpu")
     model, opt = build(dev)
     start = 0
     if resume:  # the optimizer's state is created for DCP (no step taken, no basis yet)

@@ -53,7 +53,8 @@ from torch import Tensor
 from .distributed import _dtensor_class
 from .projector import BOTH, LEFT, RIGHT, choose_side
 
-__all__ = ["is_sharded", "Shards", "shards_of", "local_shape", "global_numel", "check_param", "local_view",
+__all__ = ["is_sharded", "Shards", "shards_of", "local_shape", "global_numel", "check_param",
+           "local_view",
            "shard_placement_fn", "stepping", "is_checkpoint_init"]
 
 

@@ -291,7 +291,8 @@ def _errors() -> dict:
     fully_shard(rows)  # every matrix on dim 0: the wide ones' left basis is on the shards
     sharded = _sharded_model()
     hsdp = make_model()
-    fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")))
+    fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, WORLD),
+                                            mesh_dim_names=("replicate", "shard")))
     hooks_opt = lo.GaLoreAdamW(sharded.parameters(), **_G)
     hooks_opt.param_groups[0]["proj_type"] = "reverse_std"  # after construction
     return {
