@@ -157,7 +157,9 @@ def _run(name: str, rank: int) -> dict:
     bases = [None] * WORLD  # the replicated bases: the same bits on every rank
     dist.all_gather_object(bases, [s[k] for s in opt.state.values() for k in s
                                    if k.startswith("proj") and k != "proj_side"])
-    out = dict(params=_full(model), comm=log, layout=_state_layout(opt, model),
+    local = sum(v.to_local().nbytes if lo.fsdp.is_sharded(v) else v.nbytes
+                for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    out = dict(params=_full(model), comm=log, layout=_state_layout(opt, model), local=local,
                grads_left=any(p.grad is not None for p in model.parameters()),
                bases=bases)
     if name in CHECKPOINTED:  # its whole state, and a checkpoint one process loads
@@ -426,6 +428,19 @@ def test_state_layout(results):
         assert {k: s for k, (_, s) in keys.items()} == single[n]
         for k, (kind, _) in keys.items():
             assert kind == ("Tensor" if k.startswith("proj") else "DTensor"), (n, k, kind)
+
+
+def test_state_per_rank_is_the_closed_form(results):
+    """Bytes of state on a rank: a matrix's basis min(m, n)·r whole (replicated), its two
+    moments max(m, n)·r / W; a plain parameter's two moments numel / W each (float32)."""
+    closed = 0
+    for p in make_model().parameters():
+        if p.dim() == 2:
+            r = min(_G["rank"], *p.shape)
+            closed += min(p.shape) * r + 2 * max(p.shape) * r // WORLD
+        else:
+            closed += 2 * p.numel() // WORLD
+    assert _result(results, "adamw")["local"] == 4 * closed
 
 
 def test_hooks_equal_normal_stepping(results):
