@@ -233,6 +233,14 @@ def _dcp(rank: int, tmp: str) -> dict:
     out["fresh"] = _fresh_summary(opt, model)
     _train(model, opt, rank, range(STEPS))
     out["fresh_trained"] = _full(model)
+    # the same in per-layer mode (opt.step() skips the hooked parameters, not DCP's init)
+    model = _sharded_model()
+    opt = lo.GaLoreAdamW(model.parameters(), **_G)
+    opt.register_hooks(model)
+    _dcp_state(model, opt)
+    out["fresh_hooks"] = _fresh_summary(opt, model)
+    _train(model, opt, rank, range(STEPS), hooks=True)
+    out["fresh_hooks_trained"] = _full(model)
     # save at HALF, load into a fresh model and optimizer, continue
     model = _sharded_model()
     opt = lo.GaLoreAdamW(model.parameters(), **_G)
@@ -464,11 +472,12 @@ def test_dcp_fresh_optimizer_takes_no_step(results):
     parameter at step 0 and every matrix without a basis; training from there is the
     run without it, bit for bit (the refresh schedule and its stagger unchanged)."""
     r = _result(results, "dcp")
-    for name, (step, no_basis, count) in r["fresh"].items():
-        assert step == 0 and no_basis, name
-        assert count == (0 if name.endswith("weight") else None), name
-    for n, t in r["fresh_trained"].items():
-        assert torch.equal(t, _result(results, "adamw")["params"][n]), n
+    for mode in ("fresh", "fresh_hooks"):
+        for name, (step, no_basis, count) in r[mode].items():
+            assert step == 0 and no_basis, (mode, name)
+            assert count == (0 if name.endswith("weight") else None), (mode, name)
+        for n, t in r[f"{mode}_trained"].items():
+            assert torch.equal(t, _result(results, "adamw")["params"][n]), (mode, n)
 
 
 def test_dcp_round_trip_is_exact(results):
