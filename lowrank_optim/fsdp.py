@@ -2,8 +2,9 @@ r"""FSDP2 (``torch.distributed.fsdp.fully_shard``): the optimizers on sharded pa
 
 Under FSDP2 every parameter and gradient is a ``DTensor``: each rank holds one slice
 (``Shard(0)``, rows, by default; ``Shard(1)`` where ``fully_shard``'s
-``shard_placement_fn`` says so) on a one-dimensional device mesh. ``GaLoreAdamW`` and
-``GaLoreAdafactor`` step such a parameter on its local slice:
+``shard_placement_fn`` says so) on a one-dimensional device mesh. ``GaLoreAdamW``,
+``GaLoreAdamW8bit`` and ``GaLoreAdafactor`` step such a parameter on its local slice
+(:func:`local_view`), in the same pipeline as a plain one:
 
 * the basis lies on the *unsharded* dimension (a right basis :math:`Q`, n×r, of a
   ``Shard(0)`` matrix; a left basis :math:`P`, m×r, of a ``Shard(1)`` one) and is
@@ -19,8 +20,11 @@ Under FSDP2 every parameter and gradient is a ``DTensor``: each rank holds one s
   and every rank computes the same basis from the same whole matrix: the result equals
   the single-process one. The non-finite check runs on the gathered gradient, identical
   on every rank, so all ranks keep or refresh the basis together (no rank waits alone
-  in a collective). ``svd="randomized"`` gathers the gradient as well (a distributed
-  sketch that never gathers it is not implemented yet);
+  in a collective). ``svd="randomized"`` never gathers the gradient
+  (:meth:`Shards.randomized_svd`): local sketches, TSQR of small q×q triangles and
+  all-reduces of q-column sketches, a few MB per LLaMA-7B matrix against the 64-172 MB
+  of its gradient (``benchmarks/results/fsdp.md``); a NaN/Inf shows in the first
+  reduced sketch, again on every rank;
 * ``GaLoreAdamW8bit``'s 8-bit moments (blocks of 256 elements, one absmax each) work
   where each rank's slice is whole blocks of the single-process moment (a row-split
   moment whose rows per rank times its row length is a multiple of 256: LLaMA-7B's
@@ -41,8 +45,8 @@ yet (Q-GaLore, LoQT: see :data:`UNSUPPORTED`).
 from __future__ import annotations
 
 import contextlib
-import math
 import contextvars
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -54,8 +58,7 @@ from .distributed import _dtensor_class
 from .projector import BOTH, LEFT, RIGHT, choose_side
 
 __all__ = ["is_sharded", "Shards", "shards_of", "local_shape", "global_numel", "check_param",
-           "local_view",
-           "shard_placement_fn", "stepping", "is_checkpoint_init"]
+           "local_view", "shard_placement_fn", "stepping", "is_checkpoint_init"]
 
 
 def is_sharded(p: Tensor) -> bool:
@@ -279,8 +282,8 @@ def _check_blocks(optimizer, p: Tensor, group: dict, desc: str) -> None:
         raise ValueError(
             f"{type(optimizer).__name__}: the 8-bit moments of {desc}, shape {shape}, are "
             f"split on their columns, and a rank's columns are not contiguous in the "
-            f"256-element blocks of the flattened moment. {fix}, or proj_type='right' for "
-            "this matrix with FSDP2's default Shard(0).")
+            f"256-element blocks of the flattened moment. {fix}, or FSDP2's default "
+            "Shard(0) for it (with proj_type='right' if it is projected).")
     if (rows * row) % BLOCK_8BIT or -(-blocks // world) != rows * row // BLOCK_8BIT:
         raise ValueError(
             f"{type(optimizer).__name__}: the 8-bit moments of {desc}, shape {shape}, hold "
