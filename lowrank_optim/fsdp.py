@@ -58,7 +58,7 @@ from .distributed import _dtensor_class
 from .projector import BOTH, LEFT, RIGHT, choose_side
 
 __all__ = ["is_sharded", "Shards", "shards_of", "local_shape", "global_numel", "check_param",
-           "local_view", "shard_placement_fn", "stepping", "is_checkpoint_init"]
+           "local_view", "shard_placement_fn", "stepping", "agree", "is_checkpoint_init"]
 
 
 def is_sharded(p: Tensor) -> bool:
@@ -383,6 +383,21 @@ def _store_back(key: str, v, shards: Shards, view: dict):
     return shards.wrap(v, d, shards.size)
 
 
+def agree(ok: bool, params) -> bool:
+    """``ok`` if it holds on every rank (a logical AND over the mesh of the first sharded
+    parameter in ``params``; ``ok`` itself when none is sharded; one all-reduce of one
+    number). A decision taken on local slices that changes which collectives a rank runs
+    (skipping a step for a NaN/Inf in its slice of a gradient also skips that step's
+    refresh all-gathers) must be taken alike by every rank, or the others wait forever:
+    check ``to_local()`` slices, then ``agree``."""
+    sharded = next((p for p in params if is_sharded(p)), None)
+    if sharded is None:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=sharded.to_local().device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=sharded.device_mesh.get_group())
+    return flag.item() == 1.0
+
+
 def is_checkpoint_init(optimizer) -> bool:
     """True when ``step()`` is called by ``torch.distributed.checkpoint`` to create the
     state of a fresh optimizer (``_init_optim_state`` of
@@ -399,10 +414,5 @@ def is_checkpoint_init(optimizer) -> bool:
     zero = all(p.grad is not None and not (p.grad.to_local() if is_sharded(p.grad)
                                            else p.grad).any()
                for p in params if p.requires_grad)
-    sharded = next((p for p in params if is_sharded(p)), None)
-    if sharded is not None:
-        flag = torch.tensor([0.0 if zero else 1.0], device=sharded.to_local().device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=sharded.device_mesh.get_group())
-        zero = flag.item() == 0.0
-    return zero
+    return agree(zero, params)
 

@@ -288,6 +288,8 @@ def _nonfinite(rank: int) -> dict:
         if rank == 0:
             model.fc1.weight.grad.to_local()[0, 0] = float("inf")
         out[f"{svd}_first"] = error_text(opt.step)
+    sharded = list(_sharded_model().parameters())
+    out["agree"] = [lo.fsdp.agree(ok, sharded) for ok in (True, rank == 1, False)]
     every = [None] * WORLD
     dist.all_gather_object(every, out)
     return every
@@ -506,6 +508,7 @@ def test_nonfinite_gradient_slice_at_refresh(results, svd):
     for r in _result(results, "nonfinite"):  # every rank
         assert r[svd]["kept"] and r[svd]["warned"] == 2
         assert r[f"{svd}_first"].startswith("FloatingPointError"), r[f"{svd}_first"]
+        assert r["agree"] == [True, False, False]  # a local finding, taken alike by all
 
 
 @pytest.mark.parametrize("name", CHECKPOINTED)
