@@ -6,6 +6,7 @@ from .fira import FiraAdamW
 from .inner import GaLore
 from .apollo import APOLLOAdamW, APOLLOAdamW8bit, APOLLOMini
 from .hooks import register_hooks
+from .fsdp import shard_placement_fn
 from .loqt import LoQTAdamW, LoQTAdamW8bit, LoQTLinear, prepare_loqt
 from .lr_qat import (IntLinear, LRQATLinear, export_lr_qat, lr_qat_param_groups,
                      prepare_lr_qat)
@@ -23,5 +24,5 @@ __all__ = [
     "QGaLoreAdamW8bit", "QuantWeight", "QuantLinear", "quantize_weights", "to_plain",
     "LoQTAdamW", "LoQTAdamW8bit", "LoQTLinear", "prepare_loqt",
     "LRQATLinear", "IntLinear", "prepare_lr_qat", "lr_qat_param_groups", "export_lr_qat",
-    "param_groups", "register_hooks", "Projector", "FixedGap", "LazyCosine", "Exponential",
+    "param_groups", "register_hooks", "shard_placement_fn", "Projector", "FixedGap", "LazyCosine", "Exponential",
 ]

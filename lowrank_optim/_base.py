@@ -22,6 +22,10 @@ Before any of this, :meth:`LowRankOptimizer.step` checks every gradient: one NaN
 and nothing is changed (a warning, ``skipped_steps``); the per-layer hooks check each
 gradient before ``step_param`` (:mod:`lowrank_optim.hooks`).
 
+An FSDP2-sharded parameter (a ``DTensor``) runs the same pipeline on this rank's slices
+of the parameter, gradient and state (:func:`lowrank_optim.fsdp.local_view`); its
+refresh computes the basis from the whole gradient.
+
 The base knows no rule's state keys and no layer type: a parameter stored in another
 form (Q-GaLore's INT8 :class:`~lowrank_optim.nn.QuantWeight`) is updated through its
 ``dequantize()``/``requantize_()`` (:meth:`LowRankOptimizer._apply`).
@@ -48,9 +52,9 @@ from . import functional as F
 from ._checks import (all_finite, check as _check, check_int, is_int, plain,
                       user_stacklevel)
 from .rules import Rule
-from .distributed import check_not_sharded
-from .projector import (BOTH, LEFT, PROJ_TYPES, RIGHT, SVD_METHODS, Projector,
-                        choose_side, overlap)
+from . import fsdp
+from .projector import (BOTH, LEFT, PROJ_TYPES, RIGHT, SVD_METHODS, Projector, choose_side,
+                        overlap)
 from .refresh import FixedGap
 
 __all__ = ["LowRankOptimizer", "STATE_POLICIES"]
@@ -83,6 +87,7 @@ class LowRankOptimizer(Optimizer):
     _constructed = False  # __init__ done: a group added later gets its own rank check
     _hooks = None  # the active HooksHandle; a deepcopy or unpickled copy has none
     _group_format = False
+    supports_fsdp2 = False  # steps FSDP2-sharded parameters (lowrank_optim.fsdp)
 
     def __init__(self, params, defaults: dict):
         if not isinstance(params, Tensor):  # a Tensor: torch's TypeError, from super()
@@ -121,11 +126,12 @@ class LowRankOptimizer(Optimizer):
         params = param_group["params"]
         if not isinstance(params, (Tensor, set)):  # a generator must survive the checks
             param_group["params"] = params = list(params)
-        for p in [params] if isinstance(params, Tensor) else params:
+        for i, p in enumerate([params] if isinstance(params, Tensor) else params):
             if isinstance(p, Tensor) and p.is_complex():
                 raise ValueError(f"Complex parameters are not supported (got one of dtype "
                                  f"{p.dtype}); optimize torch.view_as_real(p) instead")
-            check_not_sharded(self, p)
+            fsdp.check_param(self, p, merged,
+                             f"param_groups[{len(self.param_groups)}]['params'][{i}]")
         super().add_param_group(param_group)
         if self._constructed:  # else __init__ checks every group at once
             self._warn_rank(self.param_groups[-1:])
@@ -210,7 +216,7 @@ class LowRankOptimizer(Optimizer):
         """Offset of ``p``'s second refresh (``prefix="merge"``: merge) when ``stagger`` is
         on: the matrices are spread evenly over one gap, so their SVDs do not all land on
         the same step."""
-        if not group.get("stagger") or f"{prefix}_next" in self.state[p]:
+        if not group.get("stagger") or self.state[p].get(f"{prefix}_count"):
             return 0  # the phase matters only until the first refresh has been scheduled
         mats = [q for grp in self.param_groups for q in grp["params"]
                 if self._staggered(q, grp)]
@@ -232,18 +238,26 @@ class LowRankOptimizer(Optimizer):
         """Update one parameter from its ``.grad`` (the unit the hook engine calls)."""
         if p.grad is None:
             return
-        g = self._grad(p, group)
-        state = self.state[p]
         projected = self.is_projected(p, group)
+        if projected:
+            policy = self._refresh_policy(p, group)
+        # an FSDP2-sharded p: its local slice, gradient slice and state (lowrank_optim.fsdp)
+        with fsdp.local_view(p, self._grad(p, group), self.state[p]) as (p, g, state, shards):
+            self._step_local(p, g, group, state, projected and policy, shards)
+
+    def _step_local(self, p: Tensor, g: Tensor, group: dict, state: dict, policy,
+                    shards: Optional[fsdp.Shards]) -> None:
+        """:meth:`step_param` on plain tensors (``policy``: the refresh policy of a
+        projected parameter, else False; ``shards``: how ``p`` is split, or None)."""
         if not state:
             state["step"] = 0
-            if not projected:
+            if not policy:
                 self.rule.init(state, p, group)
         proj = None
-        if projected:
-            proj, policy = self._projector(group), self._refresh_policy(p, group)
+        if policy:
+            proj = self._projector(group)
             if policy.due(state, state["step"]):
-                self._refresh(p, g, group, state, proj, policy)
+                self._refresh(p, g, group, state, proj, policy, shards)
         low = g if proj is None else proj.project(state, g)
         d = self.rule.update(state, low, state["step"] + 1, group, low_rank=proj is not None)
         state["step"] += 1
@@ -301,11 +315,20 @@ class LowRankOptimizer(Optimizer):
         else:
             proj.add_back_(state, w, d, alpha=-lr * group["scale"])
 
-    def _refresh(self, p, g, group, state, proj: Projector, policy) -> None:
-        """New basis, then the ``state_on_refresh`` policy on the inner state."""
+    def _refresh(self, p, g, group, state, proj: Projector, policy,
+                 shards: Optional[fsdp.Shards] = None) -> None:
+        """New basis, then the ``state_on_refresh`` policy on the inner state. ``g`` is
+        this rank's slice of a sharded gradient when ``shards`` is set: the basis is
+        computed from the whole gradient (:meth:`Projector.refresh`), the state in the
+        local shape."""
+        count = state.get(f"{policy.prefix}_count", 0)
+        if count == 0:  # a placeholder (made for a checkpoint, _init_for_checkpoint)
+            proj.clear(state)
         first = not proj.has_basis(state)
-        rots = proj.refresh(state, g, seed=state.get(f"{policy.prefix}_count", 0))
-        low = torch.empty(proj.low_rank_shape(state, p.shape), device=p.device)
+        rots = proj.refresh(state, g, seed=count, shards=shards)
+        shape = g.shape if shards is None else shards.shape
+        low = torch.empty(fsdp.local_shape(proj.low_rank_shape(state, shape), shards, g),
+                          device=p.device)
         if first:
             self.rule.init(state, low, group)
         else:
@@ -350,17 +373,22 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        elif self.supports_fsdp2 and fsdp.is_checkpoint_init(self):
+            self._init_for_checkpoint()
+            return None
         hooked = self._hooks.covered if self._hooks is not None else frozenset()
         todo = [(p, group) for group in self.param_groups for p in group["params"]
                 if p.grad is not None and p not in hooked]
         if self._hooks is not None and self._hooks.scaler_step(todo):
             return loss  # GradScaler found an overflow in these gradients: it reports it
         dense = [p for p, _ in todo if not p.grad.is_sparse]  # sparse: step_param raises
-        if self.skip_nonfinite and not all_finite([p.grad for p in dense]):
+        grads = [fsdp.local(p.grad) for p in dense]  # FSDP2: this rank's slices, then
+        if self.skip_nonfinite and not fsdp.agree(all_finite(grads), dense):  # all ranks'
             self.skipped_steps += 1
-            bad = next(p for p in dense if not all_finite([p.grad]))
+            bad = next((p for p, g in zip(dense, grads) if not all_finite([g])), None)
+            where = "another rank's slice" if bad is None else self._where(bad)
             warnings.warn(f"{type(self).__name__}: step skipped, non-finite gradient in "
-                          f"{self._where(bad)} (nothing was updated; "
+                          f"{where} (nothing was updated; "
                           f"skipped_steps={self.skipped_steps})", RuntimeWarning,
                           stacklevel=user_stacklevel())
             return loss
@@ -376,13 +404,44 @@ class LowRankOptimizer(Optimizer):
                     return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
         return f"a parameter of shape {tuple(p.shape)}"
 
+    def _init_for_checkpoint(self) -> None:
+        """The state ``torch.distributed.checkpoint`` asks a fresh optimizer for (its
+        ``_init_optim_state`` calls ``step()`` with zero gradients and lr 0): every
+        entry a trained optimizer has, so that ``dcp.load`` fills them all, but no step
+        taken (``step`` 0) and no basis: a projected matrix gets zero placeholders and a
+        refresh count of 0, so its next real step computes its first basis (the refresh
+        schedule, stagger included, starts there). Plain parameters get zero moments."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                projected = self.is_projected(p, group)
+                policy = self._refresh_policy(p, group) if projected else None
+                with fsdp.local_view(p, None, self.state[p]) as (w, _, state, shards):
+                    state["step"] = 0
+                    if policy is None:
+                        self.rule.init(state, w, group)
+                        continue
+                    proj, (m, n) = self._projector(group), p.shape
+                    side, r = choose_side(p.shape, group["proj_type"]), min(proj.rank, m, n)
+                    state["proj_side"] = side
+                    proj._store(state, "proj", w.new_zeros(n if side == RIGHT else m, r,
+                                                           dtype=torch.float32))
+                    if side == BOTH:
+                        proj._store(state, "proj_right", w.new_zeros(n, r, dtype=torch.float32))
+                    low = torch.empty(fsdp.local_shape(proj.low_rank_shape(state, p.shape),
+                                                       shards, w), device=w.device)
+                    self.rule.init(state, low, group)
+                    state[f"{policy.prefix}_next"] = state[f"{policy.prefix}_count"] = 0
+
     def basis(self, p: Tensor) -> Optional[Tensor]:
         """The current float32 basis of a projected parameter (``U_r``, m×r, for a left
         or two-sided projection; ``V_r``, n×r, for a right one; dequantized when stored
         quantized), or ``None`` before its first refresh or for a plain parameter."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         state = self.state.get(p, {})
-        if not self.is_projected(p, group) or "proj_side" not in state:
+        if not self.is_projected(p, group) or "proj_side" not in state \
+                or state.get("refresh_count") == 0:  # none, or a checkpoint's placeholder
             return None
         left, right = self._projector(group).bases(state, p)
         return left if left is not None else right

@@ -108,8 +108,14 @@ would drift apart, as galore-torch's layer-wise mode does):
 ``handle.remove()`` restores normal stepping. ``copy.deepcopy(model)`` does not copy
 the hooks (a PyTorch property); register them on the copy. The optimizer and the model
 pickle with hooks active (the copies have none); the handle itself refuses to
-(``TypeError``). FSDP2-sharded models raise
-``NotImplementedError`` (:func:`lowrank_optim.distributed.check_not_sharded`).
+(``TypeError``).
+
+Under FSDP2 pass the ``fully_shard``-ed model: FSDP2 calls post-accumulate-grad hooks on
+the *sharded* parameter after its reduce-scatter, so each parameter is stepped there on
+its local slice (:mod:`lowrank_optim.fsdp`), refresh collectives included. Gradient
+accumulation: with a reduce-scatter every micro-batch, ``accumulation_steps=N``; with
+``model.set_requires_gradient_sync(False)`` on all but the last micro-batch, leave
+``accumulation_steps=1`` (FSDP2 reduce-scatters, and calls the hooks, only on the last).
 """
 from __future__ import annotations
 
@@ -118,7 +124,7 @@ from typing import Optional
 
 import torch
 
-from . import distributed
+from . import distributed, fsdp
 from ._checks import nonfinite_, user_stacklevel
 
 __all__ = ["register_hooks", "HooksHandle"]
@@ -173,7 +179,8 @@ class HooksHandle:
                 raise RuntimeError("register_hooks(..., scaler=scaler): the gradients are not "
                                    "scaled; call scaler.scale(loss).backward()")
             inv = scale.double().reciprocal().float()  # as GradScaler.unscale_
-        if not nonfinite_([p.grad], inv).item():
+        # FSDP2: this rank's slice, then every rank's verdict, so all skip alike
+        if fsdp.agree(not nonfinite_([fsdp.local(p.grad)], inv).item(), [p]):
             return True
         if scaler is not None:
             self._overflow = True  # reported at scaler.step(opt); no warning (as torch)
@@ -230,7 +237,7 @@ class HooksHandle:
                 "opt.register_hooks(model, scaler=scaler)")
         if opt.grad_scale is not None:  # None: scaler.unscale_(opt) has unscaled them
             # GradScaler's kernel and 1/scale, as its own unscale_ (found_inf has the check)
-            nonfinite_([p.grad for p, _ in todo if not p.grad.is_sparse],
+            nonfinite_([fsdp.local(p.grad) for p, _ in todo if not p.grad.is_sparse],
                        opt.grad_scale.double().reciprocal().float())
         scale = self.scaler._get_scale_async()
         found = torch.full((), float(self._overflow), device=scale.device)
@@ -303,8 +310,9 @@ def register_hooks(optimizer, model: torch.nn.Module, accumulation_steps: int = 
     params = [p for p in model.parameters() if p in group_of]
     if not params:
         raise ValueError("None of the model's parameters is optimized by this optimizer")
-    for p in params:
-        distributed.check_not_sharded(optimizer, p)
+    for name, p in model.named_parameters():  # FSDP2 hooks: on the sharded parameter
+        if p in group_of:
+            fsdp.check_param(optimizer, p, optimizer.param_groups[group_of[p]], repr(name))
     counts = {}
 
     def step(p: torch.Tensor) -> None:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from . import fsdp
 from ._checks import check, check_int
 
 __all__ = ["Rule", "Adam", "Adam8bit", "Adafactor", "TorchRule", "DENIED"]
@@ -97,7 +98,7 @@ class Adam8bit(Adam):
         check_int("min_8bit_size", group["min_8bit_size"], 0)
 
     def init(self, state, like, group):
-        if like.numel() >= group["min_8bit_size"]:
+        if fsdp.global_numel(like) >= group["min_8bit_size"]:  # a shard: the whole tensor's
             F.init_adam8bit(state, like)
         else:
             super().init(state, like, group)
@@ -140,7 +141,7 @@ class Adafactor(Rule):
 
     def update(self, state, g, step, group, low_rank):
         return F.adafactor_(g, state, step, group["beta1"], group["eps"],
-                            group["clip_threshold"])
+                            group["clip_threshold"], shard=fsdp.stepping())
 
     def shapes(self, shape, group):
         out = {"exp_avg": shape} if group.get("beta1") is not None else {}

@@ -294,6 +294,16 @@ def make_batches(n: int, seed: int = 1, batch: int = 16):
     return out
 
 
+def error_text(fn) -> str | None:
+    """``fn()``'s exception as ``"Type: message"`` (None if it returns): how the
+    multi-process tests report an error from a rank to the parent."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - reported as text
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def loss_fn(model: nn.Module, batch, sign: float = 1.0) -> torch.Tensor:
     tok, x, y = batch
     dtype = next(model.parameters()).dtype

@@ -19,15 +19,11 @@ must stay identical by themselves. Checked:
 * the control: hooks registered on the *inner* module step before the all-reduce (the
   reference GaLore's layer-wise mode) and the replicas drift apart;
 * a checkpoint saved by rank 0 resumes every rank bit-identically to an uninterrupted run;
-* a second communication hook and FSDP2-sharded parameters raise clear errors.
+* a second communication hook raises a clear error (FSDP2: ``tests/test_fsdp.py``).
 
 INT8 weights (``QuantWeight``) have an ordinary ``.grad``: DDP itself averages it in its
 buckets (the package has no all-reduce of its own for them), and in per-layer mode the
 communication hook steps them with every other parameter of their bucket.
-
-One check waits for a change outside the files of issue 8 and is marked ``xfail``
-(strict) until then: the optimizers rejecting sharded parameters at construction
-(``_base.py``).
 """
 from __future__ import annotations
 
@@ -46,7 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowrank_optim as lo
-from registry import loss_fn, make_batches, make_model
+from registry import error_text, loss_fn, make_batches, make_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.cpu_only(reason="gloo process groups of forked CPU processes"),
@@ -211,35 +207,13 @@ def _resume(sc: Scenario, rank: int, path: str) -> torch.Tensor:
     return _gather(model)
 
 
-def _error(fn) -> str | None:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - reported to the parent as text
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def _errors() -> dict:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
-    from torch.distributed.fsdp import fully_shard
 
     ddp = DDP(make_model())
     ddp.register_comm_hook(None, fp16_compress_hook)
-    second_hook = _error(lambda: lo.GaLoreAdamW(ddp.parameters(), **_G).register_hooks(ddp))
-
-    model = make_model()
-    fully_shard(model)
-    out = {"second_hook": second_hook, "check": _error(lambda: lo.distributed.check_not_sharded(
-        lo.GaLoreAdamW([torch.zeros(2, 2)]), model.fc1.weight))}
-    opt = None
-
-    def construct():
-        nonlocal opt
-        opt = lo.GaLoreAdamW(model.parameters(), **_G)
-
-    out["construct"] = _error(construct)
-    out["hooks"] = None if opt is None else _error(lambda: opt.register_hooks(model))
-    return out
+    return {"second_hook": error_text(
+        lambda: lo.GaLoreAdamW(ddp.parameters(), **_G).register_hooks(ddp))}
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
@@ -354,18 +328,3 @@ def test_checkpoint_from_rank0_resumes_every_rank(results, name):
 def test_second_communication_hook_raises(results):
     err = results["errors"]["second_hook"]
     assert err.startswith("RuntimeError") and "communication hook" in err
-
-
-def test_fsdp2_sharded_parameters_raise_clear_error(results):
-    r = results["errors"]
-    for err in (r["check"], r["construct"] or r["hooks"]):
-        assert err is not None and err.startswith("NotImplementedError")
-        assert "FSDP2" in err and "DistributedDataParallel" in err
-
-
-@pytest.mark.xfail(not hasattr(lo._base, "check_not_sharded"), strict=True,
-                   reason="the optimizer's add_param_group must call check_not_sharded "
-                          "(the _base.py change of issue 8)")
-def test_fsdp2_optimizer_construction_raises(results):
-    err = results["errors"]["construct"]
-    assert err is not None and "FSDP2" in err
