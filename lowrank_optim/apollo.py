@@ -54,9 +54,11 @@ class RandomProjector(Projector):
         p = self._draw(state, like, state.get("refresh_count", 1) - 1)
         return (p, None) if state["proj_side"] == LEFT else (None, p)
 
-    def refresh(self, state: dict, grad: Tensor, seed: int = 0) -> Optional[tuple]:
+    def refresh(self, state: dict, grad: Tensor, seed: int = 0,
+                shards=None) -> Optional[tuple]:
         """Switch to the basis of refresh ``seed``; returns ``(P_oldᵀ P_new)`` on the side
-        in use (``None`` the first time), so the base knows the basis changed."""
+        in use (``None`` the first time), so the base knows the basis changed. ``shards``
+        is always None: APOLLO does not step FSDP2-sharded parameters (``supports_fsdp2``)."""
         if grad.dim() != 2:
             raise ValueError(f"The projector needs a 2-D gradient, got shape {tuple(grad.shape)}")
         if not self.has_basis(state):

@@ -4,7 +4,8 @@ Two CPU processes on the ``gloo`` backend, started once for the module (forked: 
 inherit the imported modules; starting them costs more than every scenario together):
 each rank runs every scenario of :data:`SCENARIOS` and rank 0 saves what they gathered;
 the tests check those results. A scenario trains :class:`registry.Net` (GaLoreAdamW,
-QGaLoreAdamW8bit on float or INT8 weights, LoQTAdamW on LoQT layers) under DDP for 20
+QGaLoreAdamW8bit on float or INT8 weights, LoQTAdamW on LoQT layers, FiraAdamW, APOLLO
+and APOLLO-Mini on INT8 weights) under DDP for 20
 optimizer steps with rank 4 and a refresh or merge every 3 steps, each rank on its half
 of a 16-row batch, and gathers every rank's parameters and buffers. DDP does not copy
 rank 0's buffers at each forward here, so quantization scales and LoQT's ``Q`` and ``P``
@@ -94,6 +95,12 @@ SCENARIOS = {
     "loqt_step": Scenario(lo.LoQTAdamW, dict(_L), prepare="loqt"),
     "loqt_hooks_no_sync": Scenario(lo.LoQTAdamW, dict(_L), "hooks", accumulate=2,
                                    prepare="loqt"),
+    # the methods of issue #18: Fira's residual, APOLLO's seeded random projection (drawn
+    # alike on every rank), APOLLO-Mini on INT8 weights (Q-APOLLO)
+    "fira_hooks_no_sync": Scenario(lo.FiraAdamW, dict(_G), "hooks", accumulate=2),
+    "apollo_step": Scenario(lo.APOLLOAdamW, dict(_G)),
+    "apollo_mini_int8_hooks": Scenario(lo.APOLLOMini, dict(lr=1e-2, update_proj_gap=3),
+                                       "hooks", prepare="int8"),
 }
 RESUMED = ("galore_hooks", "q_galore_step", "loqt_step")  # also: 10 steps, checkpoint, 10
 
