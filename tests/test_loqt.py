@@ -101,14 +101,17 @@ def test_only_B_and_bias_get_gradients_and_they_are_right(shape):
 
 def test_backward_saves_only_the_input():
     """No dense weight (nor its gradient) is kept for backward: the autograd graph of a
-    LoQT layer holds its input, nothing of the weight's size."""
+    LoQT layer holds its input and tensors the layer holds anyway (B, the codes and
+    scales of Q and P), nothing new of the weight's size."""
     layer = _layer((64, 96), "nf4", rank=8)
     x = torch.randn(4, 64, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
                                                   lambda t: t):
         y = layer(x)
-    assert max(saved) == x.numel() and sum(saved) == x.numel()
+    own = {t.data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    new = [t for t in saved if t.data_ptr() not in own]
+    assert len(new) == 1 and new[0] is x
     y.sum().backward()
     assert layer.B.grad.shape == layer.B.shape and not layer.merge_ready
 
