@@ -314,10 +314,18 @@ class _LoQTFn(torch.autograd.Function):
     def forward(ctx, x, b, bias, spec: _Spec, *q):
         ctx.spec, ctx.has_bias = spec, bias is not None
         ctx.save_for_backward(x, b, *q)
-        p, b = spec.projection(q, x.dtype), b.to(x.dtype)
-        low = (x @ p) @ b.T if spec.side == RIGHT else (x @ b.T) @ p.T
-        return nn.functional.linear(x, spec.base_weight(q, x.dtype), bias).add_(
-            low, alpha=spec.scale)
+        return _LoQTFn.compute(x, b, bias, spec, q)
+
+    @staticmethod
+    def compute(x, b, bias, spec: _Spec, q: tuple) -> Tensor:
+        """The forward's value (without autograd: evaluation under ``torch.no_grad``,
+        which ``torch.compile`` cannot trace through ``forward``'s ``ctx``)."""
+        # s·B, not add(..., alpha=s): inductor fuses add(y, mm(a, b), alpha=s) into an addmm
+        # that drops alpha (pytorch/pytorch#167313); the compiled model computed deq(Q)·x
+        # + ΔW, off by (1 - s)·ΔW from the first merge on
+        p, sb = spec.projection(q, x.dtype), b.to(x.dtype) * spec.scale
+        low = (x @ p) @ sb.T if spec.side == RIGHT else (x @ sb.T) @ p.T
+        return nn.functional.linear(x, spec.base_weight(q, x.dtype), bias) + low
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -327,9 +335,9 @@ class _LoQTFn(torch.autograd.Function):
         p = spec.projection(q, dtype)
         grad_x = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
-            bd = b.to(dtype)
-            low = (grad_out @ bd) @ p.T if spec.side == RIGHT else (grad_out @ p) @ bd
-            grad_x = (grad_out @ spec.base_weight(q, dtype)).add_(low, alpha=spec.scale)
+            sb = b.to(dtype) * spec.scale  # as in forward
+            low = (grad_out @ sb) @ p.T if spec.side == RIGHT else (grad_out @ p) @ sb
+            grad_x = grad_out @ spec.base_weight(q, dtype) + low
         d2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_b = torch.ops.lowrank_optim.loqt_grad_b(d2, x2, p, spec.key).to(b.dtype)
@@ -633,6 +641,8 @@ class LoQTLinear(Float32Tensors):
         return rots
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return _LoQTFn.compute(x, self.B, self.bias, self._spec, self._q())
         return _LoQTFn.apply(x, self.B, self.bias, self._spec, *self._q())
 
     def extra_repr(self) -> str:
