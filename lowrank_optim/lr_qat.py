@@ -137,11 +137,7 @@ def _rounded_z(phi0: Tensor, A: Tensor, B: Tensor, spec: _Spec) -> Tensor:
         base = _unpack(phi0, spec.bits, spec.out_features, spec.in_features)
     else:
         base = phi0.float().mul_(2.0 ** -spec.frac_bits)  # exact
-    # (alpha/r)·A as a factor, not addmm(..., alpha=): inductor rewrites an addmm with a
-    # pointwise user into add(mm) and drops its alpha (pytorch/pytorch#167313), so the
-    # compiled layer computed Phi_0 + A·B; with alpha/r a power of two (the default
-    # 1/32) the two are the same bits
-    return torch.addmm(base, A.float() * spec.c, B.float()).round_()
+    return torch.addmm(base, A.float(), B.float(), alpha=spec.c).round_()
 
 
 def _dequant(n: Tensor, scale: Tensor, group: int, dtype: torch.dtype) -> Tensor:
