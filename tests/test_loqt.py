@@ -429,3 +429,85 @@ def test_trains_a_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(m, opt, make_batches(2))
+
+
+# ---- GradScaler ------------------------------------------------------------------------
+
+
+def _snapshot(m, opt) -> dict:
+    """Everything a step may change: the model's tensors (Q, P, B, merge counts, ...) and
+    the optimizer's state (moments, step and merge counters)."""
+    snap = {f"model.{k}": v.clone() for k, v in m.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        snap.update({f"opt.{i}.{k}": v.clone() if torch.is_tensor(v) else v
+                     for k, v in st.items()})
+    return snap
+
+
+def _scaled_run(device, batches, overflow=None, scaler=True):
+    """Normal-mode training with ``torch.amp.GradScaler`` (``scale(loss).backward();
+    step(opt); update()``); the step ``overflow`` has an infinite loss. Snapshots: before
+    training, then after each step. Merges are due at steps 0, 3, 7."""
+    m = lo.prepare_loqt(make_model(), rank=4, target_modules=None)
+    opt = lo.LoQTAdamW(m.parameters(), lr=1e-2, update_proj_gap=3, stagger=False)
+    sc = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10) if scaler else None
+    snaps = [_snapshot(m, opt)]
+    for i, b in enumerate(batches):
+        loss = loss_fn(m, b) * (float("inf") if i == overflow else 1.0)
+        if sc is None:
+            loss.backward()
+            opt.step()
+        else:
+            sc.scale(loss).backward()
+            sc.step(opt)
+            sc.update()
+        opt.zero_grad()
+        snaps.append(_snapshot(m, opt))
+    return snaps
+
+
+@pytest.mark.parametrize("at", [0, 3], ids=["first_merge", "later_merge"])
+def test_grad_scaler_overflow_at_a_merge_skips_it_and_the_next_step_merges(device, at):
+    """An overflowing step at a merge (GradScaler skips ``opt.step()``) leaves the model
+    (Q, P, B, merge count) and the optimizer's state exactly as they were, without raising;
+    the next step merges as scheduled with the basis of its own gradient: the run equals
+    one that never saw the bad batch, and one without a GradScaler (the basis of a scaled
+    gradient is that of the unscaled one)."""
+    batches = make_batches(8)
+    bad = make_batches(1, seed=5)[0]
+    run = _scaled_run(device, batches[:at] + [bad] + batches[at:], overflow=at)
+    clean = _scaled_run(device, batches)
+    plain = _scaled_run(device, batches, scaler=False)
+    skipped, before = run[at + 1], run[at]
+    assert skipped.keys() == before.keys()
+    for k, v in before.items():
+        assert (torch.equal(skipped[k], v) if torch.is_tensor(v) else skipped[k] == v), k
+    for ref in (clean, plain):
+        for t, snap in enumerate(ref):
+            mine = run[t] if t <= at else run[t + 1]
+            assert mine.keys() == snap.keys()
+            for k, v in snap.items():
+                if torch.is_tensor(v):
+                    torch.testing.assert_close(mine[k], v, rtol=1e-5, atol=1e-6, msg=k)
+                else:
+                    assert mine[k] == v, (t, k)
+    merges = lambda snaps: [int(s["model.fc1.merges"]) for s in snaps]
+    assert merges(run) == merges(clean)[:at + 1] + merges(clean)[at:]  # as scheduled
+
+
+def test_a_non_finite_gradient_at_an_armed_backward_is_recorded_not_raised():
+    """A non-finite dense gradient in the armed backward does not raise there (a
+    GradScaler's overflow); no merge takes it, and the next armed backward captures
+    again (the first one since ``zero_grad``)."""
+    layer = _layer((32, 48), "nf4")
+    x = torch.randn(7, 32)
+    layer.capture = 1
+    layer(x).sum().mul(float("inf")).backward()
+    assert not layer.merge_ready and not torch.isfinite(layer.B.grad).all()
+    with pytest.raises(RuntimeError, match="not finite"):
+        layer.merge_()
+    layer.zero_grad()
+    _armed_backward(layer, x)
+    assert layer.merge_ready
+    layer.merge_()
+    assert int(layer.merges) == 2
