@@ -181,7 +181,20 @@ at most one layer's dense gradient exists at a time (the reference keeps all of 
 The merge step's update of :math:`B` then uses the gradient in the *new* basis, as
 GaLore does at a refresh (the reference skips that update or applies a stale one). A
 merge that comes due without a captured gradient (no backward since the optimizer was
-made) waits for the next backward pass, with a warning.
+made), or whose captured gradient was not finite, waits for the next backward pass, with
+a warning.
+
+With ``torch.amp.GradScaler`` (``scaler.scale(loss).backward(); scaler.step(opt);
+scaler.update(); opt.zero_grad()``): the basis is the same for the scaled gradient as
+for the unscaled one (singular vectors do not depend on a positive factor), and a
+non-finite gradient in an armed backward does not raise there; it is recorded, and
+:math:`\partial L/\partial B` comes out non-finite with it, so the scaler skips the
+step. A skipped step calls nothing here: weights, :math:`Q`, :math:`P`, :math:`B`, the
+moments and every counter stay as they were, and what the backward captured belongs to
+that step only (``zero_grad`` drops it), so the next good step merges as scheduled with
+the basis of its own gradient. In per-layer mode the same holds as long as the hooks do
+not call ``step_param`` for a parameter whose gradient is not finite (a stale capture is
+dropped at the next step's first backward, when ``B.grad`` is empty).
 
 Moments of :math:`B` at a merge (``state_on_merge``): ``"keep"`` (the reference: reused
 as they are), ``"project"`` (rotated into the new basis with :math:`P_{old}^\top
@@ -265,15 +278,19 @@ class _Spec(NamedTuple):
                          self.proj_bits, self.proj_group_size, "asym").dequantize(dtype)
 
 
-@torch.library.custom_op("lowrank_optim::loqt_grad_b", mutates_args=())
+@torch.library.custom_op("lowrank_optim::loqt_grad_b", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
 def _grad_b(d2: Tensor, x2: Tensor, p: Tensor, key: int) -> Tensor:
     """``∂L/∂B`` of layer ``key`` from ``∂L/∂y`` and ``x`` (flattened to 2-D) in basis ``p``;
     while the layer is armed for a merge, in the new basis it captures first
     (:meth:`LoQTLinear._capture`).
 
     A custom op, so that ``torch.compile`` keeps this call (and the capture's SVD, its
-    quantization and its Python state) opaque and in order inside the compiled backward,
-    whether the layer is armed or not: no graph break, no recompilation at merges."""
+    quantization and its Python state) opaque inside the compiled backward, whether the
+    layer is armed or not: no graph break, no recompilation at merges. It runs Python at
+    every call, so it is tagged unsafe for CUDA graphs (``mode="reduce-overhead"``
+    leaves it out of the graphs it records, rather than replaying a capture that never
+    runs)."""
     layer = _LAYERS[key]
     new = layer._capture(d2, x2)
     if new is not None:
@@ -386,6 +403,15 @@ class LoQTLinear(Float32Tensors):
     of the same step reuse that basis. :meth:`merge_` then folds :math:`B` into :math:`Q`.
 
     Until its first merge ``P`` is zero, so the layer computes ``deq(Q)·x``.
+
+    ``torch.compile`` (inductor, ``fullgraph=True`` included) traces forward and backward
+    whole, for every storage: the autograd function takes only tensors (NF4 is
+    dequantized by plain torch ops, :func:`~lowrank_optim.quant.nf4_dequantize`), and the
+    capture for a merge runs inside the custom op ``lowrank_optim::loqt_grad_b`` that
+    returns :math:`\partial L/\partial B`, so arming a layer changes no guard and a merge
+    recompiles nothing. In a compiled backward the armed layers' dense gradients are
+    formed one op at a time as in eager; the capture costs one host synchronization
+    (its finiteness check), at armed steps only.
     """
 
     FLOAT32 = ("weight_scale", "weight_offset", "weight_scale_scale",
