@@ -399,6 +399,20 @@ def test_a_rank_in_a_group_is_an_error():
         lo.LoQTAdamW([{"params": m.parameters(), "rank": 8}])
 
 
+def test_a_deep_copy_is_a_layer_of_its_own():
+    """A deep copy of a LoQT model gets its own layers (the backward's capture goes to the
+    copy, not to the original), and an optimizer made on the copy before any forward
+    pass arms its layers: the first step merges, without a warning."""
+    m = lo.prepare_loqt(make_model(), rank=4, target_modules=None)
+    copy_ = copy.deepcopy(m)
+    assert copy_.fc1.B.loqt_owner is copy_.fc1 and copy_.fc1._key != m.fc1._key
+    opt = lo.LoQTAdamW(copy_.parameters(), lr=1e-2, update_proj_gap=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(copy_, opt, make_batches(1))
+    assert int(copy_.fc1.merges) == 1 and int(m.fc1.merges) == 0 and m.fc1._pending is None
+
+
 def test_checkpoint_round_trip_weights_only():
     """Model (codes, scales, P, B, merge count) and optimizer state survive torch.save /
     torch.load(weights_only=True); the resumed run equals the uninterrupted one, across
