@@ -458,13 +458,16 @@ def _snapshot(m, opt) -> dict:
     return snap
 
 
-def _scaled_run(device, batches, overflow=None, scaler=True):
-    """Normal-mode training with ``torch.amp.GradScaler`` (``scale(loss).backward();
-    step(opt); update()``); the step ``overflow`` has an infinite loss. Snapshots: before
-    training, then after each step. Merges are due at steps 0, 3, 7."""
+def _scaled_run(device, batches, overflow=None, scaler=True, per_layer=False):
+    """Training with ``torch.amp.GradScaler`` (``scale(loss).backward(); step(opt);
+    update()``), normal or per-layer (``register_hooks(model, scaler=)``); the step
+    ``overflow`` has an infinite loss. Snapshots: before training, then after each step.
+    Merges are due at steps 0, 3, 7."""
     m = lo.prepare_loqt(make_model(), rank=4, target_modules=None)
     opt = lo.LoQTAdamW(m.parameters(), lr=1e-2, update_proj_gap=3, stagger=False)
     sc = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10) if scaler else None
+    if per_layer:
+        opt.register_hooks(m, scaler=sc)
     snaps = [_snapshot(m, opt)]
     for i, b in enumerate(batches):
         loss = loss_fn(m, b) * (float("inf") if i == overflow else 1.0)
@@ -480,16 +483,21 @@ def _scaled_run(device, batches, overflow=None, scaler=True):
     return snaps
 
 
+@pytest.mark.filterwarnings("ignore:.*a global clip after backward")  # per-layer mode's
+@pytest.mark.parametrize("per_layer", [False, True], ids=["normal", "per_layer"])
 @pytest.mark.parametrize("at", [0, 3], ids=["first_merge", "later_merge"])
-def test_grad_scaler_overflow_at_a_merge_skips_it_and_the_next_step_merges(device, at):
-    """An overflowing step at a merge (GradScaler skips ``opt.step()``) leaves the model
-    (Q, P, B, merge count) and the optimizer's state exactly as they were, without raising;
-    the next step merges as scheduled with the basis of its own gradient: the run equals
-    one that never saw the bad batch, and one without a GradScaler (the basis of a scaled
-    gradient is that of the unscaled one)."""
+def test_grad_scaler_overflow_at_a_merge_skips_it_and_the_next_step_merges(device, at,
+                                                                           per_layer):
+    """An overflowing step at a merge (GradScaler skips ``opt.step()``; per-layer mode:
+    the hooks skip each non-finite gradient) leaves the model (Q, P, B, merge count) and
+    the optimizer's state exactly as they were, without raising; the next step merges as
+    scheduled with the basis of its own gradient: the run equals one in normal mode that
+    never saw the bad batch, and one without a GradScaler (the basis of a scaled gradient
+    is that of the unscaled one)."""
     batches = make_batches(8)
     bad = make_batches(1, seed=5)[0]
-    run = _scaled_run(device, batches[:at] + [bad] + batches[at:], overflow=at)
+    run = _scaled_run(device, batches[:at] + [bad] + batches[at:], overflow=at,
+                      per_layer=per_layer)
     clean = _scaled_run(device, batches)
     plain = _scaled_run(device, batches, scaler=False)
     skipped, before = run[at + 1], run[at]
