@@ -18,6 +18,7 @@ registry and measurement helpers.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import math
@@ -310,13 +311,13 @@ def count_params(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Optimizer registry
+# Method registry: name -> how to swap the model's layers and build the optimizer
 # ---------------------------------------------------------------------------------------
 
 @dataclass
 class Prepared:
-    """What a method's factory returns: the model to train (possibly converted, e.g. with
-    quantized weights), one optimizer, and whether it steps inside backward."""
+    """A built method: the model to train (possibly converted, e.g. with quantized
+    weights), one optimizer, and the hooks handle when it steps inside backward."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -325,25 +326,8 @@ class Prepared:
 
 
 @dataclass
-class Method:
-    name: str
-    build: Callable[[nn.Module, "MethodArgs"], Prepared]
-    lr: float                        # default peak learning rate
-    description: str
-    requires: tuple = ()             # importable modules it needs
-    default: bool = True             # in the shoot-out's default set (when available)
-    parent: Optional[str] = None     # the method whose update rule this one shares (8-bit
-                                     # moments, per-layer stepping, other storage): the
-                                     # shoot-out's --lr-sweep lets it inherit that rate
-
-    def available(self) -> bool:
-        import importlib.util
-        return all(importlib.util.find_spec(m) is not None for m in self.requires)
-
-
-@dataclass
 class MethodArgs:
-    """Hyperparameters every factory may read (unused ones are ignored)."""
+    """Hyperparameters every method may read (unused ones are ignored)."""
 
     lr: float
     rank: int
@@ -355,163 +339,166 @@ class MethodArgs:
     max_grad_norm_per_param: Optional[float] = None   # per-layer mode's clipping
 
 
+@dataclass(frozen=True)
+class Method:
+    """One entry of :data:`METHODS`. ``optimizer(model, args, **kwargs)`` builds the
+    optimizer for the (prepared) model; ``prepare(model, args, **prepare_kwargs)`` swaps
+    its layers first (Q-GaLore's INT8 weights, LoQT's ``W = Q + s·P·B``), in place."""
+
+    name: str
+    optimizer: Callable[..., torch.optim.Optimizer]
+    lr: float                        # default peak learning rate (see below)
+    description: str
+    prepare: Optional[Callable[..., nn.Module]] = None
+    kwargs: dict = dataclasses.field(default_factory=dict)           # optimizer keywords
+    prepare_kwargs: dict = dataclasses.field(default_factory=dict)
+    per_layer: bool = False          # stepped inside backward (opt.register_hooks(model))
+    requires: tuple = ()             # importable modules it needs
+    default: bool = True             # in the shoot-out's default set (when available)
+    parent: Optional[str] = None     # the method whose update rule this one shares (8-bit
+                                     # moments, per-layer stepping, other storage or options):
+                                     # the shoot-out's --lr-sweep lets it inherit that rate
+
+    def available(self) -> bool:
+        import importlib.util
+        return all(importlib.util.find_spec(m) is not None for m in self.requires)
+
+    def swap(self, model: nn.Module, a: MethodArgs) -> nn.Module:
+        """The model with this method's layers (the same object when nothing is swapped)."""
+        return self.prepare(model, a, **self.prepare_kwargs) if self.prepare else model
+
+    def build(self, model: nn.Module, a: MethodArgs, **kwargs) -> Prepared:
+        model = self.swap(model, a)
+        opt = self.optimizer(model, a, **{**self.kwargs, **kwargs})
+        hooks = opt.register_hooks(model, max_grad_norm_per_param=a.max_grad_norm_per_param) \
+            if self.per_layer else None
+        return Prepared(model, opt, self.per_layer, hooks)
+
+
+def _adamw(model, a, **kw):
+    return torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas,
+                             weight_decay=a.weight_decay, **kw)
+
+
+def _adamw8bit(model, a, **kw):
+    import bitsandbytes as bnb
+    return bnb.optim.AdamW8bit(model.parameters(), lr=a.lr, betas=a.betas,
+                               weight_decay=a.weight_decay, **kw)
+
+
+def _lowrank(cls: str, grouped: bool = True):
+    """Factory of the package's optimizer ``cls``: on ``param_groups(model)`` (attention and
+    MLP matrices projected, the rest plain) or, for LoQT, on ``model.parameters()``."""
+    def make(model, a, **kw):
+        import lowrank_optim as lo
+        params = lo.param_groups(model, rank=a.rank, target_modules=a.target_modules,
+                                 update_proj_gap=a.update_proj_gap, scale=a.scale) \
+            if grouped else model.parameters()
+        return getattr(lo, cls)(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay,
+                                **kw)
+    return make
+
+
+def _int8_weights(model, a):
+    import lowrank_optim as lo
+    return lo.quantize_weights(model, bits=8, group_size=256, target_modules=a.target_modules)
+
+
+def _loqt_layers(model, a, **kw):
+    # LoQT merges at its own schedule (first gap 100, growth 1.2, the paper's), not at
+    # update_proj_gap: on the shoot-out's defaults (seed 0) a first gap of 100 gave val ppl
+    # 3.973 and 200 gave 4.026
+    import lowrank_optim as lo
+    return lo.prepare_loqt(model, rank=a.rank, target_modules=a.target_modules,
+                           scale=a.scale, **{"bits": 4, **kw})
+
+
 # Default learning rates: the best of `--lr-sweep` on the shoot-out's defaults ("tiny", 500
 # steps of 16 x 128 bytes, warmup 10%, cosine to 0.1, gradient clipping at norm 1.0):
 #   python benchmarks/shootout.py --threads 1 --lr-sweep 0.5,1,2 --seeds 0,1,2
-# (benchmarks/results/shootout_3seeds.md). Loss on the selection windows, seed 0, rates
-# 0.5x / 1x / 2x the earlier defaults: AdamW 7.5e-4 / 1.5e-3 / 3e-3 gave 1.584 / 1.530 /
-# 1.541; GaLore (scale 0.25, rank 32) 1e-2 / 2e-2 / 4e-2 gave 1.447 / 1.429 / 1.417 and
-# Q-GaLore 1.471 / 1.478 / 1.457 (both best at the grid's top: 8e-2 not tried); LoQT 1.454
-# / 1.41675 / 1.41676 (2e-2 kept: a tie within noise). Without clipping the earlier grid had
-# GaLore best at 2e-2 and AdamW at 1.5e-3 next to a cliff (3e-3 / 6e-3: loss 1.59 / 2.00).
-# The 8-bit, per-layer and other variants take their parent's rate. Larger models want
-# smaller rates (the papers: AdamW 1e-3, GaLore 1e-2 at 60M-1B): pass --lr.
-METHODS: dict[str, Method] = {}
+# (benchmarks/results/shootout_3seeds.md, whose sweep table holds the losses). The 8-bit,
+# per-layer and other variants take their parent's rate. Larger models want smaller rates
+# (the papers: AdamW 1e-3, GaLore 1e-2 at 60M-1B): pass --lr.
+# Adding a method is one entry: Method(name, optimizer factory, default lr, description).
+BNB = ("bitsandbytes",)
+_GALORE = _lowrank("GaLoreAdamW")
+_LOQT = _lowrank("LoQTAdamW", grouped=False)
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("adamw", _adamw, 1.5e-3, "torch.optim.AdamW"),
+    Method("adamw_fused", _adamw, 1.5e-3, "torch.optim.AdamW(fused=True)",
+           kwargs=dict(fused=True), default=False, parent="adamw"),
+    Method("adamw8bit", _adamw8bit, 1.5e-3, "bitsandbytes.optim.AdamW8bit", requires=BNB,
+           parent="adamw"),
+    Method("galore", _GALORE, 4e-2, "lowrank_optim.GaLoreAdamW on param_groups(attn, mlp)"),
+    Method("galore_randomized", _GALORE, 4e-2,
+           "GaLoreAdamW with svd=\"randomized\" (range finder, 1 power iteration)",
+           kwargs=dict(svd="randomized"), default=False, parent="galore"),
+    Method("galore_nostagger", _GALORE, 4e-2, "GaLoreAdamW with stagger=False (every matrix "
+           "refreshes at 0, T, 2T, ... as in the reference)", kwargs=dict(stagger=False),
+           default=False, parent="galore"),
+    Method("galore8bit", _lowrank("GaLoreAdamW8bit"), 4e-2,
+           "lowrank_optim.GaLoreAdamW8bit (8-bit moments)", requires=BNB, parent="galore"),
+    Method("galore8bit_per_layer", _lowrank("GaLoreAdamW8bit"), 4e-2,
+           "GaLoreAdamW8bit stepped inside backward (opt.register_hooks(model))",
+           per_layer=True, requires=BNB, default=False, parent="galore"),
+    Method("galore_per_layer", _GALORE, 4e-2,
+           "GaLoreAdamW stepped inside backward (opt.register_hooks(model))", per_layer=True,
+           parent="galore"),
+    Method("qgalore", _lowrank("QGaLoreAdamW8bit"), 4e-2,
+           "lowrank_optim.QGaLoreAdamW8bit: INT8 weights (quantize_weights), INT4 bases, lazy "
+           "refresh, 8-bit moments", prepare=_int8_weights, requires=BNB),
+    Method("qgalore_per_layer", _lowrank("QGaLoreAdamW8bit"), 4e-2,
+           "QGaLoreAdamW8bit stepped inside backward (opt.register_hooks(model))",
+           prepare=_int8_weights, per_layer=True, requires=BNB, default=False,
+           parent="qgalore"),
+    Method("loqt", _LOQT, 2e-2, "lowrank_optim.LoQTAdamW: NF4 weights + INT8 basis P frozen, "
+           "B trained (prepare_loqt), merges at exponentially growing intervals (staggered)",
+           prepare=_loqt_layers, requires=BNB),
+    Method("loqt8bit", _lowrank("LoQTAdamW8bit", grouped=False), 2e-2,
+           "LoQTAdamW8bit (8-bit moments of B)", prepare=_loqt_layers, requires=BNB,
+           default=False, parent="loqt"),
+    Method("loqt8bit_per_layer", _lowrank("LoQTAdamW8bit", grouped=False), 2e-2,
+           "LoQTAdamW8bit stepped inside backward", prepare=_loqt_layers, per_layer=True,
+           requires=BNB, default=False, parent="loqt"),
+    Method("loqt_nf4_64", _LOQT, 2e-2, "LoQTAdamW with the earlier storage: NF4 blocks of 64 "
+           "with a float32 absmax (4.5 bits per weight) and an INT4 P (the defaults: NF4 "
+           "blocks of 32 with a double-quantized absmax, 4.26 bits, and an INT8 P)",
+           prepare=_loqt_layers, prepare_kwargs=dict(group_size=64, double_quant=False,
+                                                     proj_bits=4),
+           requires=BNB, default=False, parent="loqt"),
+    Method("loqt_nostagger", _LOQT, 2e-2, "LoQTAdamW with stagger=False (every layer merges "
+           "at the same steps, as in the reference)", prepare=_loqt_layers,
+           kwargs=dict(stagger=False), requires=BNB, default=False, parent="loqt"),
+    Method("loqt_nq", _LOQT, 2e-2, "LoQTAdamW without quantization (float W and P: LoQT-nq)",
+           prepare=_loqt_layers, prepare_kwargs=dict(bits=None, proj_bits=None),
+           default=False, parent="loqt"),
+)}
 
 
-def register(name: str, lr: float, description: str, requires: Iterable[str] = (),
-             default: bool = True, parent: Optional[str] = None):
-    """Decorator adding ``build(model, args) -> Prepared`` to :data:`METHODS` as ``name``."""
-    def deco(build):
-        METHODS[name] = Method(name, build, lr, description, tuple(requires), default, parent)
-        return build
-    return deco
-
-
-def _galore_groups(model: nn.Module, a: MethodArgs) -> list[dict]:
-    import lowrank_optim as lo
-    return lo.param_groups(model, rank=a.rank, target_modules=a.target_modules,
-                           update_proj_gap=a.update_proj_gap, scale=a.scale)
-
-
-@register("adamw", lr=1.5e-3, description="torch.optim.AdamW")
-def _adamw(model, a):
-    return Prepared(model, torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas,
-                                             weight_decay=a.weight_decay))
-
-
-@register("adamw8bit", parent="adamw", lr=1.5e-3, description="bitsandbytes.optim.AdamW8bit",
-          requires=("bitsandbytes",))
-def _adamw8bit(model, a):
-    import bitsandbytes as bnb
-    return Prepared(model, bnb.optim.AdamW8bit(model.parameters(), lr=a.lr, betas=a.betas,
-                                               weight_decay=a.weight_decay))
-
-
-@register("galore", lr=4e-2, description="lowrank_optim.GaLoreAdamW on param_groups(attn, mlp)")
-def _galore(model, a):
-    import lowrank_optim as lo
-    return Prepared(model, lo.GaLoreAdamW(_galore_groups(model, a), lr=a.lr, betas=a.betas,
-                                          weight_decay=a.weight_decay))
-
-
-@register("galore_randomized", parent="galore", lr=4e-2, default=False,
-          description="GaLoreAdamW with svd=\"randomized\" (range finder, 1 power iteration)")
-def _galore_randomized(model, a):
-    import lowrank_optim as lo
-    return Prepared(model, lo.GaLoreAdamW(_galore_groups(model, a), lr=a.lr, betas=a.betas,
-                                          weight_decay=a.weight_decay, svd="randomized"))
-
-
-@register("galore_nostagger", parent="galore", lr=4e-2, default=False,
-          description="GaLoreAdamW with stagger=False (every matrix refreshes at 0, T, 2T, ... "
-                      "as in the reference)")
-def _galore_nostagger(model, a):
-    import lowrank_optim as lo
-    return Prepared(model, lo.GaLoreAdamW(_galore_groups(model, a), lr=a.lr, betas=a.betas,
-                                          weight_decay=a.weight_decay, stagger=False))
-
-
-@register("galore8bit", parent="galore", lr=4e-2,
-          description="lowrank_optim.GaLoreAdamW8bit (8-bit moments)", requires=("bitsandbytes",))
-def _galore8bit(model, a):
-    import lowrank_optim as lo
-    return Prepared(model, lo.GaLoreAdamW8bit(_galore_groups(model, a), lr=a.lr, betas=a.betas,
-                                              weight_decay=a.weight_decay))
-
-
-@register("galore_per_layer", parent="galore", lr=4e-2,
-          description="GaLoreAdamW stepped inside backward (opt.register_hooks(model))")
-def _galore_per_layer(model, a):
-    prepared = _galore(model, a)
-    prepared.hooks = prepared.optimizer.register_hooks(
-        model, max_grad_norm_per_param=a.max_grad_norm_per_param)
-    prepared.per_layer = True
-    return prepared
-
-
-def _quantized_groups(model: nn.Module, a: MethodArgs) -> list[dict]:
-    """``param_groups`` for a model whose target Linears are now ``QuantLinear``
-    (``lowrank_optim.param_groups`` only looks at ``nn.Linear``): their uint8 weights are
-    projected, everything else trainable is plain."""
-    from lowrank_optim import QuantLinear
-    chosen = {id(m.weight) for n, m in model.named_modules()
-              if isinstance(m, QuantLinear) and any(t in n for t in a.target_modules)}
-    mats = [p for p in model.parameters() if id(p) in chosen]
-    plain = [p for p in model.parameters() if id(p) not in chosen and p.requires_grad]
-    return [{"params": plain}, {"params": mats, "rank": a.rank,
-                                "update_proj_gap": a.update_proj_gap, "scale": a.scale}]
-
-
-@register("qgalore", lr=4e-2, requires=("bitsandbytes",),
-          description="lowrank_optim.QGaLoreAdamW8bit: INT8 weights (quantize_weights), "
-                      "INT4 bases, lazy refresh, 8-bit moments")
-def _qgalore(model, a):
-    import lowrank_optim as lo
-    model = lo.quantize_weights(model, bits=8, group_size=256, target_modules=a.target_modules)
-    return Prepared(model, lo.QGaLoreAdamW8bit(_quantized_groups(model, a), lr=a.lr,
-                                               betas=a.betas, weight_decay=a.weight_decay))
-
-
-@register("qgalore_per_layer", parent="qgalore", lr=4e-2, default=False,
-          requires=("bitsandbytes",),
-          description="QGaLoreAdamW8bit stepped inside backward (opt.register_hooks(model))")
-def _qgalore_per_layer(model, a):
-    prepared = _qgalore(model, a)
-    prepared.hooks = prepared.optimizer.register_hooks(
-        prepared.model, max_grad_norm_per_param=a.max_grad_norm_per_param)
-    prepared.per_layer = True
-    return prepared
-
-
-def _loqt_prepared(model, a, prep: dict, **opt) -> Prepared:
-    import lowrank_optim as lo
-    model = lo.prepare_loqt(model, rank=a.rank, target_modules=a.target_modules,
-                            scale=a.scale, **prep)
-    return Prepared(model, lo.LoQTAdamW(model.parameters(), lr=a.lr, betas=a.betas,
-                                        weight_decay=a.weight_decay, **opt))
-
-
-@register("loqt", lr=2e-2, requires=("bitsandbytes",),
-          description="lowrank_optim.LoQTAdamW: NF4 weights + INT8 basis P frozen, B trained "
-                      "(prepare_loqt), merges at exponentially growing intervals (staggered)")
-def _loqt(model, a):
-    # the merge interval is LoQT's own (its default: first gap 100, growth 1.2, the paper's),
-    # not GaLore's update_proj_gap: on the shoot-out's defaults (seed 0) the first gap 100
-    # gave val ppl 3.973 and 200 gave 4.026; lr 1e-2 / 2e-2 / 4e-2 (gap 200) gave 4.109 /
-    # 4.026 / 4.090
-    return _loqt_prepared(model, a, dict(bits=4))
-
-
-@register("loqt_nf4_64", parent="loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
-          description="LoQTAdamW with the earlier storage: NF4 blocks of 64 with a float32 "
-                      "absmax (4.5 bits per weight) and an INT4 P (the defaults: NF4 blocks of "
-                      "32 with a double-quantized absmax, 4.26 bits, and an INT8 P)")
-def _loqt_nf4_64(model, a):
-    return _loqt_prepared(model, a, dict(bits=4, group_size=64, double_quant=False, proj_bits=4))
-
-
-@register("loqt_nostagger", parent="loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
-          description="LoQTAdamW with stagger=False (every layer merges at the same steps, "
-                      "as in the reference)")
-def _loqt_nostagger(model, a):
-    return _loqt_prepared(model, a, dict(bits=4), stagger=False)
-
-
-@register("loqt_nq", parent="loqt", lr=2e-2, default=False,
-          description="LoQTAdamW without quantization (float W and P: LoQT-nq)")
-def _loqt_nq(model, a):
-    return _loqt_prepared(model, a, dict(bits=None, proj_bits=None))
+def method(spec: str) -> Method:
+    """The method of a name in :data:`METHODS`, optionally followed by optimizer keywords:
+    ``NAME+key=value+...`` (values are Python literals, else strings), e.g.
+    ``galore+state_on_refresh=project`` or ``qgalore+gamma_proj=1``. Such a variant is its
+    own row, named by the whole spec, and inherits the base method's rate in a sweep."""
+    name, *options = spec.strip().split("+")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    base = METHODS[name]
+    if not options:
+        return base
+    kw = {}
+    for item in options:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{spec!r}: expected NAME+key=value, got {item!r}")
+        try:
+            kw[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kw[key.strip()] = value.strip()
+    return dataclasses.replace(base, name=spec.strip(), kwargs={**base.kwargs, **kw},
+                               default=False, parent=name,
+                               description=f"{base.description}, with " + ", ".join(
+                                   f"{k}={v!r}" for k, v in kw.items()))
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,6 +5,13 @@
     python benchmarks/shootout.py --config small --device cuda --steps 2000
     python benchmarks/shootout.py --data ~/my_text_folder --config llama_60m --vocab-size 256
     python benchmarks/shootout.py --lr-sweep 0.5,1,2 --seeds 0,1,2   # tuned rates, 3 seeds
+    python benchmarks/shootout.py --methods galore+state_on_refresh=keep,galore+state_on_refresh=project
+
+A method is a name of ``common.METHODS``, optionally with optimizer keywords appended as
+``+key=value`` (``qgalore+gamma_proj=1``: Q-GaLore without the lazy refresh; ``loqt+
+update_proj_gap=50+state_on_merge=project``): each such variant is its own row. The
+``SVDs`` column counts the basis refreshes (``state["refresh_count"]``) of the first seed's
+run, so lazy and fixed refresh compare directly.
 
 Every method trains the same model (same seed, same initial weights), on the same data in
 the same order, for the same token budget (``--steps`` x ``--batch-size`` x ``--seq-len``),
@@ -96,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="shootout.py", description=__doc__.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--methods", default=None,
-                   help=f"comma list from {', '.join(C.METHODS)} (default: "
+                   help=f"comma list from {', '.join(C.METHODS)}, each optionally with "
+                        "optimizer keywords: NAME+key=value+... (default: "
                         f"{', '.join(n for n, m in C.METHODS.items() if m.default)}, those "
                         "whose packages are installed)")
     p.add_argument("--config", default=DEFAULTS["config"],
@@ -197,11 +205,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.methods is None:
         args.methods = ",".join(n for n, m in C.METHODS.items() if m.default and m.available())
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in C.METHODS]
-    if unknown or not names:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(C.METHODS)}")
-    missing = [f"{n} (needs {', '.join(C.METHODS[n].requires)})" for n in names
-               if not C.METHODS[n].available()]
+    if not names:
+        raise SystemExit(f"--methods: choose from {', '.join(C.METHODS)}")
+    try:
+        methods = {n: C.method(n) for n in names}
+    except ValueError as e:
+        raise SystemExit(f"--methods: {e}")
+    missing = [f"{n} (needs {', '.join(m.requires)})" for n, m in methods.items()
+               if not m.available()]
     if missing:
         raise SystemExit(f"not available here: {', '.join(missing)}")
     args.method_list = names
@@ -212,12 +223,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
     if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
         raise SystemExit(f"--seeds: expected distinct integers, got {args.seeds!r}")
-    args.lrs = {n: C.METHODS[n].lr for n in names}
+    args.lrs = {n: m.lr for n, m in methods.items()}
     if args.lr:
         for item in args.lr.split(","):
             if "=" in item:
-                k, v = item.split("=", 1)
-                if k.strip() not in C.METHODS:
+                k, v = item.rsplit("=", 1)
+                if k.strip() not in C.METHODS and k.strip() not in names:
                     raise SystemExit(f"--lr: unknown method {k!r}")
                 if k.strip() in args.lrs:
                     args.lrs[k.strip()] = float(v)
@@ -238,8 +249,8 @@ def parse_sweep(spec: str, names: list[str], lrs: dict, variants: bool = False
             if not item:
                 continue
             if "=" in item:
-                k, v = (x.strip() for x in item.split("=", 1))
-                if k not in C.METHODS:
+                k, v = (x.strip() for x in item.rsplit("=", 1))
+                if k not in C.METHODS and k not in names:
                     raise SystemExit(f"--lr-sweep: unknown method {k!r}")
                 explicit[k] = [float(x) for x in v.split(":") if x.strip()]
             else:
@@ -250,8 +261,8 @@ def parse_sweep(spec: str, names: list[str], lrs: dict, variants: bool = False
     if any(not r > 0 for r in mults + sum(explicit.values(), [])):
         raise SystemExit(f"--lr-sweep: rates and multipliers must be > 0, got {spec!r}")
     inherits = {} if variants else {
-        n: C.METHODS[n].parent for n in names
-        if C.METHODS[n].parent in names and n not in explicit}
+        n: C.method(n).parent for n in names
+        if C.method(n).parent in names and n not in explicit}
     grid = {}
     for n in names:
         if n in inherits:
@@ -338,7 +349,7 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
     device = torch.device(args.device)
     corpus = corpus if corpus is not None else C.load_corpus(args.data, args.val_fraction)
     cfg = model_config(args)
-    method = C.METHODS[name]
+    method = C.method(name)
     _warm_up(method, args, device)
     meter = C.MemoryMeter(device)
     meter.start()
@@ -424,6 +435,7 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
         act_other_b=None if above is None else above - weights - grads - state,
         memory_kind=meter.kind, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         select_loss=select, select_disjoint=batches.select_disjoint, **clipping,
+        svds=sum(int(st.get("refresh_count", 0)) for st in opt.state.values()),
         grad_norm_mean=statistics.fmean(grad_norms) if grad_norms else None,
         clipped_frac=(sum(g > clip for g in grad_norms) / len(grad_norms)
                       if grad_norms else None),
@@ -472,7 +484,7 @@ def _run_subprocess(name: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 # averaged over seeds; the byte counts are the same for every seed, the peak is the largest
 _MEAN_KEYS = ("val_loss", "val_ppl", "tokens_per_s", "fwd_ms", "bwd_ms", "step_ms",
-              "bwd_step_ms", "iter_ms", "wall_s", "grad_norm_mean", "clipped_frac")
+              "bwd_step_ms", "iter_ms", "wall_s", "grad_norm_mean", "clipped_frac", "svds")
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -713,11 +725,11 @@ def make_table(results: list[dict]) -> str:
     ref = next((r for r in ok if r["method"] == "adamw"), ok[0] if ok else None)
     rname = ref["method"] if ref else "adamw"
     rows = ["| method | lr | clipping | val loss | val ppl | ppl vs " + rname + " | tokens/s | "
-            "fwd ms | bwd ms | opt step ms | bwd+step ms | run s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "fwd ms | bwd ms | opt step ms | bwd+step ms | run s | SVDs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("error"):
-            rows.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 10)
+            rows.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 11)
             continue
         div = f" (diverged at {r['diverged_at']})" if r.get("diverged_at") else ""
         std = f" ± {r['val_ppl_std']:.3f}" if "val_ppl_std" in r else ""
@@ -728,7 +740,8 @@ def make_table(results: list[dict]) -> str:
             f"{_ratio(r['val_ppl'], ref['val_ppl'])} | {_num(r['tokens_per_s'], ',.0f')} | "
             f"{_num(r['fwd_ms'], '.1f')} | {_num(r['bwd_ms'], '.1f') if not r['per_layer'] else '—'} | "
             f"{_num(r['step_ms'], '.2f') if not r['per_layer'] else '— ¹'} | "
-            f"{_num(r['bwd_step_ms'], '.1f')} | {_num(r.get('wall_s'), '.0f')} |")
+            f"{_num(r['bwd_step_ms'], '.1f')} | {_num(r.get('wall_s'), '.0f')} | "
+            f"{_num(r.get('svds'), '.0f')} |")
     rows += ["", "| method | weights MiB | grads MiB | opt state MiB | activations+other MiB | "
              "peak above baseline MiB | peak MiB | state vs " + rname + " | weights+grads+state vs "
              + rname + " | peak above baseline vs " + rname + " | estimate (sum) MiB | peak "
