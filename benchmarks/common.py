@@ -545,27 +545,111 @@ def grad_bytes(model: nn.Module, per_layer: bool = False) -> int:
     return (max(sizes, default=0) if per_layer else sum(sizes))
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state`` (nested dicts/lists included); a tensor
-    shared between parameters (bitsandbytes' quantization maps) is counted once."""
-    seen, total = set(), 0
-
-    def visit(v):
-        nonlocal total
+def _state_tensors(optimizer: torch.optim.Optimizer):
+    """Every tensor reachable from ``optimizer.state``: dicts, lists and plain objects (such
+    as galore-torch's projector) walked, 6 levels deep at most."""
+    def walk(v, depth=0):
+        if depth > 6:
+            return
         if isinstance(v, Tensor):
-            key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), v.numel())
-            if key not in seen:
-                seen.add(key)
-                total += tensor_bytes(v)
+            yield v
         elif isinstance(v, dict):
             for x in v.values():
-                visit(x)
+                yield from walk(x, depth + 1)
         elif isinstance(v, (list, tuple)):
             for x in v:
-                visit(x)
+                yield from walk(x, depth + 1)
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            for x in vars(v).values():
+                yield from walk(x, depth + 1)
+    for st in optimizer.state.values():
+        yield from walk(st)
 
-    visit(list(optimizer.state.values()))
-    return total
+
+def state_bytes(optimizer: torch.optim.Optimizer, held: bool = False) -> int:
+    """Bytes of every tensor in ``optimizer.state``; a tensor shared between parameters
+    (bitsandbytes' quantization maps) is counted once. ``held=True``: the bytes of the
+    distinct storages behind them instead, what memory (and ``torch.save``) really holds: a
+    view keeps its whole base alive (a basis sliced from a full SVD)."""
+    if held:
+        return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+                    for t in _state_tensors(optimizer)}.values())
+    return sum({(t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()):
+                tensor_bytes(t) for t in _state_tensors(optimizer)}.values())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def matrix_shapes(model: nn.Module, target_modules=("attn", "mlp")) -> list[tuple]:
+    """``(name, shape, projected)`` of every parameter; projected: the weights of the Linear
+    (or INT8 ``QuantLinear``) modules whose name contains one of ``target_modules``."""
+    import lowrank_optim as lo
+    proj = {id(m.weight) for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, lo.QuantLinear)) and any(t in name for t in target_modules)}
+    return [(n, tuple(p.shape), id(p) in proj) for n, p in model.named_parameters()]
+
+
+LOQT = ("LoQTAdamW", "LoQTAdamW8bit")
+
+
+def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int]:
+    """The one closed form of the benchmarks: exact (weights, state) bytes that the dtypes of
+    torch, bitsandbytes and the package imply, for the optimizer class named ``optimizer``
+    (AdamW, AdamW8bit, GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit, LoQTAdamW,
+    LoQTAdamW8bit) on parameters ``shapes`` (:func:`matrix_shapes` of the float model) whose
+    float tensors take ``esize`` bytes per element. Buffers (the rotary table) not included.
+
+    8-bit moments: 2 uint8 codes + 2 float32 absmax per 256 elements, float32 (bitsandbytes)
+    or model-dtype (the package) moments below 4096 elements; GaLore: float32 low-rank
+    moments and basis (``4·(2·r·max(m,n) + r·min(m,n))``); Q-GaLore: INT8 weight codes + float32
+    scale and offset per 256, INT4 packed bases + scale and offset per 256; LoQT: NF4 codes
+    two per byte + a uint8 absmax per 32 + float32 scale and offset per 256 absmaxes, INT8
+    P + scale and offset per 64, B in the model dtype; torch AdamW: a 4-byte step per
+    parameter."""
+    q8 = lambda n: 2 * n + 2 * 4 * _cdiv(n, 256)                 # 2 uint8 moments + 2 absmax/256
+    w = s = 0
+    any8 = False
+    for _, shape, proj in shapes:
+        n = math.prod(shape)
+        if optimizer in LOQT and proj:
+            r = min(rank, *shape)
+            blocks = _cdiv(n, 32)                                   # NF4 Q: codes, absmax/32
+            w += _cdiv(n, 2) + blocks + 2 * 4 * _cdiv(blocks, 256)  # as uint8 + scale, offset/256
+            p = min(shape) * r
+            w += p + 2 * 4 * _cdiv(p, 64)                           # INT8 P + scale, offset/64
+            w += max(shape) * r * esize + 8                         # B (model dtype), merges
+            low = max(shape) * r                                    # B's moments:
+            s += 2 * low * esize if optimizer == "LoQTAdamW" or low < 4096 else q8(low)
+            continue
+        if optimizer == "QGaLoreAdamW8bit" and proj:
+            w += n + 2 * 4 * _cdiv(n, 256)                         # uint8 codes, scale, offset
+        else:
+            w += n * esize
+        if optimizer == "AdamW":
+            s += 2 * n * esize + 4                                  # moments in p.dtype + step
+        elif optimizer == "AdamW8bit":
+            any8 |= n >= 4096
+            s += q8(n) if n >= 4096 else 2 * 4 * n                  # bnb: float32 below 4096
+        elif proj:
+            r = min(rank, *shape)
+            low, basis = max(shape) * r, min(shape) * r
+            if optimizer == "GaLoreAdamW":
+                s += 2 * 4 * low                                    # float32 low-rank moments
+            else:
+                s += q8(low) if low >= 4096 else 2 * 4 * low
+            if optimizer == "QGaLoreAdamW8bit":
+                s += _cdiv(basis, 2) + 2 * 4 * _cdiv(basis, 256)    # INT4 packed + scale, offset
+            else:
+                s += 4 * basis                                      # float32 basis
+        elif optimizer in ("GaLoreAdamW", "LoQTAdamW") or n < 4096:
+            s += 2 * n * esize                                      # zeros_like(p)
+        else:
+            s += q8(n)
+    if any8:
+        s += 2 * 256 * 4                                            # bnb qmap1, qmap2 (shared)
+    return w, s
 
 
 def _proc_status_kb(field: str) -> Optional[int]:
@@ -689,3 +773,52 @@ def git_rev() -> str:
         return rev + (" (lowrank_optim modified)" if dirty else "") if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown reports
+# ---------------------------------------------------------------------------------------
+
+def md_table(header: list, rows: list) -> str:
+    """A Markdown table; ``None`` cells print as an empty cell."""
+    cell = lambda c: "" if c is None else str(c)
+    return "\n".join(["| " + " | ".join(map(cell, header)) + " |",
+                      "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
+
+
+def command_line(script: str, argv: Optional[list] = None) -> str:
+    """``python benchmarks/SCRIPT ARGS`` as typed (shell-quoted)."""
+    import shlex
+    import sys
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(shlex.quote(x) for x in ["python", f"benchmarks/{script}", *args])
+
+
+def versions() -> str:
+    out = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for mod in ("lowrank_optim", "bitsandbytes"):
+        try:
+            out.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:  # noqa: BLE001 - a version line, never a failure
+            out.append(f"{mod} not importable")
+    return ", ".join(out + [f"git {git_rev()}"])
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def write_report(path, title: str, meta: dict, body: str) -> str:
+    """``# title``, a ``- key: value`` line per ``meta`` entry, then ``body``; written to
+    ``path`` (folders created) unless it is empty, and returned."""
+    text = f"# {title}\n\n" + "".join(f"- {k}: {v}\n" for k, v in meta.items()) \
+        + "\n" + body.rstrip() + "\n"
+    if path:
+        path = Path(path) if Path(path).is_absolute() else ROOT / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return text
