@@ -359,6 +359,12 @@ class Method:
                                      # moments, per-layer stepping, other storage or options):
                                      # the shoot-out's --lr-sweep lets it inherit that rate
 
+    @property
+    def optimizer_class(self) -> Optional[str]:
+        """The optimizer's class name (what :func:`closed_form` counts), when the factory
+        declares it."""
+        return getattr(self.optimizer, "cls", None)
+
     def available(self) -> bool:
         import importlib.util
         return all(importlib.util.find_spec(m) is not None for m in self.requires)
@@ -386,6 +392,9 @@ def _adamw8bit(model, a, **kw):
                                weight_decay=a.weight_decay, **kw)
 
 
+_adamw.cls, _adamw8bit.cls = "AdamW", "AdamW8bit"
+
+
 def _lowrank(cls: str, grouped: bool = True):
     """Factory of the package's optimizer ``cls``: on ``param_groups(model)`` (attention and
     MLP matrices projected, the rest plain) or, for LoQT, on ``model.parameters()``."""
@@ -396,6 +405,7 @@ def _lowrank(cls: str, grouped: bool = True):
             if grouped else model.parameters()
         return getattr(lo, cls)(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay,
                                 **kw)
+    make.cls = cls
     return make
 
 

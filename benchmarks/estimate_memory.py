@@ -2,7 +2,7 @@
 
 For each config and method it adds up, in GB (10^9 bytes):
 
-* **weights** and **optimizer state**: ``bench_memory.closed_form_package`` -- the exact
+* **weights** and **optimizer state**: ``common.closed_form`` -- the exact
   bytes of the tensors the package (and torch / bitsandbytes) allocate, already checked
   byte for byte against real runs by ``bench_memory.py``;
 * **gradients**: every trainable float parameter's ``.grad`` in the model dtype; Q-GaLore's
@@ -45,26 +45,17 @@ from _paths import ROOT
 import torch
 
 import bench_memory as bm
+import common as C
 from common import LlamaLM, get_config, stored_tensors
 from lowrank_optim.functional import _CHUNK  # elements per bitsandbytes call in adam8bit_
 
 GB = 1e9
 CONFIGS = "60m,130m,350m,1b,7b,13b"
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024, "13b": 1024}
-# name -> (bench_memory method, per-layer updates)
-METHODS = {
-    "adamw": ("AdamW", False),
-    "adamw8bit": ("AdamW8bit", False),
-    "galore": ("GaLoreAdamW", False),
-    "galore8bit_per_layer": ("GaLoreAdamW8bit", True),
-    "qgalore_per_layer": ("QGaLoreAdamW8bit", True),
-    "loqt": ("LoQTAdamW", False),
-    "loqt8bit_per_layer": ("LoQTAdamW8bit", True),
-    # the shoot-out's other method names, so that it can compare its peaks with this count
-    "galore8bit": ("GaLoreAdamW8bit", False),
-    "galore_per_layer": ("GaLoreAdamW", True),
-    "qgalore": ("QGaLoreAdamW8bit", False),
-}
+# registry name -> (optimizer class, per-layer updates), for the registry's methods whose
+# storage is the closed form's (not loqt_nf4_64 / loqt_nq, nor NAME+key=value variants)
+METHODS = {n: (m.optimizer_class, m.per_layer) for n, m in C.METHODS.items()
+           if m.optimizer_class and not m.prepare_kwargs}
 DEFAULT_METHODS = ("adamw,adamw8bit,galore,galore8bit_per_layer,qgalore_per_layer,loqt,"
                    "loqt8bit_per_layer")
 
