@@ -374,7 +374,11 @@ class Method:
         return self.prepare(model, a, **self.prepare_kwargs) if self.prepare else model
 
     def build(self, model: nn.Module, a: MethodArgs, **kwargs) -> Prepared:
-        model = self.swap(model, a)
+        """Swap the model's layers, then :meth:`setup`."""
+        return self.setup(self.swap(model, a), a, **kwargs)
+
+    def setup(self, model: nn.Module, a: MethodArgs, **kwargs) -> Prepared:
+        """The optimizer (and per-layer hooks) for a model already swapped."""
         opt = self.optimizer(model, a, **{**self.kwargs, **kwargs})
         hooks = opt.register_hooks(model, max_grad_norm_per_param=a.max_grad_norm_per_param) \
             if self.per_layer else None
@@ -674,39 +678,75 @@ def _proc_status_kb(field: str) -> Optional[int]:
 
 
 class MemoryMeter:
-    """Peak memory of this process from ``start()`` on: ``torch.cuda.max_memory_allocated``
-    on CUDA, peak RSS (VmHWM in /proc/self/status) on CPU. ``baseline`` is the memory in
-    use at ``start()`` (on CPU: the Python/torch runtime and the corpus)."""
+    """The one memory meter of the benchmarks: this process's peak since :meth:`reset`,
+    ``torch.cuda.max_memory_allocated`` on CUDA (every reading synchronised first), peak RSS
+    on the CPU (VmHWM of /proc/self/status, reset through /proc/self/clear_refs, Linux >=
+    4.0). :meth:`start` resets and takes ``baseline``, the memory in use then (on the CPU:
+    the Python/torch runtime and whatever was loaded)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+    def __init__(self, device):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device}: torch.cuda.is_available() is False")
+        self.cuda = self.device.type == "cuda"
+        self.kind = "cuda max_memory_allocated" if self.cuda else "peak RSS (VmHWM)"
+        self.what = "allocated" if self.cuda else "RSS"
         self.baseline = 0
 
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def sync(self) -> None:
+        sync(self.device)
+
+    def trim(self) -> None:
+        """Collect garbage and give freed memory back (``malloc_trim``, the CUDA cache), so
+        that a reading next is not inflated by memory the allocator merely keeps."""
+        import gc
+        gc.collect()
+        self.sync()
+        release_memory(self.device)
+
+    def current(self) -> int:
+        if self.cuda:
+            self.sync()
+            return torch.cuda.memory_allocated(self.device)
+        return (_proc_status_kb("VmRSS") or 0) * 1024
+
+    def reset(self) -> bool:
+        """Restart the peak here; False when the kernel refused (the CPU peak then counts
+        from the process start)."""
+        if self.cuda:
+            self.sync()
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-        else:
-            try:  # reset VmHWM to the current RSS (Linux >= 4.0); harmless if refused
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-            self.baseline = (_proc_status_kb("VmRSS") or 0) * 1024
+            return True
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        self.reset()
+        self.baseline = self.current()
 
     def peak(self) -> Optional[int]:
-        if self.device.type == "cuda":
+        if self.cuda:
+            self.sync()
             return torch.cuda.max_memory_allocated(self.device)
         kb = _proc_status_kb("VmHWM")
         return None if kb is None else kb * 1024
+
+    def reserved(self) -> Optional[int]:
+        """The CUDA allocator's peak with its cache (``max_memory_reserved``); None on CPU."""
+        if not self.cuda:
+            return None
+        self.sync()
+        return torch.cuda.max_memory_reserved(self.device)
 
 
 def release_memory(device: torch.device) -> None:
     """Give freed memory back (``malloc_trim`` on glibc, the CUDA cache on GPU) so that a
     baseline taken next is not inflated by memory the allocator merely keeps."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
         return
     try:
