@@ -11,10 +11,15 @@ registry and measurement helpers.
   and MLP modules are called ``attn`` and ``mlp``, so ``lowrank_optim.param_groups(model,
   target_modules=("attn", "mlp"))`` picks exactly the papers' matrices. :data:`CONFIGS`
   holds the papers' sizes and small CPU ones.
-* :data:`METHODS`: the optimizer registry (name -> :class:`Method`). A new method (Q-GaLore,
-  LoQT) is one :func:`register` call.
-* Measurement: exact bytes of weights / gradients / optimizer state, peak memory (VmHWM on
+* :data:`METHODS`: the one method registry of every script (name -> :class:`Method`: the
+  model swap, the optimizer factory, the default learning rate). Adding a method is one
+  ``Method(name, factory, lr, description)`` entry; ``method("NAME+key=value")`` adds
+  optimizer keywords to an entry.
+* Measurement: exact bytes of weights / gradients / optimizer state, the one closed form of
+  those bytes (:func:`closed_form`), the one memory meter (:class:`MemoryMeter`: VmHWM on
   CPU, ``torch.cuda.max_memory_allocated`` on CUDA), a synchronising timer.
+* Reports: :func:`md_table` and :func:`write_report` (title, ``- key: value`` header lines
+  with command, versions and device, body).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -788,12 +793,6 @@ def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int]
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
-
-
-def fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "n/a"
-    return f"{n / 2 ** 20:.2f}"
 
 
 # ---------------------------------------------------------------------------------------

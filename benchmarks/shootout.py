@@ -66,7 +66,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import statistics
@@ -439,7 +438,7 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
         grad_norm_mean=statistics.fmean(grad_norms) if grad_norms else None,
         clipped_frac=(sum(g > clip for g in grad_norms) / len(grad_norms)
                       if grad_norms else None),
-        corpus=corpus.describe(), device_name=_device_name(args.device),
+        corpus=corpus.describe(), device_name=C.device_name(args.device),
         error=None)
     if prep.hooks is not None:
         prep.hooks.remove()
@@ -761,22 +760,6 @@ def make_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"cpu ({C.cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-
-
-def _versions() -> str:
-    out = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    for mod in ("lowrank_optim", "bitsandbytes"):
-        try:
-            out.append(f"{mod} {__import__(mod).__version__}")
-        except Exception:
-            pass
-    return ", ".join(out + [f"git {C.git_rev()}"])
-
-
 def make_report(results: list[dict], args, argv: list[str], wall_s: float,
                 sweep: list[dict] | None = None) -> str:
     cfg = C.get_config(args.config, vocab_size=args.vocab_size)
@@ -798,7 +781,7 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float,
         + (f" (this report written again from `{args.rendered_from}` with `--report-from`: "
            "the date and git revision are the report's, the measurements the run's)"
            if getattr(args, "rendered_from", None) else ""),
-        f"- versions: {_versions()}",
+        f"- versions: {C.versions()}",
         f"- device: {ok[0]['device_name'] if ok else args.device}; parameters {args.dtype}",
         f"- corpus: {corpus} (byte tokens)",
         f"- model: `{args.config}` dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
