@@ -723,41 +723,37 @@ def make_table(results: list[dict]) -> str:
     ok = [r for r in results if not r.get("error")]
     ref = next((r for r in ok if r["method"] == "adamw"), ok[0] if ok else None)
     rname = ref["method"] if ref else "adamw"
-    rows = ["| method | lr | clipping | val loss | val ppl | ppl vs " + rname + " | tokens/s | "
-            "fwd ms | bwd ms | opt step ms | bwd+step ms | run s | SVDs |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    name = lambda r: r["method"] + (" ¹" if r.get("per_layer") else "")
+    quality = []
     for r in results:
         if r.get("error"):
-            rows.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 11)
+            quality.append([r["method"], f"failed: {r['error']}"] + [""] * 11)
             continue
         div = f" (diverged at {r['diverged_at']})" if r.get("diverged_at") else ""
         std = f" ± {r['val_ppl_std']:.3f}" if "val_ppl_std" in r else ""
-        rows.append(
-            f"| {r['method']}{' ¹' if r['per_layer'] else ''} | {r['lr']:g} | "
-            f"{_clip_cell(r)} | "
-            f"{r['val_loss']:.4f}{div} | {r['val_ppl']:.3f}{std} | "
-            f"{_ratio(r['val_ppl'], ref['val_ppl'])} | {_num(r['tokens_per_s'], ',.0f')} | "
-            f"{_num(r['fwd_ms'], '.1f')} | {_num(r['bwd_ms'], '.1f') if not r['per_layer'] else '—'} | "
-            f"{_num(r['step_ms'], '.2f') if not r['per_layer'] else '— ¹'} | "
-            f"{_num(r['bwd_step_ms'], '.1f')} | {_num(r.get('wall_s'), '.0f')} | "
-            f"{_num(r.get('svds'), '.0f')} |")
-    rows += ["", "| method | weights MiB | grads MiB | opt state MiB | activations+other MiB | "
-             "peak above baseline MiB | peak MiB | state vs " + rname + " | weights+grads+state vs "
-             + rname + " | peak above baseline vs " + rname + " | estimate (sum) MiB | peak "
-             "model MiB | peak above baseline / model |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in ok:
-        wgs = r["weights_b"] + r["grads_b"] + r["state_b"]
-        rwgs = ref["weights_b"] + ref["grads_b"] + ref["state_b"]
-        rows.append(
-            f"| {r['method']}{' ¹' if r['per_layer'] else ''} | {_mib(r['weights_b'])} | "
-            f"{_mib(r['grads_b'])} | {_mib(r['state_b'])} | {_mib(r['act_other_b'])} | "
-            f"{_mib(r['peak_above_b'])} | {_mib(r['peak_b'])} | "
-            f"{_ratio(r['state_b'], ref['state_b'])} | {_ratio(wgs, rwgs)} | "
-            f"{_ratio(r['peak_above_b'], ref['peak_above_b'])} | "
-            f"{_mib(r.get('estimate_b'))} | {_mib(r.get('peak_model_b'))} | "
-            f"{_ratio(r['peak_above_b'], r.get('peak_model_b'))} |")
-    return "\n".join(rows)
+        pl = r["per_layer"]
+        quality.append([
+            name(r), f"{r['lr']:g}", _clip_cell(r), f"{r['val_loss']:.4f}{div}",
+            f"{r['val_ppl']:.3f}{std}", _ratio(r["val_ppl"], ref["val_ppl"]),
+            _num(r["tokens_per_s"], ",.0f"), _num(r["fwd_ms"], ".1f"),
+            "—" if pl else _num(r["bwd_ms"], ".1f"), "— ¹" if pl else _num(r["step_ms"], ".2f"),
+            _num(r["bwd_step_ms"], ".1f"), _num(r.get("wall_s"), ".0f"),
+            _num(r.get("svds"), ".0f")])
+    wgs = lambda r: r["weights_b"] + r["grads_b"] + r["state_b"]
+    memory = [[name(r), _mib(r["weights_b"]), _mib(r["grads_b"]), _mib(r["state_b"]),
+               _mib(r["act_other_b"]), _mib(r["peak_above_b"]), _mib(r["peak_b"]),
+               _ratio(r["state_b"], ref["state_b"]), _ratio(wgs(r), wgs(ref)),
+               _ratio(r["peak_above_b"], ref["peak_above_b"]), _mib(r.get("estimate_b")),
+               _mib(r.get("peak_model_b")), _ratio(r["peak_above_b"], r.get("peak_model_b"))]
+              for r in ok]
+    return C.md_table(
+        ["method", "lr", "clipping", "val loss", "val ppl", f"ppl vs {rname}", "tokens/s",
+         "fwd ms", "bwd ms", "opt step ms", "bwd+step ms", "run s", "SVDs"], quality) + \
+        "\n\n" + C.md_table(
+        ["method", "weights MiB", "grads MiB", "opt state MiB", "activations+other MiB",
+         "peak above baseline MiB", "peak MiB", f"state vs {rname}",
+         f"weights+grads+state vs {rname}", f"peak above baseline vs {rname}",
+         "estimate (sum) MiB", "peak model MiB", "peak above baseline / model"], memory)
 
 
 def make_report(results: list[dict], args, argv: list[str], wall_s: float,
