@@ -225,7 +225,8 @@ def tables(rows, shapes, n, a):
     state_rows = []
     for r in rows:
         state, held = C.state_bytes(r["opt"]), C.state_bytes(r["opt"], held=True)
-        closed = C.closed_form(r["cls"], shapes, a.rank, 4)[1] if r["cls"] else None
+        closed = C.closed_form(r["cls"], shapes, a.rank, 4)[1] \
+            if r["cls"] in C.CLOSED_FORM else None
         state_rows.append([r["label"], f"{state:,}", f"{state / 2 ** 20:.2f}",
                            "n/a" if closed is None else f"{closed:,}",
                            "n/a" if closed is None else "yes" if closed == state

@@ -611,6 +611,7 @@ def matrix_shapes(model: nn.Module, target_modules=("attn", "mlp")) -> list[tupl
 
 
 LOQT = ("LoQTAdamW", "LoQTAdamW8bit")
+CLOSED_FORM = ("AdamW", "AdamW8bit", "GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW8bit") + LOQT
 
 
 def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int]:
@@ -627,6 +628,8 @@ def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int
     two per byte + a uint8 absmax per 32 + float32 scale and offset per 256 absmaxes, INT8
     P + scale and offset per 64, B in the model dtype; torch AdamW: a 4-byte step per
     parameter."""
+    if optimizer not in CLOSED_FORM:
+        raise ValueError(f"no closed form for {optimizer!r}; known: {', '.join(CLOSED_FORM)}")
     q8 = lambda n: 2 * n + 2 * 4 * _cdiv(n, 256)                 # 2 uint8 moments + 2 absmax/256
     w = s = 0
     any8 = False

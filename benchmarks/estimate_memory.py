@@ -55,7 +55,7 @@ RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024, "13b": 102
 # registry name -> (optimizer class, per-layer updates), for the registry's methods whose
 # storage is the closed form's (not loqt_nf4_64 / loqt_nq, nor NAME+key=value variants)
 METHODS = {n: (m.optimizer_class, m.per_layer) for n, m in C.METHODS.items()
-           if m.optimizer_class and not m.prepare_kwargs}
+           if m.optimizer_class in C.CLOSED_FORM and not m.prepare_kwargs}
 DEFAULT_METHODS = ("adamw,adamw8bit,galore,galore8bit_per_layer,qgalore_per_layer,loqt,"
                    "loqt8bit_per_layer")
 
