@@ -36,9 +36,8 @@ import argparse
 import contextlib
 import functools
 import math
-import os
-import shlex
 import sys
+from pathlib import Path
 
 from _paths import ROOT
 
@@ -341,43 +340,39 @@ def main(argv=None) -> int:
             checks.append((c, m, real, est))
             print(f"check {c} {m}: real {real} estimate {est} "
                   f"{'EQUAL' if real == est else 'DIFFER'}", flush=True)
-    cmd = "python " + " ".join(shlex.quote(x) for x in ["benchmarks/estimate_memory.py"]
-                                + (sys.argv[1:] if argv is None else list(argv)))
-    L = ["# Training-memory estimate per method (GB = 10^9 bytes)\n",
-         f"- command: `{cmd}`",
-         f"- torch {torch.__version__}; weights in {dt}; batch {a.batch} x {a.seq} tokens; "
-         f"activation checkpointing {'on' if a.checkpointing else 'off'}; ranks "
-         + ", ".join(f"{c} {RANKS[c]}" for c in names),
-         "- weights and optimizer state: `bench_memory.closed_form_package` (checked against "
-         "real tensors there); gradients: closed form above; activations: bytes saved for "
-         "backward in one forward, counted on the meta device; *total* is their sum (the "
-         "papers' convention). *peak (model)*: `peak_model`, weights + state + the largest of "
-         f"the loss, backward and step phases with their temporaries ({a.device} "
-         "implementations); the phase it lands in. Not included: runtime, allocator slack.", ""]
-    L.append("| config | method | weights | grads | optimizer state | activations | total | "
-             "× AdamW | peak (model) | phase |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    meta = {
+        "command": f"`{C.command_line('estimate_memory.py', argv)}`",
+        "settings": f"torch {torch.__version__}; weights in {dt}; batch {a.batch} x {a.seq} "
+                    f"tokens; activation checkpointing {'on' if a.checkpointing else 'off'}; "
+                    "ranks " + ", ".join(f"{c} {RANKS[c]}" for c in names),
+        "counts": "weights and optimizer state: `common.closed_form` (checked against real "
+                  "tensors by bench_memory.py); gradients: closed form above; activations: "
+                  "bytes saved for backward in one forward, counted on the meta device; *total* "
+                  "is their sum (the papers' convention). *peak (model)*: `peak_model`, weights "
+                  "+ state + the largest of the loss, backward and step phases with their "
+                  f"temporaries ({a.device} implementations); the phase it lands in. Not "
+                  "included: runtime, allocator slack."}
+    table = []
     for (c, m), r in rows.items():
         tot = sum(r.values())
         base = sum(rows[c, "adamw"].values()) if (c, "adamw") in rows else None
-        L.append(f"| {c} | {m} | " + " | ".join(f"{r[k] / GB:.3f}" for k in
-                                                  ("weights", "grads", "state", "activations"))
-                 + f" | **{tot / GB:.3f}** | {'–' if not base else f'{tot / base:.2f}'} | "
-                 f"{peaks[c, m]['peak'] / GB:.3f} | {peaks[c, m]['phase']} |")
+        table.append([c, m] + [f"{r[k] / GB:.3f}" for k in
+                               ("weights", "grads", "state", "activations")]
+                     + [f"**{tot / GB:.3f}**", "–" if not base else f"{tot / base:.2f}",
+                        f"{peaks[c, m]['peak'] / GB:.3f}", peaks[c, m]["phase"]])
+    body = C.md_table(["config", "method", "weights", "grads", "optimizer state", "activations",
+                       "total", "× AdamW", "peak (model)", "phase"], table)
     if checks:
-        L += ["", "## Check against a real forward/backward (1 x 32 tokens, bytes)", "",
-              "| config | method | grads real | grads estimate | saved activations real | "
-              "estimate | equal |", "|---|---|---|---|---|---|---|"]
-        for c, m, real, est in checks:
-            L.append(f"| {c} | {m} | {real['grads']} | {est['grads']} | {real['activations']} "
-                     f"| {est['activations']} | {'yes' if real == est else 'NO'} |")
-    md = "\n".join(L) + "\n"
-    print(md)
+        body += "\n\n## Check against a real forward/backward (1 x 32 tokens, bytes)\n\n" + \
+            C.md_table(["config", "method", "grads real", "grads estimate",
+                        "saved activations real", "estimate", "equal"],
+                       [[c, m, real["grads"], est["grads"], real["activations"],
+                         est["activations"], "yes" if real == est else "NO"]
+                        for c, m, real, est in checks])
+    print(C.write_report(a.out, "Training-memory estimate per method (GB = 10^9 bytes)", meta,
+                         body))
     if a.out:
-        path = os.path.join(ROOT, a.out)
-        with open(path, "w") as f:
-            f.write(md)
-        _plot(rows, names, meths, path.replace(".md", ".png"))
+        _plot(rows, names, meths, str((ROOT / a.out).with_suffix(".png")))
         print(f"wrote {a.out}")
     return 0 if all(r == e for _, _, r, e in checks) else 1
 
