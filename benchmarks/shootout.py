@@ -1045,9 +1045,10 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
                         run(name, seed, args.lrs[name], runs)
             order = {n: i for i, n in enumerate(args.method_list)}
             runs.sort(key=lambda r: (order[r["method"]], args.seed_list.index(r["seed"])))
-    (out / "partial.json").unlink(missing_ok=True)
     args.resumed_s = resumed_s
-    return _write(runs, args, argv, time.perf_counter() - t0 + resumed_s, out, sweep)
+    written = _write(runs, args, argv, time.perf_counter() - t0 + resumed_s, out, sweep)
+    (out / "partial.json").unlink(missing_ok=True)  # only now: a failed report keeps the runs
+    return written
 
 
 # what two runs must share for one to reuse the other's measurements (--resume)
