@@ -73,7 +73,7 @@ run_tests() {
 # 2. optimizer step time on the LLaMA-1B shapes
 run_step_time() {
     $PY benchmarks/bench_step.py --device $DEV "${SHAPES[@]}" --repeats 1 --pool 2 \
-        --optimizers adamw_fused,adamw8bit,galore,galore_randomized,galore8bit,qgalore \
+        --optimizers adamw+foreach=True,adamw_fused,adamw8bit,galore,galore_randomized,galore8bit,qgalore \
         --out "$DEST/step.md"
 }
 
