@@ -112,6 +112,7 @@ from _paths import ROOT
 import torch
 from torch import Tensor, nn
 
+import common as C
 import lowrank_optim as lo
 from common import LlamaLM, cpu_name, get_config, git_rev, stored_tensors
 
@@ -119,10 +120,8 @@ GB = 1e9
 TARGETS = ("attn", "mlp")
 ALL_METHODS = ("AdamW", "AdamW8bit", "GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW8bit",
                "LoQTAdamW", "LoQTAdamW8bit")
-LOWRANK = {"GaLoreAdamW": lo.GaLoreAdamW, "GaLoreAdamW8bit": lo.GaLoreAdamW8bit,
-           "QGaLoreAdamW8bit": lo.QGaLoreAdamW8bit, "LoQTAdamW": lo.LoQTAdamW,
-           "LoQTAdamW8bit": lo.LoQTAdamW8bit}
-LOQT = ("LoQTAdamW", "LoQTAdamW8bit")
+LOWRANK = ALL_METHODS[2:]   # the package's optimizers
+LOQT = C.LOQT
 SIZES = ("60m", "130m", "350m", "1b")
 # published weights + optimizer states (GB), BF16 estimates of the papers
 PUBLISHED = {
@@ -151,44 +150,32 @@ def default_dtype(dt: torch.dtype):
         torch.set_default_dtype(old)
 
 
+# the optimizer classes this script counts, as registry entries (common.METHODS)
+REGISTRY = {"AdamW": "adamw", "AdamW8bit": "adamw8bit", "GaLoreAdamW": "galore",
+            "GaLoreAdamW8bit": "galore8bit", "QGaLoreAdamW8bit": "qgalore", "LoQTAdamW": "loqt",
+            "LoQTAdamW8bit": "loqt8bit"}
+
+
+def _args(rank: int) -> C.MethodArgs:
+    return C.MethodArgs(lr=1e-3, rank=rank, update_proj_gap=update_proj_gap, scale=0.25)
+
+
 def build_model(cfg, dt: torch.dtype, device: str, method: str, rank: int) -> nn.Module:
-    """LlamaLM in ``dt`` on ``device``; for Q-GaLore the attention and MLP Linears become
-    INT8 ``QuantLinear`` (groups of 256), for LoQT ``LoQTLinear`` (its defaults: NF4 weight
-    in blocks of 32 with a double-quantized absmax, INT8 basis in groups of 64, ``dt`` factor
-    B), quantized from the ``dt`` weights."""
+    """LlamaLM in ``dt`` on ``device``, with the registry's swap of ``method``: for Q-GaLore
+    the attention and MLP Linears become INT8 ``QuantLinear`` (groups of 256), for LoQT
+    ``LoQTLinear`` (its defaults: NF4 weight in blocks of 32 with a double-quantized absmax,
+    INT8 basis in groups of 64, ``dt`` factor B), quantized from the ``dt`` weights."""
     torch.manual_seed(seed)
     with default_dtype(dt), torch.device(device):
         model = LlamaLM(cfg)
     model.to(dt)  # the rotary table is built in float32 explicitly
-    if method == "QGaLoreAdamW8bit":
-        lo.quantize_weights(model, bits=8, group_size=256, target_modules=TARGETS)
-    elif method in LOQT:
-        lo.prepare_loqt(model, rank=rank, bits=4, target_modules=TARGETS, scale=0.25)
-    return model
-
-
-def projected_weights(model: nn.Module) -> list:
-    """The attention and MLP matrices (float Linear or INT8 QuantLinear weights)."""
-    return [m.weight for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, lo.QuantLinear)) and any(t in name for t in TARGETS)]
-
-
-def groups_for(model: nn.Module, rank: int) -> list[dict]:
-    """galore-torch format (the papers' choice): a plain group, then the attention and MLP
-    matrices (float Linear or INT8 QuantLinear weights) with ``rank``."""
-    return lo.param_groups(model, rank=rank, target_modules=TARGETS,
-                           update_proj_gap=update_proj_gap, scale=0.25)
+    return C.METHODS[REGISTRY[method]].swap(model, _args(rank))
 
 
 def build_optimizer(method: str, model: nn.Module, rank: int):
-    if method == "AdamW":
-        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    if method == "AdamW8bit":
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.0)
-    if method in LOQT:  # B factors and the plain parameters; the rank is the model's
-        return LOWRANK[method](model.parameters(), lr=1e-3)
-    return LOWRANK[method](groups_for(model, rank), lr=1e-3, svd=svd)
+    m = C.METHODS[REGISTRY[method]]
+    return m.optimizer(model, _args(rank), **({"svd": svd} if method in LOWRANK and
+                                             method not in C.LOQT else {}))
 
 
 def set_grads(model: nn.Module) -> None:
@@ -307,16 +294,10 @@ def measure(method: str, cfg, rank: int, dt: torch.dtype, device: str) -> dict:
 
 
 # ---- closed forms ---------------------------------------------------------------------------
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def shapes_of(cfg) -> list[tuple[str, tuple, bool]]:
     """(name, shape, projected) of every parameter of LlamaLM(cfg), from a meta model."""
     with torch.device("meta"):
-        m = LlamaLM(cfg)
-    proj = {id(p) for p in projected_weights(m)}
-    return [(n, tuple(p.shape), id(p) in proj) for n, p in m.named_parameters()]
+        return C.matrix_shapes(LlamaLM(cfg), TARGETS)
 
 
 def rope_bytes(cfg, esize: int) -> int:
@@ -324,51 +305,9 @@ def rope_bytes(cfg, esize: int) -> int:
 
 
 def closed_form_package(method: str, cfg, rank: int, esize: int) -> tuple[int, int]:
-    """Exact (weights, state) bytes that the dtypes used by torch, bitsandbytes and the
-    package imply, for a model whose float tensors take ``esize`` bytes per element."""
-    q8 = lambda n: 2 * n + 2 * 4 * _cdiv(n, 256)                 # 2 uint8 moments + 2 absmax/256
-    w, s = rope_bytes(cfg, esize), 0
-    any8 = False
-    for _, shape, proj in shapes_of(cfg):
-        n = math.prod(shape)
-        if method in LOQT and proj:
-            r = min(rank, *shape)
-            blocks = _cdiv(n, 32)                                   # NF4 Q: codes, absmax/32
-            w += _cdiv(n, 2) + blocks + 2 * 4 * _cdiv(blocks, 256)  # as uint8 + scale, offset/256
-            p = min(shape) * r
-            w += p + 2 * 4 * _cdiv(p, 64)                           # INT8 P + scale, offset/64
-            w += max(shape) * r * esize + 8                         # B (model dtype), merges
-            low = max(shape) * r                                    # B's moments:
-            s += 2 * low * esize if method == "LoQTAdamW" or low < 4096 else q8(low)
-            continue
-        if method == "QGaLoreAdamW8bit" and proj:
-            w += n + 2 * 4 * _cdiv(n, 256)                         # uint8 codes, scale, offset
-        else:
-            w += n * esize
-        if method == "AdamW":
-            s += 2 * n * esize + 4                                  # moments in p.dtype + step
-        elif method == "AdamW8bit":
-            any8 |= n >= 4096
-            s += q8(n) if n >= 4096 else 2 * 4 * n                  # bnb: float32 below 4096
-        elif proj:
-            r = min(rank, *shape)
-            low, basis = max(shape) * r, min(shape) * r
-            if method == "GaLoreAdamW":
-                s += 2 * 4 * low                                    # float32 low-rank moments
-            else:
-                s += q8(low) if low >= 4096 else 2 * 4 * low
-            if method == "QGaLoreAdamW8bit":
-                s += _cdiv(basis, 2) + 2 * 4 * _cdiv(basis, 256)    # INT4 packed + scale, offset
-            else:
-                s += 4 * basis                                      # float32 basis
-        else:
-            if method in ("GaLoreAdamW", "LoQTAdamW") or n < 4096:
-                s += 2 * n * esize                                  # zeros_like(p)
-            else:
-                s += q8(n)
-    if any8:
-        s += 2 * 256 * 4                                            # bnb qmap1, qmap2 (shared)
-    return w, s
+    """``common.closed_form`` for LlamaLM(cfg), the rotary table included."""
+    w, s = C.closed_form(method, shapes_of(cfg), rank, esize)
+    return w + rope_bytes(cfg, esize), s
 
 
 def closed_form_papers(method: str, cfg, rank: int) -> tuple[float, float]:

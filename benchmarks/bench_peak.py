@@ -7,10 +7,10 @@ The targets (issues #4 and #5):
 * LoQT: a LLaMA-7B training step under 24 GB without per-layer updates, and LLaMA-13B
   under 24 GB with per-layer updates and 8-bit moments (on a CPU: with a short sequence).
 
-What is measured: the **peak RSS of a CPU process** (``resource.getrusage(RUSAGE_SELF)
-.ru_maxrss``), one fresh subprocess per (method, config), so that peaks never mix. Inside
-that process the peak is reset (``/proc/self/clear_refs`` = 5, which resets the kernel's
-high-water mark that ``ru_maxrss`` reads) after ``malloc_trim`` at the start of each phase,
+What is measured: the **peak RSS of a CPU process** (``common.MemoryMeter``: VmHWM, the
+kernel's high-water mark, which ``ru_maxrss`` read for the rows before 2026-12-04), one
+fresh subprocess per (method, config), so that peaks never mix. Inside that process the
+peak is reset (``/proc/self/clear_refs`` = 5) after ``malloc_trim`` at the start of each phase,
 so every phase gets its own peak: building the model, step 0 (the step that computes
 every basis: Q-GaLore's first SVD per matrix, LoQT's first merge), step 1 (an ordinary
 step). The process peak is the largest of them. A peak RSS includes everything the
@@ -104,13 +104,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import math
 import os
 import platform
 import re
-import resource
 import shlex
 import signal
 import subprocess
@@ -151,27 +149,30 @@ RANKS = {"micro": 16, "tiny": 32, "small": 64, "llama_60m": 128, "llama_130m": 2
          "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024, "llama_13b": 1024}
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    family: str           # "qgalore" or "loqt"
-    per_layer: bool
-    eight_bit: bool
-    description: str
+# this script's method names (the rows of its results files are keyed by them) -> the
+# common.METHODS entry that swaps the model and builds the optimizer
+METHODS = {"qgalore": "qgalore_per_layer", "qgalore_step": "qgalore", "loqt": "loqt",
+           "loqt8bit": "loqt8bit", "loqt8bit_per_layer": "loqt8bit_per_layer"}
 
 
-METHODS = {m.name: m for m in (
-    MethodSpec("qgalore", "qgalore", True, True,
-               "QGaLoreAdamW8bit, INT8 weights, INT4 bases, 8-bit moments, per-layer updates"),
-    MethodSpec("qgalore_step", "qgalore", False, True,
-               "QGaLoreAdamW8bit, INT8 weights, INT4 bases, 8-bit moments, opt.step()"),
-    MethodSpec("loqt", "loqt", False, False,
-               "LoQTAdamW (bf16 moments of B), prepare_loqt's storage, opt.step()"),
-    MethodSpec("loqt8bit", "loqt", False, True,
-               "LoQTAdamW8bit, prepare_loqt's storage, 8-bit moments, opt.step()"),
-    MethodSpec("loqt8bit_per_layer", "loqt", True, True,
-               "LoQTAdamW8bit, prepare_loqt's storage, 8-bit moments, per-layer updates"),
-)}
+def method(name: str):
+    """The registry entry of this script's method ``name``, with the settings of the
+    papers' 7B/13B scripts: Q-GaLore update_proj_gap 500, scale 0.25, lr 0.004; LoQT merges
+    from step 100 (step 0 merges), scale 0.5."""
+    import common as C
+    return C.METHODS[METHODS[name]]
+
+
+def family(name: str) -> str:
+    return "qgalore" if name.startswith("qgalore") else "loqt"
+
+
+def method_args(name: str, rank: int):
+    import common as C
+    if family(name) == "qgalore":
+        return C.MethodArgs(lr=0.004, rank=rank, update_proj_gap=500, scale=0.25)
+    return C.MethodArgs(lr=1e-3, rank=rank, scale=0.5)
+
 
 ISSUE_METHODS = ("qgalore", "loqt8bit", "loqt8bit_per_layer")  # --configs without --methods
 
@@ -223,126 +224,22 @@ def _status_kb(field: str) -> int:
     return C._proc_status_kb(field) or 0
 
 
-def rss() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-def trim() -> None:
-    """Collect garbage and give freed heap back (``malloc_trim``), so that a phase's
-    starting RSS is not inflated by memory the allocator merely keeps."""
-    import torch
-    import common as C
-    gc.collect()
-    C.release_memory(torch.device("cpu"))
-
-
-def reset_peak() -> bool:
-    """Reset the high-water mark that ``ru_maxrss`` and VmHWM read (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak() -> int:
-    """``ru_maxrss`` (kB on Linux) in bytes: the peak since the last reset."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-class RSSMeter:
-    """Memory of a phase on the CPU: the process's RSS (``trim``, ``reset_peak``, ``peak``
-    above). ``reserved`` has no CPU counterpart."""
-
-    device, what = "cpu", "RSS"
-
-    def __init__(self):
-        import torch
-        self.torch_device = torch.device("cpu")
-
-    def sync(self) -> None:
-        pass
-
-    def trim(self) -> None:
-        trim()
-
-    def current(self) -> int:
-        return rss()
-
-    def reset(self) -> bool:
-        return reset_peak()
-
-    def peak(self) -> int:
-        return peak()
-
-    def reserved(self):
-        return None
-
-    def env(self) -> dict:
-        return {}
-
-
-class CUDAMeter:
-    """Memory of a phase on the GPU: PyTorch's CUDA allocator. ``current`` is
-    ``memory_allocated``, ``peak`` ``max_memory_allocated`` and ``reserved``
-    ``max_memory_reserved`` since the last ``reset`` (``reset_peak_memory_stats``); every
-    reading synchronises first, so no kernel still in flight is missed."""
-
-    device, what = "cuda", "allocated"
-
-    def __init__(self):
-        import torch
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: torch.cuda.is_available() is False")
-        torch.cuda.init()
-        self.torch, self.torch_device = torch, torch.device("cuda", torch.cuda.current_device())
-
-    def sync(self) -> None:
-        self.torch.cuda.synchronize(self.torch_device)
-
-    def trim(self) -> None:
-        gc.collect()
-        self.sync()
-        self.torch.cuda.empty_cache()
-
-    def current(self) -> int:
-        self.sync()
-        return self.torch.cuda.memory_allocated(self.torch_device)
-
-    def reset(self) -> bool:
-        self.sync()
-        self.torch.cuda.reset_peak_memory_stats(self.torch_device)
-        return True
-
-    def peak(self) -> int:
-        self.sync()
-        return self.torch.cuda.max_memory_allocated(self.torch_device)
-
-    def reserved(self) -> int:
-        self.sync()
-        return self.torch.cuda.max_memory_reserved(self.torch_device)
-
-    def env(self) -> dict:
-        torch, dev = self.torch, self.torch_device
-        props = torch.cuda.get_device_properties(dev)
-        try:
-            import bitsandbytes as bnb
-            bnb_v = bnb.__version__
-        except ImportError:
-            bnb_v = "not installed"
-        return dict(gpu=torch.cuda.get_device_name(dev), gpu_memory=props.total_memory,
-                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                    torch=torch.__version__, bitsandbytes=bnb_v,
-                    python=platform.python_version())
-
-
-def make_meter(device: str):
-    return CUDAMeter() if device == "cuda" else RSSMeter()
+def cuda_env(device) -> dict:
+    """The GPU and versions the measuring process saw (for a CUDA table's header)."""
+    import torch
+    props = torch.cuda.get_device_properties(device)
+    try:
+        import bitsandbytes as bnb
+        bnb_v = bnb.__version__
+    except ImportError:
+        bnb_v = "not installed"
+    return dict(gpu=torch.cuda.get_device_name(device), gpu_memory=props.total_memory,
+                capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                torch=torch.__version__, bitsandbytes=bnb_v, python=platform.python_version())
 
 
 class UpdateMeter:
@@ -352,9 +249,9 @@ class UpdateMeter:
     the peak *during* those calls and the peak *outside* them are both measured (the step's
     peak is the larger). Each call is logged with the RSS it started from."""
 
-    def __init__(self, min_numel: int = 1 << 20):
+    def __init__(self, mem, min_numel: int = 1 << 20):
         import lowrank_optim as lo
-        self.F, self.min_numel = lo.functional, min_numel
+        self.F, self.min_numel, self.mem = lo.functional, min_numel, mem
         self.inner = self.F.adam8bit_
         self.F.adam8bit_ = self
         self.start()
@@ -365,19 +262,21 @@ class UpdateMeter:
     def __call__(self, g, state, *args, **kwargs):
         if g.numel() < self.min_numel:
             return self.inner(g, state, *args, **kwargs)
-        self.outside = max(self.outside, peak())
-        before = rss()
-        reset_peak()
+        mem = self.mem
+        self.outside = max(self.outside, mem.peak())
+        before = mem.current()
+        mem.reset()
         try:
             return self.inner(g, state, *args, **kwargs)
         finally:
-            self.calls.append(dict(numel=g.numel(), rss_before=before, peak=peak()))
-            reset_peak()
+            self.calls.append(dict(numel=g.numel(), rss_before=before, peak=mem.peak()))
+            mem.reset()
             if len(self.calls) % 64 == 0:
-                log(f"    {len(self.calls)} large 8-bit updates done, RSS {rss() / GB:.2f} GB")
+                log(f"    {len(self.calls)} large 8-bit updates done, RSS "
+                    f"{mem.current() / GB:.2f} GB")
 
     def summary(self) -> dict:
-        self.outside = max(self.outside, peak())
+        self.outside = max(self.outside, self.mem.peak())
         top = max(self.calls, key=lambda c: c["peak"], default=None)
         return dict(outside=self.outside, n_calls=len(self.calls),
                     during=max((c["peak"] for c in self.calls), default=0),
@@ -390,10 +289,10 @@ class SVDCounter:
     """Wraps ``lowrank_optim.projector.compute_basis`` (looked up at each refresh) to count
     and time the SVDs, and to set the randomized SVD's power iterations."""
 
-    def __init__(self, niter, mem=None):
+    def __init__(self, niter, mem):
         import lowrank_optim as lo
         self.count, self.seconds, self.niter = 0, 0.0, niter
-        self.mem = mem or RSSMeter()
+        self.mem = mem
         self._orig = lo.projector.compute_basis
         lo.projector.compute_basis = self
 
@@ -413,16 +312,15 @@ class SVDCounter:
                     f"{self.mem.current() / GB:.2f} GB")
 
 
-def build_model(case: Case, method: MethodSpec, rank: int, a, mem=None):
-    """LlamaLM on meta, then block by block: materialise in bf16 on ``mem``'s device (the
-    CPU by default), convert, free."""
+def build_model(case: Case, rank: int, a, mem):
+    """LlamaLM on meta, then block by block: materialise in bf16 on ``mem``'s device,
+    convert, free."""
     import torch
     from torch import nn
     import lowrank_optim as lo
     import common as C
 
-    mem = mem or RSSMeter()
-    dev = mem.torch_device
+    dev = mem.device
     cfg = C.get_config(case.config, vocab_size=a.vocab, seq_len=case.seq)
     torch.manual_seed(a.seed)
     with torch.device("meta"):
@@ -443,11 +341,7 @@ def build_model(case: Case, method: MethodSpec, rank: int, a, mem=None):
 
     for i, block in enumerate(model.layers):
         materialise(block, f"layers.{i}")
-        if method.family == "qgalore":
-            lo.quantize_weights(block, bits=8, group_size=256, target_modules=TARGETS)
-        else:
-            lo.prepare_loqt(block, rank=rank, bits=4, target_modules=TARGETS, scale=0.5,
-                            svd=a.svd)
+        swap(block, case.method, rank, a)
         if i == 0 or (i + 1) % 8 == 0:
             mem.trim()
             log(f"  block {i + 1}/{cfg.n_layers} converted, {mem.what} "
@@ -463,19 +357,18 @@ def build_model(case: Case, method: MethodSpec, rank: int, a, mem=None):
     return model, cfg
 
 
-def build_optimizer(model, method: MethodSpec, rank: int, a):
-    import lowrank_optim as lo
-    import common as C
+def swap(module, name: str, rank: int, a):
+    """The registry's swap of ``name`` on ``module`` (a block, or a whole meta model)."""
+    m = method(name)
+    svd = {} if family(name) == "qgalore" else {"svd": a.svd}
+    return m.prepare(module, method_args(name, rank), **m.prepare_kwargs, **svd)
 
-    if method.family == "qgalore":
-        groups = C._quantized_groups(model, C.MethodArgs(lr=0.004, rank=rank,
-                                                         update_proj_gap=500, scale=0.25))
-        opt = lo.QGaLoreAdamW8bit(groups, lr=0.004, svd=a.svd, seed=a.seed)
-    else:
-        cls = lo.LoQTAdamW8bit if method.eight_bit else lo.LoQTAdamW
-        opt = cls(model.parameters(), lr=1e-3, update_proj_gap=100, ec_iters=a.ec_iters)
-    hooks = opt.register_hooks(model) if method.per_layer else None
-    return opt, hooks
+
+def build_optimizer(model, name: str, rank: int, a):
+    kw = dict(svd=a.svd, seed=a.seed) if family(name) == "qgalore" else \
+        dict(update_proj_gap=100, ec_iters=a.ec_iters)
+    prep = method(name).setup(model, method_args(name, rank), **kw)
+    return prep.optimizer, prep.hooks
 
 
 def weight_breakdown(model) -> dict:
@@ -516,7 +409,7 @@ def state_breakdown(opt) -> dict:
 
 
 def mode(r: dict) -> str:
-    return "per-layer" if METHODS[r["method"]].per_layer else "opt.step()"
+    return "per-layer" if method(r["method"]).per_layer else "opt.step()"
 
 
 def run_one(case: Case, a) -> dict:
@@ -525,19 +418,19 @@ def run_one(case: Case, a) -> dict:
     import lowrank_optim as lo
     import common as C
 
-    method = METHODS[case.method]
+    m = method(case.method)
     rank = a.rank or RANKS.get(case.config, 128)
-    mem = make_meter(a.device)  # the only device-specific object: RSS or the CUDA allocator
-    cuda = mem.device == "cuda"
+    mem = C.MemoryMeter(a.device)  # the only device-specific object: RSS or the CUDA allocator
+    cuda = mem.cuda
     counter = SVDCounter(a.svd_niter, mem)
-    meter = None if cuda else UpdateMeter()  # splits off the CPU 8-bit kernel's transient
+    meter = None if cuda else UpdateMeter(mem)  # splits off the CPU 8-bit kernel's transient
     mem.trim()
     runtime = mem.current()
     can_reset = mem.reset()
     log(f"{case.key}: building (runtime {mem.what} {runtime / GB:.2f} GB)")
     t0 = time.perf_counter()
-    model, cfg = build_model(case, method, rank, a, mem)
-    opt, hooks = build_optimizer(model, method, rank, a)
+    model, cfg = build_model(case, rank, a, mem)
+    opt, hooks = build_optimizer(model, case.method, rank, a)
     build_peak = mem.peak()
     build_reserved = mem.reserved()
     build_s = time.perf_counter() - t0
@@ -551,21 +444,21 @@ def run_one(case: Case, a) -> dict:
 
     def result() -> dict:
         res = dict(case=asdict(case), key=case.key, method=case.method, rank=rank,
-                   per_layer=method.per_layer, description=method.description,
+                   per_layer=m.per_layer, description=m.description,
                    n_params=n_params, runtime=runtime, build_peak=build_peak, build_s=build_s,
                    weights=weights, state=state_breakdown(opt),
-                   grads=C.grad_bytes(model, method.per_layer), steps=results,
+                   grads=C.grad_bytes(model, m.per_layer), steps=results,
                    peak=max([build_peak] + [r["peak"] for r in results]),
                    peak_reset=can_reset, threads=a.threads, svd=a.svd, svd_niter=a.svd_niter,
                    ec_iters=a.ec_iters, batch=a.batch, vocab=a.vocab,
                    mmap_threshold=int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 0)))
         if cuda:  # CPU rows keep exactly their old keys
-            res.update(device="cuda", env=mem.env(), build_reserved=build_reserved,
+            res.update(device="cuda", env=cuda_env(mem.device), build_reserved=build_reserved,
                        reserved=max([build_reserved] + [r["reserved"] for r in results]))
         return res
     for i in range(a.steps):
         idx = torch.randint(0, cfg.vocab_size, (a.batch, case.seq + 1), generator=gen)
-        idx = idx.to(mem.torch_device)  # drawn on the CPU: the same tokens on every device
+        idx = idx.to(mem.device)  # drawn on the CPU: the same tokens on every device
         x, y = idx[:, :-1], idx[:, 1:]
         mem.trim()
         before = mem.current()
@@ -579,7 +472,7 @@ def run_one(case: Case, a) -> dict:
         mem.sync()
         t_fwd = time.perf_counter() - t
         loss.backward()
-        if not method.per_layer:
+        if not m.per_layer:
             opt.step()
         opt.zero_grad(set_to_none=True)
         mem.sync()
@@ -612,53 +505,29 @@ def run_one(case: Case, a) -> dict:
 
 
 # ---- a meta-device count, for cases too big or too slow to run here -------------------
-def estimate(case: Case, method: MethodSpec, rank: int, a) -> dict:
-    """Weights counted on the ``meta`` device after the package's own swap (exact bytes:
-    the same buffers and dtypes as a real build), optimizer state and gradients from the
-    closed form of the package's dtypes (8-bit moments: 1 byte per element and moment plus
-    one float32 absmax per 256, for tensors of >= 4096 elements; else moments in the
-    parameter's dtype; Q-GaLore bases: INT4 packed + float32 scale and offset per 256).
-    A lower bound of the peak: activations, temporaries and the runtime come on top."""
+def estimate(case: Case, name: str, rank: int, a) -> dict:
+    """Weights counted on the ``meta`` device after the registry's swap (exact bytes: the
+    same buffers and dtypes as a real build), optimizer state from ``common.closed_form``
+    (bf16 parameters) and gradients from the swapped model (``common.grad_bytes``). A
+    lower bound of the peak: activations, temporaries and the runtime come on top."""
     import torch
-    import lowrank_optim as lo
     import common as C
 
     cfg = C.get_config(case.config, vocab_size=a.vocab, seq_len=case.seq)
     with torch.device("meta"):
         model = C.LlamaLM(cfg)
     model.to(torch.bfloat16)
-    if method.family == "qgalore":
-        lo.quantize_weights(model, bits=8, group_size=256, target_modules=TARGETS)
-    else:
-        lo.prepare_loqt(model, rank=rank, bits=4, target_modules=TARGETS, scale=0.5)
+    shapes = C.matrix_shapes(model, TARGETS)
+    swap(model, name, rank, a)
     w = dict(codes=0, scales=0, float_params=0)
-    for name, kind, t in C.stored_tensors(model):
-        if name.startswith("rope_"):
-            continue
-        n = t.numel() * t.element_size()
-        w["codes" if not t.is_floating_point() else "scales" if kind == "b"
-          else "float_params"] += n
+    for tname, kind, t in C.stored_tensors(model):
+        if not tname.startswith("rope_"):
+            w["codes" if not t.is_floating_point() else "scales" if kind == "b"
+              else "float_params"] += C.tensor_bytes(t)
     w["total"] = sum(w.values())
-    q8 = lambda n: 2 * n + 2 * 4 * -(-n // 256)
-    state = basis = grads = 0
-    sizes = []
-    for name, p in model.named_parameters():
-        if isinstance(p, lo.nn.QuantWeight):   # projected INT8
-            m, n = p.shape
-            r = min(rank, m, n)
-            low = max(m, n) * r
-            state += q8(low)
-            basis += (min(m, n) * r + 1) // 2 + 2 * 4 * -(-min(m, n) * r // 256)
-            sizes.append(4 * p.numel())
-            continue
-        sizes.append(p.numel() * p.element_size())
-        if method.eight_bit and p.numel() >= 4096:
-            state += q8(p.numel())
-        else:
-            state += 2 * p.numel() * p.element_size()
-    state += basis
-    grads = max(sizes) if method.per_layer else sum(sizes)
-    return dict(weights=w, state=state, basis=basis, grads=grads,
+    m = method(name)
+    return dict(weights=w, state=C.closed_form(m.optimizer_class, shapes, rank, 2)[1],
+                grads=C.grad_bytes(model, m.per_layer),
                 n_params=sum(p.numel() for p in model.parameters()))
 
 
@@ -754,8 +623,8 @@ def _largest(s: dict) -> str:
 
 
 def _target(res: dict):
-    fam = METHODS[res["method"]].family
-    return TARGET_GB.get((fam, res["case"]["config"], METHODS[res["method"]].per_layer))
+    return TARGET_GB.get((family(res["method"]), res["case"]["config"],
+                          method(res["method"]).per_layer))
 
 
 def render(rows: list, meta: dict, device: str = "cpu") -> str:
@@ -801,8 +670,8 @@ def render(rows: list, meta: dict, device: str = "cpu") -> str:
     for r in rows:
         t = _target(r) if "error" not in r else None
         if t is None and "error" in r:
-            fam = METHODS[r["method"]].family
-            t = TARGET_GB.get((fam, r["case"]["config"], METHODS[r["method"]].per_layer))
+            t = TARGET_GB.get((family(r["method"]), r["case"]["config"],
+                               method(r["method"]).per_layer))
             if t:
                 e = r.get("estimate")
                 rt = (r.get("runtime") or 0) if cuda else RUNTIME
@@ -954,8 +823,9 @@ def render(rows: list, meta: dict, device: str = "cpu") -> str:
             f"{gb(e['weights']['total'])} | {gb(e['state'])} | {gb(e['grads'])} | {gb(bound)} | "
             f"{gb(p)} | {gb(None if p is None else p - bound)} |")
     add("")
-    add("Methods: " + "; ".join(f"`{m.name}`: {m.description}" for m in METHODS.values()
-                                if any(r["method"] == m.name for r in rows)) + ".")
+    add("Methods (this script's name, the `common.METHODS` entry): " + "; ".join(
+        f"`{n}` (`{METHODS[n]}`): {method(n).description}" for n in METHODS
+        if any(r["method"] == n for r in rows)) + ".")
     add("")
     add("<!-- bench_peak rows (JSON, read by --merge):")
     for r in rows:
@@ -1103,7 +973,7 @@ def main(argv=None) -> int:
         for r in allrows:
             if "estimate" not in r:
                 c = Case(**r["case"])
-                r["estimate"] = estimate(c, METHODS[c.method],
+                r["estimate"] = estimate(c, c.method,
                                          r.get("rank") or a.rank or RANKS.get(c.config, 128), a)
         envs = [r["env"] for r in allrows if r.get("env")]
         env = envs[-1] if envs else {}  # cuda: what the (last) measuring process saw
@@ -1143,7 +1013,7 @@ def main(argv=None) -> int:
         with open(a.out, "w") as f:
             f.write(render(allrows, meta, a.device))
 
-    ests = [estimate(c, METHODS[c.method], a.rank or RANKS.get(c.config, 128), a)
+    ests = [estimate(c, c.method, a.rank or RANKS.get(c.config, 128), a)
             for c in chosen]
     bounds = [e["weights"]["total"] + e["state"] + e["grads"] for e in ests]
     # small cases (the smoke test) two at a time; anything big strictly one at a time

@@ -49,8 +49,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -77,7 +75,7 @@ lag = 20                # --real: steps between the two gradients kept
 niters = "0,1,2"        # --real: power iterations of the randomized SVDs compared
 # -------------------------------------------------------------------------------------
 
-from _paths import HERE, ROOT
+from _paths import HERE
 
 import torch
 
@@ -145,28 +143,17 @@ def gradient_like(m: int, n: int, decay_: float, noise_: float, seed_: int,
     return g + e * (noise_ * g.norm() / e.norm())
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def timed(fn, dev: torch.device):
-    sync(dev)
+    C.sync(dev)
     t0 = time.perf_counter()
     res = fn()
-    sync(dev)
+    C.sync(dev)
     return time.perf_counter() - t0, res
 
 
 def energy(g: torch.Tensor, basis: torch.Tensor, side: int) -> float:
     low = basis.T @ g if side == LEFT else g @ basis
     return float(low.double().square().sum() / g.double().square().sum())
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({C.cpu_name()}, {os.cpu_count()} CPUs)"
 
 
 def load_average() -> str:
@@ -205,7 +192,7 @@ def real_gradients(a, dev: torch.device, rank: int) -> tuple[list, list, str]:
     return kept[a.real_steps], kept[a.real_steps + a.lag], what
 
 
-def real_main(a, dev: torch.device, command: str, load_start: str, started: float) -> str:
+def real_main(a, dev: torch.device, load_start: str, started: float) -> str:
     rank = int(a.ranks.split(",")[0])  # the first of --ranks
     now, later, what = real_gradients(a, dev, rank)
     methods = [("exact", dict(svd="exact"))] + [
@@ -226,37 +213,27 @@ def real_main(a, dev: torch.device, command: str, load_start: str, started: floa
         rows.append((name, e_now, e_later, secs))
         print(f"{name}: energy now {e_now:.5f}, later {e_later:.5f}, {secs:.2f} s", flush=True)
     ex_now, ex_later = rows[0][1], rows[0][2]
-    table = ("| basis | energy now | now / exact | energy later | later / exact | time s |\n"
-             "|---|---|---|---|---|---|\n" + "".join(
-                 f"| {n} | {en:.5f} | {en / ex_now:.5f} | {el:.5f} | {el / ex_later:.5f} "
-                 f"| {t:.2f} |\n" for n, en, el, t in rows))
-    doc = (
-        preamble("exact vs randomized SVD on real gradients", command, dev, load_start, started)
-        + f"{what}. Energy: ‖PᵀG‖²/‖G‖² (or ‖GQ‖²/‖G‖²) of the basis of the *now* gradient, "
+    table = C.md_table(["basis", "energy now", "now / exact", "energy later", "later / exact",
+                        "time s"], [[n, f"{en:.5f}", f"{en / ex_now:.5f}", f"{el:.5f}",
+                                     f"{el / ex_later:.5f}", f"{t:.2f}"] for n, en, el, t in rows])
+    return write("exact vs randomized SVD on real gradients", f"{what}. Energy: ‖PᵀG‖²/‖G‖² (or ‖GQ‖²/‖G‖²) of the basis of the *now* gradient, "
         "for the side GaLore's `proj_type=\"std\"` keeps, mean over the matrices; rank "
         f"{rank}, randomized sketches of rank + {a.oversample} columns. Time: all the "
-        "matrices' bases, one call each.\n\n" + table)
-    return doc
+        "matrices' bases, one call each.\n\n" + table, a, dev, load_start, started)
 
 
-def preamble(title: str, command: str, dev: torch.device, load_start: str, started: float) -> str:
-    """A results file's title and its lines of command, date, versions, device and time."""
-    return (f"# bench_svd: {title}\n\n"
-            f"- command: `{command}`\n"
-            f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
-            f"- torch {torch.__version__}, Python {platform.python_version()}, git {C.git_rev()}\n"
-            f"- device: {device_name(dev)}, {torch.get_num_threads()} torch threads; "
-            f"load average {load_start} at start, {load_average()} at end\n"
-            f"- total time: {time.perf_counter() - started:.0f} s\n\n")
-
-
-def write(doc: str, path: str) -> None:
-    print()
+def write(title: str, body: str, a, dev, load_start: str, started: float) -> str:
+    """The results file: command, date, versions, device and time, then ``body``."""
+    doc = C.write_report(a.out, f"bench_svd: {title}", {
+        "command": f"`{C.command_line('bench_svd.py', a.argv)}`",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": C.versions(),
+        "device": f"{C.device_name(dev)}; load average {load_start} at start, "
+                  f"{load_average()} at end",
+        "total time": f"{time.perf_counter() - started:.0f} s"}, body)
     print(doc)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(doc)
-    print(f"written to {os.path.relpath(path, os.getcwd())}")
+    print(f"written to {a.out}")
+    return doc
 
 
 def main(argv=None) -> str:
@@ -268,13 +245,9 @@ def main(argv=None) -> str:
     rank_list = [int(r) for r in a.ranks.split(",")]
     started = time.perf_counter()
     load_start = load_average()
-    command = "python " + shlex.join(
-        [os.path.relpath(sys.argv[0], ROOT) if sys.argv[0].endswith(".py") else sys.argv[0]]
-        + sys.argv[1:])
+    a.argv = sys.argv[1:] if argv is None else list(argv)
     if a.real:
-        doc = real_main(a, dev, command, load_start, started)
-        write(doc, a.out)
-        return doc
+        return real_main(a, dev, load_start, started)
 
     rows = []
     for (m, n) in shape_list:
@@ -309,17 +282,14 @@ def main(argv=None) -> str:
                   f"{med['randomized']:.3f} s, energy {e_ex:.5f} / {e_rd:.5f}", flush=True)
         del g
 
-    header = ("| shape (m×n) | rank | basis side | exact s | randomized s | exact / randomized time "
-              "| energy exact (optimum) | energy randomized | randomized / exact energy "
-              "| subspace overlap |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    table = header + "".join(
-        f"| {w['shape']} | {w['rank']} | {w['side']} | {w['t_ex']:.3f} | {w['t_rd']:.3f} "
-        f"| {w['t_ex'] / w['t_rd']:.2f} | {w['e_ex']:.5f} | {w['e_rd']:.5f} "
-        f"| {w['e_rd'] / w['e_ex']:.5f} | {w['ov']:.4f} |\n" for w in rows)
-    doc = (
-        preamble("exact vs randomized SVD for the projector basis", command, dev, load_start,
-               started)
-        + f"Gradient-like float32 matrices G = U diag(s) Vᵀ + E, s_k = k^-{a.decay:g} "
+    table = C.md_table(
+        ["shape (m×n)", "rank", "basis side", "exact s", "randomized s",
+         "exact / randomized time", "energy exact (optimum)", "energy randomized",
+         "randomized / exact energy", "subspace overlap"],
+        [[w["shape"], w["rank"], w["side"], f"{w['t_ex']:.3f}", f"{w['t_rd']:.3f}",
+          f"{w['t_ex'] / w['t_rd']:.2f}", f"{w['e_ex']:.5f}", f"{w['e_rd']:.5f}",
+          f"{w['e_rd'] / w['e_ex']:.5f}", f"{w['ov']:.4f}"] for w in rows])
+    return write("exact vs randomized SVD for the projector basis", f"Gradient-like float32 matrices G = U diag(s) Vᵀ + E, s_k = k^-{a.decay:g} "
         f"(k = 1..min(m, n)), ‖E‖_F = {a.noise:g}·‖U diag(s) Vᵀ‖_F, seed {a.seed}. "
         "Time: median of "
         f"{a.repeats} calls of `lowrank_optim.projector.compute_basis` after {a.warmup} "
@@ -328,9 +298,7 @@ def main(argv=None) -> str:
         f"{a.oversample} columns and niter = {a.niter}. Energy: ‖PᵀG‖²/‖G‖² for the basis "
         "side GaLore's `proj_type=\"std\"` keeps (left when m < n, else right); the exact "
         "value is the optimum for that rank. Subspace overlap: ‖P_exactᵀ P_rand‖²_F / r.\n\n"
-        + table)
-    write(doc, a.out)
-    return doc
+        + table, a, dev, load_start, started)
 
 
 if __name__ == "__main__":

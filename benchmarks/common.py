@@ -11,13 +11,19 @@ registry and measurement helpers.
   and MLP modules are called ``attn`` and ``mlp``, so ``lowrank_optim.param_groups(model,
   target_modules=("attn", "mlp"))`` picks exactly the papers' matrices. :data:`CONFIGS`
   holds the papers' sizes and small CPU ones.
-* :data:`METHODS`: the optimizer registry (name -> :class:`Method`). A new method (Q-GaLore,
-  LoQT) is one :func:`register` call.
-* Measurement: exact bytes of weights / gradients / optimizer state, peak memory (VmHWM on
+* :data:`METHODS`: the one method registry of every script (name -> :class:`Method`: the
+  model swap, the optimizer factory, the default learning rate). Adding a method is one
+  ``Method(name, factory, lr, description)`` entry; ``method("NAME+key=value")`` adds
+  optimizer keywords to an entry.
+* Measurement: exact bytes of weights / gradients / optimizer state, the one closed form of
+  those bytes (:func:`closed_form`), the one memory meter (:class:`MemoryMeter`: VmHWM on
   CPU, ``torch.cuda.max_memory_allocated`` on CUDA), a synchronising timer.
+* Reports: :func:`md_table` and :func:`write_report` (title, ``- key: value`` header lines
+  with command, versions and device, body).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import math
@@ -28,7 +34,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -310,13 +316,13 @@ def count_params(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Optimizer registry
+# Method registry: name -> how to swap the model's layers and build the optimizer
 # ---------------------------------------------------------------------------------------
 
 @dataclass
 class Prepared:
-    """What a method's factory returns: the model to train (possibly converted, e.g. with
-    quantized weights), one optimizer, and whether it steps inside backward."""
+    """A built method: the model to train (possibly converted, e.g. with quantized
+    weights), one optimizer, and the hooks handle when it steps inside backward."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -325,25 +331,8 @@ class Prepared:
 
 
 @dataclass
-class Method:
-    name: str
-    build: Callable[[nn.Module, "MethodArgs"], Prepared]
-    lr: float                        # default peak learning rate
-    description: str
-    requires: tuple = ()             # importable modules it needs
-    default: bool = True             # in the shoot-out's default set (when available)
-    parent: Optional[str] = None     # the method whose update rule this one shares (8-bit
-                                     # moments, per-layer stepping, other storage): the
-                                     # shoot-out's --lr-sweep lets it inherit that rate
-
-    def available(self) -> bool:
-        import importlib.util
-        return all(importlib.util.find_spec(m) is not None for m in self.requires)
-
-
-@dataclass
 class MethodArgs:
-    """Hyperparameters every factory may read (unused ones are ignored)."""
+    """Hyperparameters every method may read (unused ones are ignored)."""
 
     lr: float
     rank: int
@@ -355,163 +344,180 @@ class MethodArgs:
     max_grad_norm_per_param: Optional[float] = None   # per-layer mode's clipping
 
 
+@dataclass(frozen=True)
+class Method:
+    """One entry of :data:`METHODS`. ``optimizer(model, args, **kwargs)`` builds the
+    optimizer for the (prepared) model; ``prepare(model, args, **prepare_kwargs)`` swaps
+    its layers first (Q-GaLore's INT8 weights, LoQT's ``W = Q + s·P·B``), in place."""
+
+    name: str
+    optimizer: Callable[..., torch.optim.Optimizer]
+    lr: float                        # default peak learning rate (see below)
+    description: str
+    prepare: Optional[Callable[..., nn.Module]] = None
+    kwargs: dict = dataclasses.field(default_factory=dict)           # optimizer keywords
+    prepare_kwargs: dict = dataclasses.field(default_factory=dict)
+    per_layer: bool = False          # stepped inside backward (opt.register_hooks(model))
+    requires: tuple = ()             # importable modules it needs
+    default: bool = True             # in the shoot-out's default set (when available)
+    parent: Optional[str] = None     # the method whose update rule this one shares (8-bit
+                                     # moments, per-layer stepping, other storage or options):
+                                     # the shoot-out's --lr-sweep lets it inherit that rate
+
+    @property
+    def optimizer_class(self) -> Optional[str]:
+        """The optimizer's class name (what :func:`closed_form` counts), when the factory
+        declares it."""
+        return getattr(self.optimizer, "cls", None)
+
+    def available(self) -> bool:
+        import importlib.util
+        return all(importlib.util.find_spec(m) is not None for m in self.requires)
+
+    def swap(self, model: nn.Module, a: MethodArgs) -> nn.Module:
+        """The model with this method's layers (the same object when nothing is swapped)."""
+        return self.prepare(model, a, **self.prepare_kwargs) if self.prepare else model
+
+    def build(self, model: nn.Module, a: MethodArgs, **kwargs) -> Prepared:
+        """Swap the model's layers, then :meth:`setup`."""
+        return self.setup(self.swap(model, a), a, **kwargs)
+
+    def setup(self, model: nn.Module, a: MethodArgs, **kwargs) -> Prepared:
+        """The optimizer (and per-layer hooks) for a model already swapped."""
+        opt = self.optimizer(model, a, **{**self.kwargs, **kwargs})
+        hooks = opt.register_hooks(model, max_grad_norm_per_param=a.max_grad_norm_per_param) \
+            if self.per_layer else None
+        return Prepared(model, opt, self.per_layer, hooks)
+
+
+def _adamw(model, a, **kw):
+    return torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas,
+                             weight_decay=a.weight_decay, **kw)
+
+
+def _adamw8bit(model, a, **kw):
+    import bitsandbytes as bnb
+    return bnb.optim.AdamW8bit(model.parameters(), lr=a.lr, betas=a.betas,
+                               weight_decay=a.weight_decay, **kw)
+
+
+_adamw.cls, _adamw8bit.cls = "AdamW", "AdamW8bit"
+
+
+def _lowrank(cls: str, grouped: bool = True):
+    """Factory of the package's optimizer ``cls``: on ``param_groups(model)`` (attention and
+    MLP matrices projected, the rest plain) or, for LoQT, on ``model.parameters()``."""
+    def make(model, a, **kw):
+        import lowrank_optim as lo
+        params = lo.param_groups(model, rank=a.rank, target_modules=a.target_modules,
+                                 update_proj_gap=a.update_proj_gap, scale=a.scale) \
+            if grouped else model.parameters()
+        return getattr(lo, cls)(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay,
+                                **kw)
+    make.cls = cls
+    return make
+
+
+def _int8_weights(model, a):
+    import lowrank_optim as lo
+    return lo.quantize_weights(model, bits=8, group_size=256, target_modules=a.target_modules)
+
+
+def _loqt_layers(model, a, **kw):
+    # LoQT merges at its own schedule (first gap 100, growth 1.2, the paper's), not at
+    # update_proj_gap: on the shoot-out's defaults (seed 0) a first gap of 100 gave val ppl
+    # 3.973 and 200 gave 4.026
+    import lowrank_optim as lo
+    return lo.prepare_loqt(model, rank=a.rank, target_modules=a.target_modules,
+                           scale=a.scale, **{"bits": 4, **kw})
+
+
 # Default learning rates: the best of `--lr-sweep` on the shoot-out's defaults ("tiny", 500
 # steps of 16 x 128 bytes, warmup 10%, cosine to 0.1, gradient clipping at norm 1.0):
 #   python benchmarks/shootout.py --threads 1 --lr-sweep 0.5,1,2 --seeds 0,1,2
-# (benchmarks/results/shootout_3seeds.md). Loss on the selection windows, seed 0, rates
-# 0.5x / 1x / 2x the earlier defaults: AdamW 7.5e-4 / 1.5e-3 / 3e-3 gave 1.584 / 1.530 /
-# 1.541; GaLore (scale 0.25, rank 32) 1e-2 / 2e-2 / 4e-2 gave 1.447 / 1.429 / 1.417 and
-# Q-GaLore 1.471 / 1.478 / 1.457 (both best at the grid's top: 8e-2 not tried); LoQT 1.454
-# / 1.41675 / 1.41676 (2e-2 kept: a tie within noise). Without clipping the earlier grid had
-# GaLore best at 2e-2 and AdamW at 1.5e-3 next to a cliff (3e-3 / 6e-3: loss 1.59 / 2.00).
-# The 8-bit, per-layer and other variants take their parent's rate. Larger models want
-# smaller rates (the papers: AdamW 1e-3, GaLore 1e-2 at 60M-1B): pass --lr.
-METHODS: dict[str, Method] = {}
+# (benchmarks/results/shootout_3seeds.md, whose sweep table holds the losses). The 8-bit,
+# per-layer and other variants take their parent's rate. Larger models want smaller rates
+# (the papers: AdamW 1e-3, GaLore 1e-2 at 60M-1B): pass --lr.
+# Adding a method is one entry: Method(name, optimizer factory, default lr, description).
+BNB = ("bitsandbytes",)
+_GALORE = _lowrank("GaLoreAdamW")
+_LOQT = _lowrank("LoQTAdamW", grouped=False)
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("adamw", _adamw, 1.5e-3, "torch.optim.AdamW"),
+    Method("adamw_fused", _adamw, 1.5e-3, "torch.optim.AdamW(fused=True)",
+           kwargs=dict(fused=True), default=False, parent="adamw"),
+    Method("adamw8bit", _adamw8bit, 1.5e-3, "bitsandbytes.optim.AdamW8bit", requires=BNB,
+           parent="adamw"),
+    Method("galore", _GALORE, 4e-2, "lowrank_optim.GaLoreAdamW on param_groups(attn, mlp)"),
+    Method("galore_randomized", _GALORE, 4e-2,
+           "GaLoreAdamW with svd=\"randomized\" (range finder, 1 power iteration)",
+           kwargs=dict(svd="randomized"), default=False, parent="galore"),
+    Method("galore_nostagger", _GALORE, 4e-2, "GaLoreAdamW with stagger=False (every matrix "
+           "refreshes at 0, T, 2T, ... as in the reference)", kwargs=dict(stagger=False),
+           default=False, parent="galore"),
+    Method("galore8bit", _lowrank("GaLoreAdamW8bit"), 4e-2,
+           "lowrank_optim.GaLoreAdamW8bit (8-bit moments)", requires=BNB, parent="galore"),
+    Method("galore8bit_per_layer", _lowrank("GaLoreAdamW8bit"), 4e-2,
+           "GaLoreAdamW8bit stepped inside backward (opt.register_hooks(model))",
+           per_layer=True, requires=BNB, default=False, parent="galore"),
+    Method("galore_per_layer", _GALORE, 4e-2,
+           "GaLoreAdamW stepped inside backward (opt.register_hooks(model))", per_layer=True,
+           parent="galore"),
+    Method("qgalore", _lowrank("QGaLoreAdamW8bit"), 4e-2,
+           "lowrank_optim.QGaLoreAdamW8bit: INT8 weights (quantize_weights), INT4 bases, lazy "
+           "refresh, 8-bit moments", prepare=_int8_weights, requires=BNB),
+    Method("qgalore_per_layer", _lowrank("QGaLoreAdamW8bit"), 4e-2,
+           "QGaLoreAdamW8bit stepped inside backward (opt.register_hooks(model))",
+           prepare=_int8_weights, per_layer=True, requires=BNB, default=False,
+           parent="qgalore"),
+    Method("loqt", _LOQT, 2e-2, "lowrank_optim.LoQTAdamW: NF4 weights + INT8 basis P frozen, "
+           "B trained (prepare_loqt), merges at exponentially growing intervals (staggered)",
+           prepare=_loqt_layers, requires=BNB),
+    Method("loqt8bit", _lowrank("LoQTAdamW8bit", grouped=False), 2e-2,
+           "LoQTAdamW8bit (8-bit moments of B)", prepare=_loqt_layers, requires=BNB,
+           default=False, parent="loqt"),
+    Method("loqt8bit_per_layer", _lowrank("LoQTAdamW8bit", grouped=False), 2e-2,
+           "LoQTAdamW8bit stepped inside backward", prepare=_loqt_layers, per_layer=True,
+           requires=BNB, default=False, parent="loqt"),
+    Method("loqt_nf4_64", _LOQT, 2e-2, "LoQTAdamW with the earlier storage: NF4 blocks of 64 "
+           "with a float32 absmax (4.5 bits per weight) and an INT4 P (the defaults: NF4 "
+           "blocks of 32 with a double-quantized absmax, 4.26 bits, and an INT8 P)",
+           prepare=_loqt_layers, prepare_kwargs=dict(group_size=64, double_quant=False,
+                                                     proj_bits=4),
+           requires=BNB, default=False, parent="loqt"),
+    Method("loqt_nostagger", _LOQT, 2e-2, "LoQTAdamW with stagger=False (every layer merges "
+           "at the same steps, as in the reference)", prepare=_loqt_layers,
+           kwargs=dict(stagger=False), requires=BNB, default=False, parent="loqt"),
+    Method("loqt_nq", _LOQT, 2e-2, "LoQTAdamW without quantization (float W and P: LoQT-nq)",
+           prepare=_loqt_layers, prepare_kwargs=dict(bits=None, proj_bits=None),
+           default=False, parent="loqt"),
+)}
 
 
-def register(name: str, lr: float, description: str, requires: Iterable[str] = (),
-             default: bool = True, parent: Optional[str] = None):
-    """Decorator adding ``build(model, args) -> Prepared`` to :data:`METHODS` as ``name``."""
-    def deco(build):
-        METHODS[name] = Method(name, build, lr, description, tuple(requires), default, parent)
-        return build
-    return deco
-
-
-def _galore_groups(model: nn.Module, a: MethodArgs) -> list[dict]:
-    import lowrank_optim as lo
-    return lo.param_groups(model, rank=a.rank, target_modules=a.target_modules,
-                           update_proj_gap=a.update_proj_gap, scale=a.scale)
-
-
-@register("adamw", lr=1.5e-3, description="torch.optim.AdamW")
-def _adamw(model, a):
-    return Prepared(model, torch.optim.AdamW(model.parameters(), lr=a.lr, betas=a.betas,
-                                             weight_decay=a.weight_decay))
-
-
-@register("adamw8bit", parent="adamw", lr=1.5e-3, description="bitsandbytes.optim.AdamW8bit",
-          requires=("bitsandbytes",))
-def _adamw8bit(model, a):
-    import bitsandbytes as bnb
-    return Prepared(model, bnb.optim.AdamW8bit(model.parameters(), lr=a.lr, betas=a.betas,
-                                               weight_decay=a.weight_decay))
-
-
-@register("galore", lr=4e-2, description="lowrank_optim.GaLoreAdamW on param_groups(attn, mlp)")
-def _galore(model, a):
-    import lowrank_optim as lo
-    return Prepared(model, lo.GaLoreAdamW(_galore_groups(model, a), lr=a.lr, betas=a.betas,
-                                          weight_decay=a.weight_decay))
-
-
-@register("galore_randomized", parent="galore", lr=4e-2, default=False,
-          description="GaLoreAdamW with svd=\"randomized\" (range finder, 1 power iteration)")
-def _galore_randomized(model, a):
-    import lowrank_optim as lo
-    return Prepared(model, lo.GaLoreAdamW(_galore_groups(model, a), lr=a.lr, betas=a.betas,
-                                          weight_decay=a.weight_decay, svd="randomized"))
-
-
-@register("galore_nostagger", parent="galore", lr=4e-2, default=False,
-          description="GaLoreAdamW with stagger=False (every matrix refreshes at 0, T, 2T, ... "
-                      "as in the reference)")
-def _galore_nostagger(model, a):
-    import lowrank_optim as lo
-    return Prepared(model, lo.GaLoreAdamW(_galore_groups(model, a), lr=a.lr, betas=a.betas,
-                                          weight_decay=a.weight_decay, stagger=False))
-
-
-@register("galore8bit", parent="galore", lr=4e-2,
-          description="lowrank_optim.GaLoreAdamW8bit (8-bit moments)", requires=("bitsandbytes",))
-def _galore8bit(model, a):
-    import lowrank_optim as lo
-    return Prepared(model, lo.GaLoreAdamW8bit(_galore_groups(model, a), lr=a.lr, betas=a.betas,
-                                              weight_decay=a.weight_decay))
-
-
-@register("galore_per_layer", parent="galore", lr=4e-2,
-          description="GaLoreAdamW stepped inside backward (opt.register_hooks(model))")
-def _galore_per_layer(model, a):
-    prepared = _galore(model, a)
-    prepared.hooks = prepared.optimizer.register_hooks(
-        model, max_grad_norm_per_param=a.max_grad_norm_per_param)
-    prepared.per_layer = True
-    return prepared
-
-
-def _quantized_groups(model: nn.Module, a: MethodArgs) -> list[dict]:
-    """``param_groups`` for a model whose target Linears are now ``QuantLinear``
-    (``lowrank_optim.param_groups`` only looks at ``nn.Linear``): their uint8 weights are
-    projected, everything else trainable is plain."""
-    from lowrank_optim import QuantLinear
-    chosen = {id(m.weight) for n, m in model.named_modules()
-              if isinstance(m, QuantLinear) and any(t in n for t in a.target_modules)}
-    mats = [p for p in model.parameters() if id(p) in chosen]
-    plain = [p for p in model.parameters() if id(p) not in chosen and p.requires_grad]
-    return [{"params": plain}, {"params": mats, "rank": a.rank,
-                                "update_proj_gap": a.update_proj_gap, "scale": a.scale}]
-
-
-@register("qgalore", lr=4e-2, requires=("bitsandbytes",),
-          description="lowrank_optim.QGaLoreAdamW8bit: INT8 weights (quantize_weights), "
-                      "INT4 bases, lazy refresh, 8-bit moments")
-def _qgalore(model, a):
-    import lowrank_optim as lo
-    model = lo.quantize_weights(model, bits=8, group_size=256, target_modules=a.target_modules)
-    return Prepared(model, lo.QGaLoreAdamW8bit(_quantized_groups(model, a), lr=a.lr,
-                                               betas=a.betas, weight_decay=a.weight_decay))
-
-
-@register("qgalore_per_layer", parent="qgalore", lr=4e-2, default=False,
-          requires=("bitsandbytes",),
-          description="QGaLoreAdamW8bit stepped inside backward (opt.register_hooks(model))")
-def _qgalore_per_layer(model, a):
-    prepared = _qgalore(model, a)
-    prepared.hooks = prepared.optimizer.register_hooks(
-        prepared.model, max_grad_norm_per_param=a.max_grad_norm_per_param)
-    prepared.per_layer = True
-    return prepared
-
-
-def _loqt_prepared(model, a, prep: dict, **opt) -> Prepared:
-    import lowrank_optim as lo
-    model = lo.prepare_loqt(model, rank=a.rank, target_modules=a.target_modules,
-                            scale=a.scale, **prep)
-    return Prepared(model, lo.LoQTAdamW(model.parameters(), lr=a.lr, betas=a.betas,
-                                        weight_decay=a.weight_decay, **opt))
-
-
-@register("loqt", lr=2e-2, requires=("bitsandbytes",),
-          description="lowrank_optim.LoQTAdamW: NF4 weights + INT8 basis P frozen, B trained "
-                      "(prepare_loqt), merges at exponentially growing intervals (staggered)")
-def _loqt(model, a):
-    # the merge interval is LoQT's own (its default: first gap 100, growth 1.2, the paper's),
-    # not GaLore's update_proj_gap: on the shoot-out's defaults (seed 0) the first gap 100
-    # gave val ppl 3.973 and 200 gave 4.026; lr 1e-2 / 2e-2 / 4e-2 (gap 200) gave 4.109 /
-    # 4.026 / 4.090
-    return _loqt_prepared(model, a, dict(bits=4))
-
-
-@register("loqt_nf4_64", parent="loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
-          description="LoQTAdamW with the earlier storage: NF4 blocks of 64 with a float32 "
-                      "absmax (4.5 bits per weight) and an INT4 P (the defaults: NF4 blocks of "
-                      "32 with a double-quantized absmax, 4.26 bits, and an INT8 P)")
-def _loqt_nf4_64(model, a):
-    return _loqt_prepared(model, a, dict(bits=4, group_size=64, double_quant=False, proj_bits=4))
-
-
-@register("loqt_nostagger", parent="loqt", lr=2e-2, default=False, requires=("bitsandbytes",),
-          description="LoQTAdamW with stagger=False (every layer merges at the same steps, "
-                      "as in the reference)")
-def _loqt_nostagger(model, a):
-    return _loqt_prepared(model, a, dict(bits=4), stagger=False)
-
-
-@register("loqt_nq", parent="loqt", lr=2e-2, default=False,
-          description="LoQTAdamW without quantization (float W and P: LoQT-nq)")
-def _loqt_nq(model, a):
-    return _loqt_prepared(model, a, dict(bits=None, proj_bits=None))
+def method(spec: str) -> Method:
+    """The method of a name in :data:`METHODS`, optionally followed by optimizer keywords:
+    ``NAME+key=value+...`` (values are Python literals, else strings), e.g.
+    ``galore+state_on_refresh=project`` or ``qgalore+gamma_proj=1``. Such a variant is its
+    own row, named by the whole spec, and inherits the base method's rate in a sweep."""
+    name, *options = spec.strip().split("+")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    base = METHODS[name]
+    if not options:
+        return base
+    kw = {}
+    for item in options:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{spec!r}: expected NAME+key=value, got {item!r}")
+        try:
+            kw[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kw[key.strip()] = value.strip()
+    return dataclasses.replace(base, name=spec.strip(), kwargs={**base.kwargs, **kw},
+                               default=False, parent=name,
+                               description=f"{base.description}, with " + ", ".join(
+                                   f"{k}={v!r}" for k, v in kw.items()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -558,27 +564,114 @@ def grad_bytes(model: nn.Module, per_layer: bool = False) -> int:
     return (max(sizes, default=0) if per_layer else sum(sizes))
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state`` (nested dicts/lists included); a tensor
-    shared between parameters (bitsandbytes' quantization maps) is counted once."""
-    seen, total = set(), 0
-
-    def visit(v):
-        nonlocal total
+def _state_tensors(optimizer: torch.optim.Optimizer):
+    """Every tensor reachable from ``optimizer.state``: dicts, lists and plain objects (such
+    as galore-torch's projector) walked, 6 levels deep at most."""
+    def walk(v, depth=0):
+        if depth > 6:
+            return
         if isinstance(v, Tensor):
-            key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), v.numel())
-            if key not in seen:
-                seen.add(key)
-                total += tensor_bytes(v)
+            yield v
         elif isinstance(v, dict):
             for x in v.values():
-                visit(x)
+                yield from walk(x, depth + 1)
         elif isinstance(v, (list, tuple)):
             for x in v:
-                visit(x)
+                yield from walk(x, depth + 1)
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            for x in vars(v).values():
+                yield from walk(x, depth + 1)
+    for st in optimizer.state.values():
+        yield from walk(st)
 
-    visit(list(optimizer.state.values()))
-    return total
+
+def state_bytes(optimizer: torch.optim.Optimizer, held: bool = False) -> int:
+    """Bytes of every tensor in ``optimizer.state``; a tensor shared between parameters
+    (bitsandbytes' quantization maps) is counted once. ``held=True``: the bytes of the
+    distinct storages behind them instead, what memory (and ``torch.save``) really holds: a
+    view keeps its whole base alive (a basis sliced from a full SVD)."""
+    if held:
+        return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+                    for t in _state_tensors(optimizer)}.values())
+    return sum({(t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()):
+                tensor_bytes(t) for t in _state_tensors(optimizer)}.values())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def matrix_shapes(model: nn.Module, target_modules=("attn", "mlp")) -> list[tuple]:
+    """``(name, shape, projected)`` of every parameter; projected: the weights of the Linear
+    (or INT8 ``QuantLinear``) modules whose name contains one of ``target_modules``."""
+    import lowrank_optim as lo
+    proj = {id(m.weight) for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, lo.QuantLinear)) and any(t in name for t in target_modules)}
+    return [(n, tuple(p.shape), id(p) in proj) for n, p in model.named_parameters()]
+
+
+LOQT = ("LoQTAdamW", "LoQTAdamW8bit")
+CLOSED_FORM = ("AdamW", "AdamW8bit", "GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW8bit") + LOQT
+
+
+def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int]:
+    """The one closed form of the benchmarks: exact (weights, state) bytes that the dtypes of
+    torch, bitsandbytes and the package imply, for the optimizer class named ``optimizer``
+    (AdamW, AdamW8bit, GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit, LoQTAdamW,
+    LoQTAdamW8bit) on parameters ``shapes`` (:func:`matrix_shapes` of the float model) whose
+    float tensors take ``esize`` bytes per element. Buffers (the rotary table) not included.
+
+    8-bit moments: 2 uint8 codes + 2 float32 absmax per 256 elements, float32 (bitsandbytes)
+    or model-dtype (the package) moments below 4096 elements; GaLore: float32 low-rank
+    moments and basis (``4·(2·r·max(m,n) + r·min(m,n))``); Q-GaLore: INT8 weight codes + float32
+    scale and offset per 256, INT4 packed bases + scale and offset per 256; LoQT: NF4 codes
+    two per byte + a uint8 absmax per 32 + float32 scale and offset per 256 absmaxes, INT8
+    P + scale and offset per 64, B in the model dtype; torch AdamW: a 4-byte step per
+    parameter."""
+    if optimizer not in CLOSED_FORM:
+        raise ValueError(f"no closed form for {optimizer!r}; known: {', '.join(CLOSED_FORM)}")
+    q8 = lambda n: 2 * n + 2 * 4 * _cdiv(n, 256)                 # 2 uint8 moments + 2 absmax/256
+    w = s = 0
+    any8 = False
+    for _, shape, proj in shapes:
+        n = math.prod(shape)
+        if optimizer in LOQT and proj:
+            r = min(rank, *shape)
+            blocks = _cdiv(n, 32)                                   # NF4 Q: codes, absmax/32
+            w += _cdiv(n, 2) + blocks + 2 * 4 * _cdiv(blocks, 256)  # as uint8 + scale, offset/256
+            p = min(shape) * r
+            w += p + 2 * 4 * _cdiv(p, 64)                           # INT8 P + scale, offset/64
+            w += max(shape) * r * esize + 8                         # B (model dtype), merges
+            low = max(shape) * r                                    # B's moments:
+            s += 2 * low * esize if optimizer == "LoQTAdamW" or low < 4096 else q8(low)
+            continue
+        if optimizer == "QGaLoreAdamW8bit" and proj:
+            w += n + 2 * 4 * _cdiv(n, 256)                         # uint8 codes, scale, offset
+        else:
+            w += n * esize
+        if optimizer == "AdamW":
+            s += 2 * n * esize + 4                                  # moments in p.dtype + step
+        elif optimizer == "AdamW8bit":
+            any8 |= n >= 4096
+            s += q8(n) if n >= 4096 else 2 * 4 * n                  # bnb: float32 below 4096
+        elif proj:
+            r = min(rank, *shape)
+            low, basis = max(shape) * r, min(shape) * r
+            if optimizer == "GaLoreAdamW":
+                s += 2 * 4 * low                                    # float32 low-rank moments
+            else:
+                s += q8(low) if low >= 4096 else 2 * 4 * low
+            if optimizer == "QGaLoreAdamW8bit":
+                s += _cdiv(basis, 2) + 2 * 4 * _cdiv(basis, 256)    # INT4 packed + scale, offset
+            else:
+                s += 4 * basis                                      # float32 basis
+        elif optimizer in ("GaLoreAdamW", "LoQTAdamW") or n < 4096:
+            s += 2 * n * esize                                      # zeros_like(p)
+        else:
+            s += q8(n)
+    if any8:
+        s += 2 * 256 * 4                                            # bnb qmap1, qmap2 (shared)
+    return w, s
 
 
 def _proc_status_kb(field: str) -> Optional[int]:
@@ -593,39 +686,75 @@ def _proc_status_kb(field: str) -> Optional[int]:
 
 
 class MemoryMeter:
-    """Peak memory of this process from ``start()`` on: ``torch.cuda.max_memory_allocated``
-    on CUDA, peak RSS (VmHWM in /proc/self/status) on CPU. ``baseline`` is the memory in
-    use at ``start()`` (on CPU: the Python/torch runtime and the corpus)."""
+    """The one memory meter of the benchmarks: this process's peak since :meth:`reset`,
+    ``torch.cuda.max_memory_allocated`` on CUDA (every reading synchronised first), peak RSS
+    on the CPU (VmHWM of /proc/self/status, reset through /proc/self/clear_refs, Linux >=
+    4.0). :meth:`start` resets and takes ``baseline``, the memory in use then (on the CPU:
+    the Python/torch runtime and whatever was loaded)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+    def __init__(self, device):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device}: torch.cuda.is_available() is False")
+        self.cuda = self.device.type == "cuda"
+        self.kind = "cuda max_memory_allocated" if self.cuda else "peak RSS (VmHWM)"
+        self.what = "allocated" if self.cuda else "RSS"
         self.baseline = 0
 
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def sync(self) -> None:
+        sync(self.device)
+
+    def trim(self) -> None:
+        """Collect garbage and give freed memory back (``malloc_trim``, the CUDA cache), so
+        that a reading next is not inflated by memory the allocator merely keeps."""
+        import gc
+        gc.collect()
+        self.sync()
+        release_memory(self.device)
+
+    def current(self) -> int:
+        if self.cuda:
+            self.sync()
+            return torch.cuda.memory_allocated(self.device)
+        return (_proc_status_kb("VmRSS") or 0) * 1024
+
+    def reset(self) -> bool:
+        """Restart the peak here; False when the kernel refused (the CPU peak then counts
+        from the process start)."""
+        if self.cuda:
+            self.sync()
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-        else:
-            try:  # reset VmHWM to the current RSS (Linux >= 4.0); harmless if refused
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-            self.baseline = (_proc_status_kb("VmRSS") or 0) * 1024
+            return True
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        self.reset()
+        self.baseline = self.current()
 
     def peak(self) -> Optional[int]:
-        if self.device.type == "cuda":
+        if self.cuda:
+            self.sync()
             return torch.cuda.max_memory_allocated(self.device)
         kb = _proc_status_kb("VmHWM")
         return None if kb is None else kb * 1024
+
+    def reserved(self) -> Optional[int]:
+        """The CUDA allocator's peak with its cache (``max_memory_reserved``); None on CPU."""
+        if not self.cuda:
+            return None
+        self.sync()
+        return torch.cuda.max_memory_reserved(self.device)
 
 
 def release_memory(device: torch.device) -> None:
     """Give freed memory back (``malloc_trim`` on glibc, the CUDA cache on GPU) so that a
     baseline taken next is not inflated by memory the allocator merely keeps."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
         return
     try:
@@ -669,12 +798,6 @@ def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int]
     return f
 
 
-def fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "n/a"
-    return f"{n / 2 ** 20:.2f}"
-
-
 # ---------------------------------------------------------------------------------------
 # Result-file headers
 # ---------------------------------------------------------------------------------------
@@ -702,3 +825,52 @@ def git_rev() -> str:
         return rev + (" (lowrank_optim modified)" if dirty else "") if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown reports
+# ---------------------------------------------------------------------------------------
+
+def md_table(header: list, rows: list) -> str:
+    """A Markdown table; ``None`` cells print as an empty cell."""
+    cell = lambda c: "" if c is None else str(c)
+    return "\n".join(["| " + " | ".join(map(cell, header)) + " |",
+                      "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
+
+
+def command_line(script: str, argv: Optional[list] = None) -> str:
+    """``python benchmarks/SCRIPT ARGS`` as typed (shell-quoted)."""
+    import shlex
+    import sys
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(shlex.quote(x) for x in ["python", f"benchmarks/{script}", *args])
+
+
+def versions() -> str:
+    out = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for mod in ("lowrank_optim", "bitsandbytes"):
+        try:
+            out.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:  # noqa: BLE001 - a version line, never a failure
+            out.append(f"{mod} not importable")
+    return ", ".join(out + [f"git {git_rev()}"])
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def write_report(path, title: str, meta: dict, body: str) -> str:
+    """``# title``, a ``- key: value`` line per ``meta`` entry, then ``body``; written to
+    ``path`` (folders created) unless it is empty, and returned."""
+    text = f"# {title}\n\n" + "".join(f"- {k}: {v}\n" for k, v in meta.items()) \
+        + "\n" + body.rstrip() + "\n"
+    if path:
+        path = Path(path) if Path(path).is_absolute() else ROOT / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return text

@@ -2,7 +2,7 @@
 
 For each config and method it adds up, in GB (10^9 bytes):
 
-* **weights** and **optimizer state**: ``bench_memory.closed_form_package`` -- the exact
+* **weights** and **optimizer state**: ``common.closed_form`` -- the exact
   bytes of the tensors the package (and torch / bitsandbytes) allocate, already checked
   byte for byte against real runs by ``bench_memory.py``;
 * **gradients**: every trainable float parameter's ``.grad`` in the model dtype; Q-GaLore's
@@ -36,35 +36,25 @@ import argparse
 import contextlib
 import functools
 import math
-import os
-import shlex
 import sys
+from pathlib import Path
 
 from _paths import ROOT
 
 import torch
 
 import bench_memory as bm
+import common as C
 from common import LlamaLM, get_config, stored_tensors
 from lowrank_optim.functional import _CHUNK  # elements per bitsandbytes call in adam8bit_
 
 GB = 1e9
 CONFIGS = "60m,130m,350m,1b,7b,13b"
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024, "13b": 1024}
-# name -> (bench_memory method, per-layer updates)
-METHODS = {
-    "adamw": ("AdamW", False),
-    "adamw8bit": ("AdamW8bit", False),
-    "galore": ("GaLoreAdamW", False),
-    "galore8bit_per_layer": ("GaLoreAdamW8bit", True),
-    "qgalore_per_layer": ("QGaLoreAdamW8bit", True),
-    "loqt": ("LoQTAdamW", False),
-    "loqt8bit_per_layer": ("LoQTAdamW8bit", True),
-    # the shoot-out's other method names, so that it can compare its peaks with this count
-    "galore8bit": ("GaLoreAdamW8bit", False),
-    "galore_per_layer": ("GaLoreAdamW", True),
-    "qgalore": ("QGaLoreAdamW8bit", False),
-}
+# registry name -> (optimizer class, per-layer updates), for the registry's methods whose
+# storage is the closed form's (not loqt_nf4_64 / loqt_nq, nor NAME+key=value variants)
+METHODS = {n: (m.optimizer_class, m.per_layer) for n, m in C.METHODS.items()
+           if m.optimizer_class in C.CLOSED_FORM and not m.prepare_kwargs}
 DEFAULT_METHODS = ("adamw,adamw8bit,galore,galore8bit_per_layer,qgalore_per_layer,loqt,"
                    "loqt8bit_per_layer")
 
@@ -350,43 +340,39 @@ def main(argv=None) -> int:
             checks.append((c, m, real, est))
             print(f"check {c} {m}: real {real} estimate {est} "
                   f"{'EQUAL' if real == est else 'DIFFER'}", flush=True)
-    cmd = "python " + " ".join(shlex.quote(x) for x in ["benchmarks/estimate_memory.py"]
-                                + (sys.argv[1:] if argv is None else list(argv)))
-    L = ["# Training-memory estimate per method (GB = 10^9 bytes)\n",
-         f"- command: `{cmd}`",
-         f"- torch {torch.__version__}; weights in {dt}; batch {a.batch} x {a.seq} tokens; "
-         f"activation checkpointing {'on' if a.checkpointing else 'off'}; ranks "
-         + ", ".join(f"{c} {RANKS[c]}" for c in names),
-         "- weights and optimizer state: `bench_memory.closed_form_package` (checked against "
-         "real tensors there); gradients: closed form above; activations: bytes saved for "
-         "backward in one forward, counted on the meta device; *total* is their sum (the "
-         "papers' convention). *peak (model)*: `peak_model`, weights + state + the largest of "
-         f"the loss, backward and step phases with their temporaries ({a.device} "
-         "implementations); the phase it lands in. Not included: runtime, allocator slack.", ""]
-    L.append("| config | method | weights | grads | optimizer state | activations | total | "
-             "× AdamW | peak (model) | phase |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    meta = {
+        "command": f"`{C.command_line('estimate_memory.py', argv)}`",
+        "settings": f"torch {torch.__version__}; weights in {dt}; batch {a.batch} x {a.seq} "
+                    f"tokens; activation checkpointing {'on' if a.checkpointing else 'off'}; "
+                    "ranks " + ", ".join(f"{c} {RANKS[c]}" for c in names),
+        "counts": "weights and optimizer state: `common.closed_form` (checked against real "
+                  "tensors by bench_memory.py); gradients: closed form above; activations: "
+                  "bytes saved for backward in one forward, counted on the meta device; *total* "
+                  "is their sum (the papers' convention). *peak (model)*: `peak_model`, weights "
+                  "+ state + the largest of the loss, backward and step phases with their "
+                  f"temporaries ({a.device} implementations); the phase it lands in. Not "
+                  "included: runtime, allocator slack."}
+    table = []
     for (c, m), r in rows.items():
         tot = sum(r.values())
         base = sum(rows[c, "adamw"].values()) if (c, "adamw") in rows else None
-        L.append(f"| {c} | {m} | " + " | ".join(f"{r[k] / GB:.3f}" for k in
-                                                  ("weights", "grads", "state", "activations"))
-                 + f" | **{tot / GB:.3f}** | {'–' if not base else f'{tot / base:.2f}'} | "
-                 f"{peaks[c, m]['peak'] / GB:.3f} | {peaks[c, m]['phase']} |")
+        table.append([c, m] + [f"{r[k] / GB:.3f}" for k in
+                               ("weights", "grads", "state", "activations")]
+                     + [f"**{tot / GB:.3f}**", "–" if not base else f"{tot / base:.2f}",
+                        f"{peaks[c, m]['peak'] / GB:.3f}", peaks[c, m]["phase"]])
+    body = C.md_table(["config", "method", "weights", "grads", "optimizer state", "activations",
+                       "total", "× AdamW", "peak (model)", "phase"], table)
     if checks:
-        L += ["", "## Check against a real forward/backward (1 x 32 tokens, bytes)", "",
-              "| config | method | grads real | grads estimate | saved activations real | "
-              "estimate | equal |", "|---|---|---|---|---|---|---|"]
-        for c, m, real, est in checks:
-            L.append(f"| {c} | {m} | {real['grads']} | {est['grads']} | {real['activations']} "
-                     f"| {est['activations']} | {'yes' if real == est else 'NO'} |")
-    md = "\n".join(L) + "\n"
-    print(md)
+        body += "\n\n## Check against a real forward/backward (1 x 32 tokens, bytes)\n\n" + \
+            C.md_table(["config", "method", "grads real", "grads estimate",
+                        "saved activations real", "estimate", "equal"],
+                       [[c, m, real["grads"], est["grads"], real["activations"],
+                         est["activations"], "yes" if real == est else "NO"]
+                        for c, m, real, est in checks])
+    print(C.write_report(a.out, "Training-memory estimate per method (GB = 10^9 bytes)", meta,
+                         body))
     if a.out:
-        path = os.path.join(ROOT, a.out)
-        with open(path, "w") as f:
-            f.write(md)
-        _plot(rows, names, meths, path.replace(".md", ".png"))
+        _plot(rows, names, meths, str((ROOT / a.out).with_suffix(".png")))
         print(f"wrote {a.out}")
     return 0 if all(r == e for _, _, r, e in checks) else 1
 

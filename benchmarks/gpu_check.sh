@@ -72,8 +72,8 @@ run_tests() {
 
 # 2. optimizer step time on the LLaMA-1B shapes
 run_step_time() {
-    $PY benchmarks/bench_step.py --device $DEV "${SHAPES[@]}" --repeats 1 --pool 2 --skip-memory \
-        --optimizers adamw_fused,bnb8,galore_exact,galore_randomized,galore8,qgalore \
+    $PY benchmarks/bench_step.py --device $DEV "${SHAPES[@]}" --repeats 1 --pool 2 \
+        --optimizers adamw+foreach=True,adamw_fused,adamw8bit,galore,galore_randomized,galore8bit,qgalore \
         --out "$DEST/step.md"
 }
 

@@ -5,6 +5,13 @@
     python benchmarks/shootout.py --config small --device cuda --steps 2000
     python benchmarks/shootout.py --data ~/my_text_folder --config llama_60m --vocab-size 256
     python benchmarks/shootout.py --lr-sweep 0.5,1,2 --seeds 0,1,2   # tuned rates, 3 seeds
+    python benchmarks/shootout.py --methods galore+state_on_refresh=keep,galore+state_on_refresh=project
+
+A method is a name of ``common.METHODS``, optionally with optimizer keywords appended as
+``+key=value`` (``qgalore+gamma_proj=1``: Q-GaLore without the lazy refresh; ``loqt+
+update_proj_gap=50+state_on_merge=project``): each such variant is its own row. The
+``SVDs`` column counts the basis refreshes (``state["refresh_count"]``) of the first seed's
+run, so lazy and fixed refresh compare directly.
 
 Every method trains the same model (same seed, same initial weights), on the same data in
 the same order, for the same token budget (``--steps`` x ``--batch-size`` x ``--seq-len``),
@@ -59,7 +66,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import statistics
@@ -96,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="shootout.py", description=__doc__.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--methods", default=None,
-                   help=f"comma list from {', '.join(C.METHODS)} (default: "
+                   help=f"comma list from {', '.join(C.METHODS)}, each optionally with "
+                        "optimizer keywords: NAME+key=value+... (default: "
                         f"{', '.join(n for n, m in C.METHODS.items() if m.default)}, those "
                         "whose packages are installed)")
     p.add_argument("--config", default=DEFAULTS["config"],
@@ -197,11 +204,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.methods is None:
         args.methods = ",".join(n for n, m in C.METHODS.items() if m.default and m.available())
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in C.METHODS]
-    if unknown or not names:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(C.METHODS)}")
-    missing = [f"{n} (needs {', '.join(C.METHODS[n].requires)})" for n in names
-               if not C.METHODS[n].available()]
+    if not names:
+        raise SystemExit(f"--methods: choose from {', '.join(C.METHODS)}")
+    try:
+        methods = {n: C.method(n) for n in names}
+    except ValueError as e:
+        raise SystemExit(f"--methods: {e}")
+    missing = [f"{n} (needs {', '.join(m.requires)})" for n, m in methods.items()
+               if not m.available()]
     if missing:
         raise SystemExit(f"not available here: {', '.join(missing)}")
     args.method_list = names
@@ -212,12 +222,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--seeds: expected a comma list of integers, got {args.seeds!r}")
     if not args.seed_list or len(set(args.seed_list)) != len(args.seed_list):
         raise SystemExit(f"--seeds: expected distinct integers, got {args.seeds!r}")
-    args.lrs = {n: C.METHODS[n].lr for n in names}
+    args.lrs = {n: m.lr for n, m in methods.items()}
     if args.lr:
         for item in args.lr.split(","):
             if "=" in item:
-                k, v = item.split("=", 1)
-                if k.strip() not in C.METHODS:
+                k, v = item.rsplit("=", 1)
+                if k.strip() not in C.METHODS and k.strip() not in names:
                     raise SystemExit(f"--lr: unknown method {k!r}")
                 if k.strip() in args.lrs:
                     args.lrs[k.strip()] = float(v)
@@ -238,8 +248,8 @@ def parse_sweep(spec: str, names: list[str], lrs: dict, variants: bool = False
             if not item:
                 continue
             if "=" in item:
-                k, v = (x.strip() for x in item.split("=", 1))
-                if k not in C.METHODS:
+                k, v = (x.strip() for x in item.rsplit("=", 1))
+                if k not in C.METHODS and k not in names:
                     raise SystemExit(f"--lr-sweep: unknown method {k!r}")
                 explicit[k] = [float(x) for x in v.split(":") if x.strip()]
             else:
@@ -250,8 +260,8 @@ def parse_sweep(spec: str, names: list[str], lrs: dict, variants: bool = False
     if any(not r > 0 for r in mults + sum(explicit.values(), [])):
         raise SystemExit(f"--lr-sweep: rates and multipliers must be > 0, got {spec!r}")
     inherits = {} if variants else {
-        n: C.METHODS[n].parent for n in names
-        if C.METHODS[n].parent in names and n not in explicit}
+        n: C.method(n).parent for n in names
+        if C.method(n).parent in names and n not in explicit}
     grid = {}
     for n in names:
         if n in inherits:
@@ -338,7 +348,7 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
     device = torch.device(args.device)
     corpus = corpus if corpus is not None else C.load_corpus(args.data, args.val_fraction)
     cfg = model_config(args)
-    method = C.METHODS[name]
+    method = C.method(name)
     _warm_up(method, args, device)
     meter = C.MemoryMeter(device)
     meter.start()
@@ -424,10 +434,11 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
         act_other_b=None if above is None else above - weights - grads - state,
         memory_kind=meter.kind, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         select_loss=select, select_disjoint=batches.select_disjoint, **clipping,
+        svds=sum(int(st.get("refresh_count", 0)) for st in opt.state.values()),
         grad_norm_mean=statistics.fmean(grad_norms) if grad_norms else None,
         clipped_frac=(sum(g > clip for g in grad_norms) / len(grad_norms)
                       if grad_norms else None),
-        corpus=corpus.describe(), device_name=_device_name(args.device),
+        corpus=corpus.describe(), device_name=C.device_name(args.device),
         error=None)
     if prep.hooks is not None:
         prep.hooks.remove()
@@ -472,7 +483,7 @@ def _run_subprocess(name: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 # averaged over seeds; the byte counts are the same for every seed, the peak is the largest
 _MEAN_KEYS = ("val_loss", "val_ppl", "tokens_per_s", "fwd_ms", "bwd_ms", "step_ms",
-              "bwd_step_ms", "iter_ms", "wall_s", "grad_norm_mean", "clipped_frac")
+              "bwd_step_ms", "iter_ms", "wall_s", "grad_norm_mean", "clipped_frac", "svds")
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -712,56 +723,37 @@ def make_table(results: list[dict]) -> str:
     ok = [r for r in results if not r.get("error")]
     ref = next((r for r in ok if r["method"] == "adamw"), ok[0] if ok else None)
     rname = ref["method"] if ref else "adamw"
-    rows = ["| method | lr | clipping | val loss | val ppl | ppl vs " + rname + " | tokens/s | "
-            "fwd ms | bwd ms | opt step ms | bwd+step ms | run s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    name = lambda r: r["method"] + (" ¹" if r.get("per_layer") else "")
+    quality = []
     for r in results:
         if r.get("error"):
-            rows.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 10)
+            quality.append([r["method"], f"failed: {r['error']}"] + [""] * 11)
             continue
         div = f" (diverged at {r['diverged_at']})" if r.get("diverged_at") else ""
         std = f" ± {r['val_ppl_std']:.3f}" if "val_ppl_std" in r else ""
-        rows.append(
-            f"| {r['method']}{' ¹' if r['per_layer'] else ''} | {r['lr']:g} | "
-            f"{_clip_cell(r)} | "
-            f"{r['val_loss']:.4f}{div} | {r['val_ppl']:.3f}{std} | "
-            f"{_ratio(r['val_ppl'], ref['val_ppl'])} | {_num(r['tokens_per_s'], ',.0f')} | "
-            f"{_num(r['fwd_ms'], '.1f')} | {_num(r['bwd_ms'], '.1f') if not r['per_layer'] else '—'} | "
-            f"{_num(r['step_ms'], '.2f') if not r['per_layer'] else '— ¹'} | "
-            f"{_num(r['bwd_step_ms'], '.1f')} | {_num(r.get('wall_s'), '.0f')} |")
-    rows += ["", "| method | weights MiB | grads MiB | opt state MiB | activations+other MiB | "
-             "peak above baseline MiB | peak MiB | state vs " + rname + " | weights+grads+state vs "
-             + rname + " | peak above baseline vs " + rname + " | estimate (sum) MiB | peak "
-             "model MiB | peak above baseline / model |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in ok:
-        wgs = r["weights_b"] + r["grads_b"] + r["state_b"]
-        rwgs = ref["weights_b"] + ref["grads_b"] + ref["state_b"]
-        rows.append(
-            f"| {r['method']}{' ¹' if r['per_layer'] else ''} | {_mib(r['weights_b'])} | "
-            f"{_mib(r['grads_b'])} | {_mib(r['state_b'])} | {_mib(r['act_other_b'])} | "
-            f"{_mib(r['peak_above_b'])} | {_mib(r['peak_b'])} | "
-            f"{_ratio(r['state_b'], ref['state_b'])} | {_ratio(wgs, rwgs)} | "
-            f"{_ratio(r['peak_above_b'], ref['peak_above_b'])} | "
-            f"{_mib(r.get('estimate_b'))} | {_mib(r.get('peak_model_b'))} | "
-            f"{_ratio(r['peak_above_b'], r.get('peak_model_b'))} |")
-    return "\n".join(rows)
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"cpu ({C.cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-
-
-def _versions() -> str:
-    out = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    for mod in ("lowrank_optim", "bitsandbytes"):
-        try:
-            out.append(f"{mod} {__import__(mod).__version__}")
-        except Exception:
-            pass
-    return ", ".join(out + [f"git {C.git_rev()}"])
+        pl = r["per_layer"]
+        quality.append([
+            name(r), f"{r['lr']:g}", _clip_cell(r), f"{r['val_loss']:.4f}{div}",
+            f"{r['val_ppl']:.3f}{std}", _ratio(r["val_ppl"], ref["val_ppl"]),
+            _num(r["tokens_per_s"], ",.0f"), _num(r["fwd_ms"], ".1f"),
+            "—" if pl else _num(r["bwd_ms"], ".1f"), "— ¹" if pl else _num(r["step_ms"], ".2f"),
+            _num(r["bwd_step_ms"], ".1f"), _num(r.get("wall_s"), ".0f"),
+            _num(r.get("svds"), ".0f")])
+    wgs = lambda r: r["weights_b"] + r["grads_b"] + r["state_b"]
+    memory = [[name(r), _mib(r["weights_b"]), _mib(r["grads_b"]), _mib(r["state_b"]),
+               _mib(r["act_other_b"]), _mib(r["peak_above_b"]), _mib(r["peak_b"]),
+               _ratio(r["state_b"], ref["state_b"]), _ratio(wgs(r), wgs(ref)),
+               _ratio(r["peak_above_b"], ref["peak_above_b"]), _mib(r.get("estimate_b")),
+               _mib(r.get("peak_model_b")), _ratio(r["peak_above_b"], r.get("peak_model_b"))]
+              for r in ok]
+    return C.md_table(
+        ["method", "lr", "clipping", "val loss", "val ppl", f"ppl vs {rname}", "tokens/s",
+         "fwd ms", "bwd ms", "opt step ms", "bwd+step ms", "run s", "SVDs"], quality) + \
+        "\n\n" + C.md_table(
+        ["method", "weights MiB", "grads MiB", "opt state MiB", "activations+other MiB",
+         "peak above baseline MiB", "peak MiB", f"state vs {rname}",
+         f"weights+grads+state vs {rname}", f"peak above baseline vs {rname}",
+         "estimate (sum) MiB", "peak model MiB", "peak above baseline / model"], memory)
 
 
 def make_report(results: list[dict], args, argv: list[str], wall_s: float,
@@ -785,7 +777,7 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float,
         + (f" (this report written again from `{args.rendered_from}` with `--report-from`: "
            "the date and git revision are the report's, the measurements the run's)"
            if getattr(args, "rendered_from", None) else ""),
-        f"- versions: {_versions()}",
+        f"- versions: {C.versions()}",
         f"- device: {ok[0]['device_name'] if ok else args.device}; parameters {args.dtype}",
         f"- corpus: {corpus} (byte tokens)",
         f"- model: `{args.config}` dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
@@ -1053,9 +1045,10 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
                         run(name, seed, args.lrs[name], runs)
             order = {n: i for i, n in enumerate(args.method_list)}
             runs.sort(key=lambda r: (order[r["method"]], args.seed_list.index(r["seed"])))
-    (out / "partial.json").unlink(missing_ok=True)
     args.resumed_s = resumed_s
-    return _write(runs, args, argv, time.perf_counter() - t0 + resumed_s, out, sweep)
+    written = _write(runs, args, argv, time.perf_counter() - t0 + resumed_s, out, sweep)
+    (out / "partial.json").unlink(missing_ok=True)  # only now: a failed report keeps the runs
+    return written
 
 
 # what two runs must share for one to reuse the other's measurements (--resume)

@@ -334,3 +334,15 @@ def test_resume_reuses_the_runs_of_a_run_cut_short(tmp_path):
     with pytest.raises(SystemExit, match="differs in steps"):
         shootout.main(base + ["--steps", "3", "--methods", "adamw", "--resume", str(partial),
                               "--out", str(tmp_path / "c")])
+
+
+def test_method_specs_carry_optimizer_keywords():
+    """``NAME+key=value`` is the registry entry with extra optimizer keywords (the old
+    bench_refresh_policy / bench_lazy runs are such variants of the shoot-out)."""
+    m = common.method("loqt+update_proj_gap=50+state_on_merge=project")
+    assert m.kwargs == {"update_proj_gap": 50, "state_on_merge": "project"}
+    assert m.parent == "loqt" and m.lr == common.METHODS["loqt"].lr and not m.default
+    assert common.method("galore_randomized").kwargs == {"svd": "randomized"}
+    for bad in ("nope", "galore+svd", "galore+=1"):
+        with pytest.raises(ValueError):
+            common.method(bad)
