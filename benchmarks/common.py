@@ -404,14 +404,16 @@ def _adamw8bit(model, a, **kw):
 _adamw.cls, _adamw8bit.cls = "AdamW", "AdamW8bit"
 
 
-def _lowrank(cls: str, grouped: bool = True):
+def _lowrank(cls: str, grouped: bool = True, **group):
     """Factory of the package's optimizer ``cls``: on ``param_groups(model)`` (attention and
-    MLP matrices projected, the rest plain) or, for LoQT, on ``model.parameters()``."""
+    MLP matrices projected, the rest plain) or, for LoQT, on ``model.parameters()``.
+    ``group``: the projected group's options that this method fixes (APOLLO-Mini's rank 1
+    and scale √128) instead of taking ``--rank``/``--scale``."""
     def make(model, a, **kw):
         import lowrank_optim as lo
-        params = lo.param_groups(model, rank=a.rank, target_modules=a.target_modules,
-                                 update_proj_gap=a.update_proj_gap, scale=a.scale) \
-            if grouped else model.parameters()
+        params = lo.param_groups(model, target_modules=a.target_modules, **{
+            "rank": a.rank, "update_proj_gap": a.update_proj_gap, "scale": a.scale,
+            **group}) if grouped else model.parameters()
         return getattr(lo, cls)(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay,
                                 **kw)
     make.cls = cls
@@ -470,6 +472,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "QGaLoreAdamW8bit stepped inside backward (opt.register_hooks(model))",
            prepare=_int8_weights, per_layer=True, requires=BNB, default=False,
            parent="qgalore"),
+    # issue #18; rates: the best of the sweep in results/shootout_3seeds.md
+    Method("fira", _lowrank("FiraAdamW"), 2e-2, "lowrank_optim.FiraAdamW: GaLore's Adam plus "
+           "the scaled residual outside the subspace (norm-growth limit 1.01)"),
+    Method("apollo", _lowrank("APOLLOAdamW", scale=1.0), 1e-2, "lowrank_optim.APOLLOAdamW: "
+           "channel-wise scaling of the gradient from Adam on a random projection (scale 1, "
+           "the paper's)"),
+    Method("apollo_mini", _lowrank("APOLLOMini", rank=1, scale=128 ** 0.5), 1e-2,
+           "lowrank_optim.APOLLOMini: tensor-wise scaling from a rank-1 random projection "
+           "(scale √128, the paper's)"),
     Method("loqt", _LOQT, 2e-2, "lowrank_optim.LoQTAdamW: NF4 weights + INT8 basis P frozen, "
            "B trained (prepare_loqt), merges at exponentially growing intervals (staggered)",
            prepare=_loqt_layers, requires=BNB),
@@ -611,7 +622,9 @@ def matrix_shapes(model: nn.Module, target_modules=("attn", "mlp")) -> list[tupl
 
 
 LOQT = ("LoQTAdamW", "LoQTAdamW8bit")
-CLOSED_FORM = ("AdamW", "AdamW8bit", "GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW8bit") + LOQT
+APOLLO = ("APOLLOAdamW", "APOLLOMini")
+CLOSED_FORM = ("AdamW", "AdamW8bit", "GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreAdamW8bit",
+               "FiraAdamW") + APOLLO + LOQT
 
 
 def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int]:
@@ -627,7 +640,9 @@ def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int
     scale and offset per 256, INT4 packed bases + scale and offset per 256; LoQT: NF4 codes
     two per byte + a uint8 absmax per 32 + float32 scale and offset per 256 absmaxes, INT8
     P + scale and offset per 64, B in the model dtype; torch AdamW: a 4-byte step per
-    parameter."""
+    parameter. Fira: GaLore's state and a float32 scalar per matrix (the norm-growth
+    limiter's last norm); APOLLO: the same without a basis (drawn again from its seed), at
+    rank 1 for APOLLO-Mini (its registry entry's rank, whatever ``rank`` is)."""
     if optimizer not in CLOSED_FORM:
         raise ValueError(f"no closed form for {optimizer!r}; known: {', '.join(CLOSED_FORM)}")
     q8 = lambda n: 2 * n + 2 * 4 * _cdiv(n, 256)                 # 2 uint8 moments + 2 absmax/256
@@ -655,17 +670,19 @@ def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int
             any8 |= n >= 4096
             s += q8(n) if n >= 4096 else 2 * 4 * n                  # bnb: float32 below 4096
         elif proj:
-            r = min(rank, *shape)
+            r = min(1 if optimizer == "APOLLOMini" else rank, *shape)
             low, basis = max(shape) * r, min(shape) * r
-            if optimizer == "GaLoreAdamW":
+            if optimizer in ("GaLoreAdamW", "FiraAdamW") + APOLLO:
                 s += 2 * 4 * low                                    # float32 low-rank moments
             else:
                 s += q8(low) if low >= 4096 else 2 * 4 * low
             if optimizer == "QGaLoreAdamW8bit":
                 s += _cdiv(basis, 2) + 2 * 4 * _cdiv(basis, 256)    # INT4 packed + scale, offset
-            else:
+            elif optimizer not in APOLLO:
                 s += 4 * basis                                      # float32 basis
-        elif optimizer in ("GaLoreAdamW", "LoQTAdamW") or n < 4096:
+            if optimizer in ("FiraAdamW",) + APOLLO:
+                s += 4                                              # limiter's last norm
+        elif optimizer in ("GaLoreAdamW", "FiraAdamW", "LoQTAdamW") + APOLLO or n < 4096:
             s += 2 * n * esize                                      # zeros_like(p)
         else:
             s += q8(n)

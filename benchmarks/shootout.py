@@ -174,8 +174,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, metavar="PARTIAL_JSON",
                    help="reuse the runs of a run cut short (its --out folder's partial.json, "
                         "written after every run): a method, seed and rate found there is not "
-                        "run again. The two runs must agree on everything but --out, --resume "
-                        "and --methods")
+                        "run again. The two runs must agree on everything but --out, --resume, "
+                        "--methods and the --lr-sweep rates of methods only one of them runs")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.eval_batches < 1:
@@ -1052,8 +1052,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 # what two runs must share for one to reuse the other's measurements (--resume)
-_SAME = ("config", "vocab_size", "steps", "batch_size", "seq_len", "lr", "lr_sweep",
-         "sweep_variants", "clip", "warmup", "min_lr_ratio", "weight_decay", "rank",
+_SAME = ("config", "vocab_size", "steps", "batch_size", "seq_len", "lr", "clip", "warmup", "min_lr_ratio", "weight_decay", "rank",
          "update_proj_gap", "scale", "eval_every", "eval_batches", "device", "dtype", "threads",
          "data", "val_fraction", "in_process", "malloc_default")
 
@@ -1067,6 +1066,11 @@ def load_resume(path: str, argv: list[str]) -> list[dict]:
         raise SystemExit(f"--resume {path}: {e}")
     mine, theirs = parse_args(argv), parse_args(saved["argv"])
     differ = [k for k in _SAME if getattr(mine, k) != getattr(theirs, k)]
+    # the rate grid only of the methods both runs have: one run's sweep of a method that the
+    # other does not run changes nothing of the other's runs
+    differ += [f"--lr-sweep of {n}" for n in set(mine.lrs) & set(theirs.lrs)
+               if (mine.sweep_grid.get(n), mine.inherits.get(n))
+               != (theirs.sweep_grid.get(n), theirs.inherits.get(n))]
     if differ:
         raise SystemExit(f"--resume {path}: that run differs in {', '.join(differ)}")
     return saved.get("sweep", []) + saved.get("runs", [])
