@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from . import lowrank_backward
 from ._checks import check as _check, check_int, is_int
 from .rules import Rule
 from .distributed import check_not_sharded
@@ -92,6 +93,7 @@ class LowRankOptimizer(Optimizer):
                                  f"{p.dtype}); optimize torch.view_as_real(p) instead")
             check_not_sharded(self, p)
         super().add_param_group(param_group)
+        lowrank_backward.bind(self, self.param_groups[-1])  # its GaLoreLinear layers
 
     def _validate_group(self, g: dict) -> None:
         lr = g["lr"]
@@ -140,8 +142,18 @@ class LowRankOptimizer(Optimizer):
         return max(1, round(group["update_proj_gap"] * (i + 1) / len(mats)))
 
     def _staggered(self, p: Tensor, group: dict) -> bool:
-        """Whether ``p`` takes part in the stagger (its own schedule of SVDs)."""
-        return self.is_projected(p, group)
+        """Whether ``p`` takes part in the stagger (its own schedule of SVDs): a trainable
+        projected matrix."""
+        return self.is_projected(p, group) and p.requires_grad
+
+    @staticmethod
+    def _matrix(p: Tensor) -> Tensor:
+        """The matrix ``p``'s updates are written into: ``p``, or the weight of the
+        :class:`~lowrank_optim.nn.GaLoreLinear` whose ``weight_lowrank`` is ``p`` (its
+        ``.grad`` is then already projected, and its basis is refreshed in backward:
+        :mod:`lowrank_optim.lowrank_backward`)."""
+        layer = getattr(p, "lowrank_layer", None)
+        return p if layer is None else layer.weight
 
     def _grad(self, p: Tensor, group: dict) -> Tensor:
         g = p.grad
@@ -161,12 +173,14 @@ class LowRankOptimizer(Optimizer):
             state["step"] = 0
             if not projected:
                 self.rule.init(state, p, group)
-        proj = None
+        proj, target = None, self._matrix(p)
         if projected:
             proj, policy = self._projector(group), self._refresh_policy(p, group)
             if policy.due(state, state["step"]):
+                if target is not p:  # a low-rank backward refreshes in backward
+                    raise p.lowrank_layer.missed_refresh(state["step"])
                 self._refresh(p, g, group, state, proj, policy)
-        low = g if proj is None else proj.project(state, g)
+        low = g if proj is None or target is not p else proj.project(state, g)
         d = self.rule.update(state, low, state["step"] + 1, group, low_rank=proj is not None)
         state["step"] += 1
         del low
@@ -176,7 +190,7 @@ class LowRankOptimizer(Optimizer):
                 # per-layer mode frees the gradient after this step anyway; freeing it
                 # before the write means a stored-quantized weight's float copy never meets it
                 p.grad = None
-        self._apply(p, d, group, state, proj, g)
+        self._apply(target, d, group, state, proj, g)
 
     def _apply(self, p: Tensor, d: Tensor, group: dict, state: dict,
                proj: Optional[Projector], g: Optional[Tensor] = None) -> None:
@@ -279,7 +293,7 @@ class LowRankOptimizer(Optimizer):
         state = self.state.get(p, {})
         if not self.is_projected(p, group) or "proj_side" not in state:
             return None
-        left, right = self._projector(group).bases(state, p)
+        left, right = self._projector(group).bases(state, self._matrix(p))
         return left if left is not None else right
 
     def register_hooks(self, model: torch.nn.Module, **kwargs):
@@ -301,7 +315,7 @@ class LowRankOptimizer(Optimizer):
         if not self.is_projected(p, group):
             self.rule.init(out, torch.empty(p.shape, dtype=p.dtype, **meta), group)
         elif side is not None:
-            proj, (m, n) = self._projector(group), p.shape
+            proj, (m, n) = self._projector(group), self._matrix(p).shape
             r = min(proj.rank, m, n)
             proj._store(out, "proj", torch.empty((n if side == RIGHT else m, r), **meta))
             if side == BOTH:
