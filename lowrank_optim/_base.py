@@ -335,6 +335,8 @@ class LowRankOptimizer(Optimizer):
         if "proj_side" in st and not (self.is_projected(p, group) and side in (LEFT, RIGHT, BOTH)):
             bad("proj_side", repr(side), "one of 0, 1, 2 (left, right, both) on a projected "
                 "matrix" if self.is_projected(p, group) else "none (not projected here)")
+        if side is not None and self._matrix(p) is not p and side != p.lowrank_layer.side:
+            bad("proj_side", repr(side), f"{p.lowrank_layer.side}, the side of its GaLoreLinear")
         declared = self._declared_state(p, group, side) if st else {}
         for key, v in st.items():
             least = self._SCALARS.get(key)
