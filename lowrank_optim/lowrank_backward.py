@@ -70,6 +70,7 @@ made over it.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Iterable, Optional
 
@@ -81,6 +82,21 @@ from ._layers import plain_linear, swap_linears
 from .projector import BOTH, LEFT, PROJ_TYPES, RIGHT, choose_side
 
 __all__ = ["GaLoreLinear", "prepare_galore", "bind"]
+
+_ZEROS: dict = {}  # (device, dtype) -> the shared zeros the weight_lowrank values view
+
+
+def _zeros(shape, device, dtype) -> Tensor:
+    """A ``shape`` view of one zero buffer shared by every layer of that device and dtype:
+    ``weight_lowrank``'s values are never read, so the proxies of all layers together
+    take the memory of the largest one (a dense, non-overlapping view, so DDP's initial
+    broadcast can write its zeros into it)."""
+    numel, key = math.prod(shape), (torch.device(device), dtype)
+    buf = _ZEROS.get(key)
+    if buf is None or buf.numel() < numel or buf.is_inference():
+        with torch.inference_mode(False), torch.no_grad():
+            buf = _ZEROS[key] = torch.zeros(numel, device=device, dtype=dtype)
+    return buf[:numel].view(shape)
 
 
 class _LowRankGradFn(torch.autograd.Function):
@@ -144,18 +160,27 @@ class GaLoreLinear(nn.Linear):
         shape = {RIGHT: (m, r), LEFT: (r, n), BOTH: (r, r)}[self.side]
         self.weight.requires_grad_(False)
         w = self.weight
-        self.weight_lowrank = nn.Parameter(torch.zeros(shape, device=w.device, dtype=w.dtype))
+        self.weight_lowrank = nn.Parameter(_zeros(shape, w.device, w.dtype))
         self._optimizer = None  # weakref to the optimizer that serves this layer (bind)
         self._link()
 
     def _link(self) -> None:
         # the parameter names its layer (the optimizer finds the weight through it);
         # re-linked after copies: a deep-copied Parameter loses its attributes
-        self.weight_lowrank.lowrank_layer = self
+        low = self.weight_lowrank
+        low.lowrank_layer = self
+        if low.untyped_storage().data_ptr() != _zeros(low.shape, low.device, low.dtype) \
+                .untyped_storage().data_ptr():
+            low.data = _zeros(low.shape, low.device, low.dtype)  # copies get their own
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._link()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._link()  # .to(dtype or device) converts each parameter on its own
+        return self
 
     # ---- the optimizer ------------------------------------------------------------------
     def _bind(self, optimizer, group: dict) -> None:

@@ -169,6 +169,17 @@ def test_deepcopy_keeps_the_layer_linked():
     assert model.fc1.weight_lowrank.lowrank_layer is model.fc1
 
 
+def test_proxies_share_one_zero_buffer():
+    """The weight_lowrank values are never read: every layer's is a view of one shared
+    zero buffer (the memory of the largest), also after deepcopy and a dtype change."""
+    storage = lambda m: {l.weight_lowrank.untyped_storage().data_ptr() for l in (m.fc1, m.fc2)}
+    model = _prepared()
+    for m in (model, copy.deepcopy(model), model.double()):
+        assert len(storage(m)) == 1
+        assert not m.fc1.weight_lowrank.any() and not m.fc2.weight_lowrank.any()
+    assert model.fc1.weight_lowrank.dtype == torch.float64
+
+
 def test_nonfinite_first_refresh_is_retried():
     """A non-finite dense gradient at the first refresh (fp16 GradScaler overflow) leaves
     no basis: the low-rank gradient is NaN, step raises, the next backward refreshes."""
