@@ -29,6 +29,11 @@ writes the update into the layer's weight (``LowRankOptimizer._matrix``); its st
 moments, counters) is normal GaLore's for that weight, so ``state_dict`` round trips
 (``weights_only=True``) and the load checks work unchanged.
 
+Activations: on a step without refresh the forward of a layer with a right basis saves
+:math:`XQ` (``r`` floats per token) for its backward instead of :math:`X` (``n``); a left
+basis needs :math:`X` itself. Weights' gradients: none; low-rank gradients: :math:`r`
+per row or column, as GaLore's state.
+
 **Refresh.** At a refresh step of a layer (the optimizer's policy for its
 ``weight_lowrank``: ``update_proj_gap``, ``stagger``, Q-GaLore's lazy refresh) its backward
 forms that layer's dense gradient once, in float32, takes the new basis from it with the
@@ -101,12 +106,14 @@ def _zeros(shape, device, dtype) -> Tensor:
 
 class _LowRankGradFn(torch.autograd.Function):
     """``y = x·Wᵀ + b``; backward returns ``∂L/∂x``, ``∂L/∂b`` and, for ``weight_lowrank``,
-    the projected weight gradient (:meth:`GaLoreLinear._projected_grad`); none for ``W``."""
+    the projected weight gradient (:meth:`GaLoreLinear._projected_grad`); none for ``W``.
+    Given the right basis ``Q`` (a step without refresh), it saves ``x·Q`` instead of ``x``."""
 
     @staticmethod
-    def forward(ctx, x, weight, lowrank, bias, layer):
-        ctx.layer, ctx.has_bias = layer, bias is not None
-        ctx.save_for_backward(x, weight)  # weight: autograd checks it is unchanged
+    def forward(ctx, x, weight, lowrank, bias, layer, right):
+        ctx.layer, ctx.has_bias, ctx.projected = layer, bias is not None, right is not None
+        saved = x if right is None else x @ right.to(x.dtype)
+        ctx.save_for_backward(saved, weight)  # weight: autograd checks it is unchanged
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
@@ -117,10 +124,10 @@ class _LowRankGradFn(torch.autograd.Function):
             grad_x = grad_out @ weight.to(grad_out.dtype)
         d2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[2]:
-            grad_low = ctx.layer._projected_grad(d2, x2)
+            grad_low = ctx.layer._projected_grad(d2, x2, ctx.projected)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = d2.sum(0)
-        return grad_x, None, grad_low, grad_bias, None
+        return grad_x, None, grad_low, grad_bias, None, None
 
 
 class GaLoreLinear(nn.Linear):
@@ -237,14 +244,32 @@ class GaLoreLinear(nn.Linear):
             "gradient was produced before this optimizer was made or loaded")
 
     # ---- backward -----------------------------------------------------------------------
-    def _projected_grad(self, d2: Tensor, x2: Tensor) -> Tensor:
+    def _saved_basis(self) -> Optional[Tensor]:
+        """The right basis ``Q`` when the next backward needs only ``X·Q`` (saved by forward
+        instead of ``X``: ``r`` instead of ``n`` floats per token); ``None`` at a refresh (the
+        dense gradient needs ``X``), for a left basis, or with no optimizer yet."""
+        if self.side == LEFT or self._optimizer is None or self._optimizer() is None:
+            return None
+        opt, group, state = self._owner()
+        policy = opt._refresh_policy(self.weight_lowrank, group)
+        if policy.due(state, state.get("step", 0)):
+            return None
+        return opt._projector(group).bases(state, self.weight)[1]
+
+    def _projected_grad(self, d2: Tensor, x2: Tensor, projected: bool = False) -> Tensor:
         """The gradient of ``weight_lowrank`` from ``d2`` (tokens × out) and ``x2`` (tokens ×
-        in); at a refresh step, through this layer's dense gradient (see the module)."""
+        in, or ``X·Q`` when ``projected``); at a refresh step, through this layer's dense
+        gradient (see the module)."""
         opt, group, state = self._owner()
         low, dtype = self.weight_lowrank, self.weight_lowrank.dtype
         proj, policy = opt._projector(group), opt._refresh_policy(low, group)
         state.setdefault("step", 0)
         if policy.due(state, state["step"]):
+            if projected:
+                raise RuntimeError(
+                    f"GaLoreLinear (out={self.out_features}, in={self.in_features}): a basis "
+                    "refresh came due between its forward and backward (the optimizer stepped "
+                    "or loaded a state dict in between); run the forward again")
             with torch.no_grad():
                 g = distributed.all_reduce_mean_(d2.T.float() @ x2.float())
                 finite = bool(torch.isfinite(g).all())
@@ -255,11 +280,13 @@ class GaLoreLinear(nn.Linear):
                 return torch.full_like(low, float("nan"))
         left, right = proj.bases(state, self.weight)
         d = d2 if left is None else d2 @ left.to(d2.dtype)  # dY·P
-        x = x2 if right is None else x2 @ right.to(x2.dtype)  # X·Q
+        x = x2 if right is None or projected else x2 @ right.to(x2.dtype)  # X·Q
         return (d.T @ x).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _LowRankGradFn.apply(x, self.weight, self.weight_lowrank, self.bias, self)
+        train = torch.is_grad_enabled() and self.weight_lowrank.requires_grad
+        right = self._saved_basis() if train else None
+        return _LowRankGradFn.apply(x, self.weight, self.weight_lowrank, self.bias, self, right)
 
     # ---- storage ------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -288,8 +315,12 @@ def prepare_galore(model: nn.Module, rank: int = 128, proj_type: str = "std",
     weight and bias; returns ``model``. Call it before wrapping the model in DDP and before
     making the optimizer, with the optimizer's ``rank`` and ``proj_type``. ``to_plain``
     reverses it."""
-    return swap_linears(model, target_modules,
-                        lambda linear: GaLoreLinear.from_linear(linear, rank, proj_type))
+    swap_linears(model, target_modules,
+                 lambda linear: GaLoreLinear.from_linear(linear, rank, proj_type))
+    for m in model.modules():
+        if isinstance(m, GaLoreLinear):
+            m._link()  # every proxy onto the final (largest) shared buffer
+    return model
 
 
 def bind(optimizer, group: dict) -> None:

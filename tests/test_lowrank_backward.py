@@ -210,6 +210,13 @@ def test_errors():
     with pytest.raises(ValueError, match="without rank"):
         lo.LoQTAdamW(model.parameters())
     del opt
+    # the forward saved X·Q (no refresh due); a refresh made due before backward needs X
+    opt = lo.GaLoreAdamW(model.parameters(), **_G)
+    _run(model, opt, make_batches(1), hooks=False)
+    loss = loss_fn(model, make_batches(1)[0])
+    opt.state[model.fc1.weight_lowrank]["refresh_next"] = 1
+    with pytest.raises(RuntimeError, match="refresh came due between its forward and backward"):
+        loss.backward()
 
 
 # ---- DDP: two CPU processes (gloo), as tests/test_distributed.py ----------------------
