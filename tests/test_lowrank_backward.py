@@ -182,18 +182,32 @@ def test_proxies_share_one_zero_buffer():
 
 def test_nonfinite_first_refresh_is_retried():
     """A non-finite dense gradient at the first refresh (fp16 GradScaler overflow) leaves
-    no basis: the low-rank gradient is NaN, step raises, the next backward refreshes."""
+    no basis: the low-rank gradient is NaN (the scaler skips the step) and the next
+    backward refreshes."""
     model = _prepared()
     opt = lo.GaLoreAdamW([model.fc1.weight_lowrank, model.fc2.weight_lowrank], **_G)
     tok, x, y = make_batches(1)[0]
     loss_fn(model, (tok, x * float("inf"), y)).backward()
     assert model.fc1.weight_lowrank.grad.isnan().all()
-    with pytest.raises(RuntimeError, match="refresh due at step 0 happens in backward"):
-        opt.step()
-    opt.zero_grad()
+    assert opt.basis(model.fc1.weight_lowrank) is None
+    opt.zero_grad()  # what GradScaler.step does instead of opt.step() after an overflow
     loss_fn(model, (tok, x, y)).backward()
+    assert model.fc1.weight_lowrank.grad.isfinite().all()
     opt.step()
     assert opt.basis(model.fc1.weight_lowrank) is not None
+
+
+def test_step_without_the_refresh_of_backward_raises():
+    """A refresh is due at the step but backward did not do it (the gradient was produced
+    under another optimizer state): step raises instead of projecting a low-rank gradient."""
+    model = _prepared()
+    opt = lo.GaLoreAdamW(model.parameters(), **_G)
+    empty = opt.state_dict()
+    _run(model, opt, make_batches(1), hooks=False)
+    loss_fn(model, make_batches(1)[0]).backward()
+    opt.load_state_dict(empty)
+    with pytest.raises(RuntimeError, match="refresh due at step 0 happens in backward"):
+        opt.step()
 
 
 def test_errors():
