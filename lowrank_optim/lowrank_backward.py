@@ -284,7 +284,7 @@ class GaLoreLinear(nn.Linear):
         left, right = proj.bases(state, self.weight)
         d = d2 if left is None else d2 @ left.to(d2.dtype)  # dY·P
         x = x2 if right is None or projected else x2 @ right.to(x2.dtype)  # X·Q
-        return (d.T @ x).to(dtype)
+        return (d.T @ x.to(d.dtype)).to(dtype)  # (autocast: dY may be bf16, X float32)
 
     def forward(self, x: Tensor) -> Tensor:
         train = torch.is_grad_enabled() and self.weight_lowrank.requires_grad

@@ -129,6 +129,27 @@ def test_refresh_gradient_is_the_projected_dense_gradient():
         opt.zero_grad()
 
 
+def test_autocast_bf16():
+    """Under CPU autocast the output gradient is bfloat16 and a layer's input may be
+    float32: the low-rank gradient is that of nn.Linear under autocast, projected."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 16)  # 16x64: left basis, fed a float32 input
+    model = lo.prepare_galore(nn.Sequential(copy.deepcopy(lin)), rank=4, target_modules=None)
+    opt = lo.GaLoreAdamW(model.parameters(), **dict(_G, update_proj_gap=5))
+    for _ in range(2):
+        x = torch.randn(8, 64)
+        for m in (model, lin):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                m(x).float().square().mean().backward()
+        p = opt.basis(model[0].weight_lowrank)
+        torch.testing.assert_close(model[0].weight_lowrank.grad, p.T @ lin.weight.grad,
+                                   rtol=2e-2, atol=2e-3)
+        opt.step()
+        opt.zero_grad()
+        lin.load_state_dict(model[0].state_dict())
+        lin.zero_grad()
+
+
 def test_checkpoint_round_trip_weights_only():
     batches = make_batches(STEPS)
     model = _prepared()
