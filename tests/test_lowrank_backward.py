@@ -151,6 +151,28 @@ def test_autocast_bf16():
         lin.zero_grad()
 
 
+def test_grad_scaler_and_clipping_see_the_low_rank_gradient():
+    """GradScaler unscales weight_lowrank's gradient and clip_grad_norm_ clips it like any
+    other: a run with a scaler (2^16, no overflow) is the run without, bit for bit."""
+    def run(scaler):
+        model = _prepared()
+        opt = lo.GaLoreAdamW(model.parameters(), **_G)
+        for b in make_batches(STEPS):
+            loss = loss_fn(model, b)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step() if scaler is None else scaler.step(opt)
+            if scaler is not None:
+                scaler.update()
+            opt.zero_grad()
+        return model.state_dict()
+
+    plain, scaled = run(None), run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
+    assert all(torch.equal(plain[k], scaled[k]) for k in plain)
+
+
 def test_checkpoint_round_trip_weights_only():
     batches = make_batches(STEPS)
     model = _prepared()
