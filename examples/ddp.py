@@ -13,8 +13,6 @@ averages the gradients, so every rank computes the same basis and the same updat
 the end every rank's parameters and buffers are compared with rank 0's: the printed
 max |Δ| is 0. Runs on CPU (gloo); ``--device=cuda`` uses one GPU per process (nccl).
 """
-import os
-import socket
 import sys
 
 import torch
@@ -23,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowrank_optim as lo
+from _toy import Model, setup
 
 # defaults, overridden by --key=value
 method = "galore"  # galore | q_galore | loqt
@@ -39,44 +38,6 @@ resume = 0  # 1: every rank loads `ckpt` (weights_only) and continues from it
 for arg in sys.argv[1:]:
     key, value = arg.removeprefix("--").split("=")
     globals()[key] = type(globals()[key])(value)
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
-
-    def forward(self, h):
-        return h + self.mlp(self.norm(h))
-
-
-class Model(nn.Module):
-    """Embeddings of each token and of the one before it, two residual MLP blocks (their
-    ``mlp`` Linears are the low-rank ones), a head."""
-
-    def __init__(self, vocab: int = 64, d: int = 128, hidden: int = 512):
-        super().__init__()
-        self.embed, self.embed_prev = nn.Embedding(vocab, d), nn.Embedding(vocab, d)
-        self.blocks = nn.Sequential(Block(d, hidden), Block(d, hidden))
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, tok):
-        return self.head(self.blocks(self.embed(tok) + self.embed_prev(tok.roll(1, dims=-1))))
-
-
-def setup() -> tuple[int, int]:
-    if "RANK" not in os.environ:  # plain `python examples/ddp.py`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]),
-                              RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-    return dist.get_rank(), dist.get_world_size()
 
 
 def build(dev):
@@ -98,7 +59,7 @@ def build(dev):
 
 
 def main() -> None:
-    rank, world = setup()
+    rank, world = setup(device)
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     model, ddp, opt = build(dev)
     start = 0

@@ -18,6 +18,14 @@ gradient it runs one pipeline:
    update adds a residual or rescales the full gradient (Fira, APOLLO) overrides this
    step (and sets ``needs_full_grad`` to receive the gradient there).
 
+Before any of this, :meth:`LowRankOptimizer.step` checks every gradient: one NaN or Inf
+and nothing is changed (a warning, ``skipped_steps``); the per-layer hooks check each
+gradient before ``step_param`` (:mod:`lowrank_optim.hooks`).
+
+An FSDP2-sharded parameter (a ``DTensor``) runs the same pipeline on this rank's slices
+of the parameter, gradient and state (:func:`lowrank_optim.fsdp.local_view`); its
+refresh computes the basis from the whole gradient.
+
 The base knows no rule's state keys and no layer type: a parameter stored in another
 form (Q-GaLore's INT8 :class:`~lowrank_optim.nn.QuantWeight`) is updated through its
 ``dequantize()``/``requantize_()`` (:meth:`LowRankOptimizer._apply`).
@@ -33,6 +41,7 @@ model or optimizer class, or a bad hand edit, raises ``ValueError`` and changes 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -41,10 +50,12 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from . import lowrank_backward
-from ._checks import check as _check, check_int, is_int
+from ._checks import (all_finite, check as _check, check_int, is_int, plain,
+                      user_stacklevel)
 from .rules import Rule
-from .distributed import check_not_sharded
-from .projector import BOTH, LEFT, PROJ_TYPES, RIGHT, SVD_METHODS, Projector, overlap
+from . import fsdp
+from .projector import (BOTH, LEFT, PROJ_TYPES, RIGHT, SVD_METHODS, Projector, choose_side,
+                        overlap)
 from .refresh import FixedGap
 
 __all__ = ["LowRankOptimizer", "STATE_POLICIES"]
@@ -59,41 +70,73 @@ class LowRankOptimizer(Optimizer):
     :class:`~lowrank_optim.rules.Rule`), passes its ``defaults`` to ``__init__``, and may
     override ``_projector`` (the projector of a group), ``_refresh_policy`` (when a
     basis is refreshed) and ``_put_back_`` (how the update is put back together).
+
+    Attributes: ``skip_nonfinite`` (default True): a step with a NaN/Inf gradient is
+    skipped, all or nothing (:meth:`step`; per parameter in per-layer mode); False lets
+    the values in, as torch's optimizers do. ``skipped_steps``: how many steps were
+    skipped so far (not in ``state_dict``). Why: ``docs/decisions.md`` (Non-finite gradients).
+    At construction a rank whose projected state is not smaller than the unprojected
+    one warns (``docs/decisions.md``, Rank too large).
     """
 
     rule: Rule = None
     needs_full_grad = False  # _put_back_ receives the full gradient (else None)
+    # skip a step (a parameter's, in per-layer mode) with a NaN/Inf gradient; False: torch's
+    # behaviour (the non-finite values enter the parameters and the state)
+    skip_nonfinite = True
+    skipped_steps = 0  # steps skipped for a NaN/Inf gradient (instance attribute once counted)
+    _constructed = False  # __init__ done: a group added later gets its own rank check
     _hooks = None  # the active HooksHandle; a deepcopy or unpickled copy has none
     _group_format = False
+    supports_fsdp2 = False  # steps FSDP2-sharded parameters (lowrank_optim.fsdp)
 
     def __init__(self, params, defaults: dict):
-        params = list(params) if not isinstance(params, Tensor) else params
-        self._group_format = bool(params) and isinstance(params[0], dict) and any(
-            "rank" in g for g in params)
-        super().__init__(params, defaults)
+        if not isinstance(params, Tensor):  # a Tensor: torch's TypeError, from super()
+            params = list(params)
+        self._group_format = isinstance(params, list) and bool(params) and isinstance(
+            params[0], dict) and any("rank" in g for g in params)
+        super().__init__(params, {k: plain(v) for k, v in defaults.items()})
         self._hooks = None  # set while register_hooks is active
+        self.skipped_steps = 0
+        self._warn_rank(self.param_groups)
+        self._constructed = True
 
     def __getstate__(self) -> dict:
         # torch's __getstate__ keeps defaults/state/param_groups only; keep the group format
-        # too, so a deepcopy adds rank-less groups as plain AdamW like the original does
-        return {**super().__getstate__(), "_group_format": self._group_format}
+        # too, so a deepcopy adds rank-less groups as plain AdamW like the original does,
+        # and the non-finite option and counter
+        return {**super().__getstate__(), "_group_format": self._group_format,
+                **{k: v for k, v in self.__dict__.items()
+                   if k in ("skip_nonfinite", "skipped_steps", "_constructed")}}
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """True in per-layer mode: ``GradScaler.step`` then hands this optimizer the scale
+        and its inf check (``grad_scale``, ``found_inf``) instead of unscaling gradients
+        the hooks have already consumed (:func:`lowrank_optim.hooks.register_hooks`,
+        ``scaler=``). False in normal mode, where GradScaler unscales and skips as usual."""
+        return self._hooks is not None
 
     # ---- validation ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_group_format", False):
             param_group.setdefault("rank", None)  # galore-torch format: no rank = plain AdamW
+        param_group.update({k: plain(v) for k, v in param_group.items() if k != "params"})
         merged = {**self.defaults, **param_group}
         self._validate_group(merged)
         params = param_group["params"]
         if not isinstance(params, (Tensor, set)):  # a generator must survive the checks
             param_group["params"] = params = list(params)
-        for p in [params] if isinstance(params, Tensor) else params:
+        for i, p in enumerate([params] if isinstance(params, Tensor) else params):
             if isinstance(p, Tensor) and p.is_complex():
                 raise ValueError(f"Complex parameters are not supported (got one of dtype "
                                  f"{p.dtype}); optimize torch.view_as_real(p) instead")
-            check_not_sharded(self, p)
+            fsdp.check_param(self, p, merged,
+                             f"param_groups[{len(self.param_groups)}]['params'][{i}]")
         super().add_param_group(param_group)
         lowrank_backward.bind(self, self.param_groups[-1])  # its GaLoreLinear layers
+        if self._constructed:  # else __init__ checks every group at once
+            self._warn_rank(self.param_groups[-1:])
 
     def _validate_group(self, g: dict) -> None:
         lr = g["lr"]
@@ -117,6 +160,50 @@ class LowRankOptimizer(Optimizer):
             _check(g["state_on_refresh"] in STATE_POLICIES, "state_on_refresh",
                    g["state_on_refresh"], f"one of {STATE_POLICIES}")
 
+    def _warn_rank(self, groups: list) -> None:
+        """Warn, once for the groups given (all of them at construction, a group added
+        later on its own), about projected matrices whose optimizer state at the group's
+        rank is at least the same rule's state on the whole matrix (the rank is too large
+        for the shape: e.g. rank 128 on a 128-wide matrix), naming each and the largest
+        rank that saves memory. Why: ``docs/decisions.md`` (Rank too large)."""
+        bad, sizes = [], {}
+
+        def size(p, group, rank):  # matrices of one shape and group share their sizes
+            key = (tuple(p.shape), p.dtype, id(group), rank)
+            if key not in sizes:
+                sizes[key] = self._state_bytes(p, group, rank)
+            return sizes[key]
+
+        seen = set()
+        for group in groups:
+            for p in group["params"]:
+                p = self._matrix(p)  # a GaLoreLinear's weight_lowrank: its weight
+                if not self.is_projected(p, group) or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                full, r = size(p, group, None), min(group["rank"], *p.shape)
+                if size(p, group, r) < full:
+                    continue
+                lo, hi = 0, r  # the state grows with the rank: the largest rank below `full`
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if size(p, group, mid) < full else (lo, mid)
+                bad.append(f"{self._where(p)} at rank {r}: {size(p, group, r) / full:.2f}x; " +
+                           (f"rank <= {lo} saves memory" if lo else
+                            "no rank saves memory, leave it unprojected (rank=None)"))
+        if bad:
+            warnings.warn(f"{type(self).__name__}: projection costs at least as much "
+                          "optimizer state as the same rule without it on "
+                          f"{'; '.join(bad)} (docs/decisions.md, Rank too large)",
+                          stacklevel=user_stacklevel())
+
+    def _state_bytes(self, p: Tensor, group: dict, rank: Optional[int]) -> int:
+        """Bytes of ``p``'s state at ``rank`` (None: unprojected), from meta tensors."""
+        g = {**group, "rank": rank}
+        side = None if rank is None else choose_side(p.shape, g["proj_type"])
+        return sum(t.numel() * t.element_size()
+                   for t in self._declared_state(p, g, side).values())
+
     # ---- the pipeline -------------------------------------------------------------------
     @staticmethod
     def is_projected(p: Tensor, group: dict) -> bool:
@@ -134,7 +221,7 @@ class LowRankOptimizer(Optimizer):
         """Offset of ``p``'s second refresh (``prefix="merge"``: merge) when ``stagger`` is
         on: the matrices are spread evenly over one gap, so their SVDs do not all land on
         the same step."""
-        if not group.get("stagger") or f"{prefix}_next" in self.state[p]:
+        if not group.get("stagger") or self.state[p].get(f"{prefix}_count"):
             return 0  # the phase matters only until the first refresh has been scheduled
         mats = [q for grp in self.param_groups for q in grp["params"]
                 if self._staggered(q, grp)]
@@ -166,20 +253,28 @@ class LowRankOptimizer(Optimizer):
         """Update one parameter from its ``.grad`` (the unit the hook engine calls)."""
         if p.grad is None:
             return
-        g = self._grad(p, group)
-        state = self.state[p]
         projected = self.is_projected(p, group)
+        if projected:
+            policy = self._refresh_policy(p, group)
+        # an FSDP2-sharded p: its local slice, gradient slice and state (lowrank_optim.fsdp)
+        with fsdp.local_view(p, self._grad(p, group), self.state[p]) as (p, g, state, shards):
+            self._step_local(p, g, group, state, projected and policy, shards)
+
+    def _step_local(self, p: Tensor, g: Tensor, group: dict, state: dict, policy,
+                    shards: Optional[fsdp.Shards]) -> None:
+        """:meth:`step_param` on plain tensors (``policy``: the refresh policy of a
+        projected parameter, else False; ``shards``: how ``p`` is split, or None)."""
         if not state:
             state["step"] = 0
-            if not projected:
+            if not policy:
                 self.rule.init(state, p, group)
         proj, target = None, self._matrix(p)
-        if projected:
-            proj, policy = self._projector(group), self._refresh_policy(p, group)
+        if policy:
+            proj = self._projector(group)
             if policy.due(state, state["step"]):
                 if target is not p:  # a low-rank backward refreshes in backward
                     raise p.lowrank_layer.missed_refresh(state["step"])
-                self._refresh(p, g, group, state, proj, policy)
+                self._refresh(p, g, group, state, proj, policy, shards)
         low = g if proj is None or target is not p else proj.project(state, g)
         d = self.rule.update(state, low, state["step"] + 1, group, low_rank=proj is not None)
         state["step"] += 1
@@ -237,11 +332,20 @@ class LowRankOptimizer(Optimizer):
         else:
             proj.add_back_(state, w, d, alpha=-lr * group["scale"])
 
-    def _refresh(self, p, g, group, state, proj: Projector, policy) -> None:
-        """New basis, then the ``state_on_refresh`` policy on the inner state."""
+    def _refresh(self, p, g, group, state, proj: Projector, policy,
+                 shards: Optional[fsdp.Shards] = None) -> None:
+        """New basis, then the ``state_on_refresh`` policy on the inner state. ``g`` is
+        this rank's slice of a sharded gradient when ``shards`` is set: the basis is
+        computed from the whole gradient (:meth:`Projector.refresh`), the state in the
+        local shape."""
+        count = state.get(f"{policy.prefix}_count", 0)
+        if count == 0:  # a placeholder (made for a checkpoint, _init_for_checkpoint)
+            proj.clear(state)
         first = not proj.has_basis(state)
-        rots = proj.refresh(state, g, seed=state.get(f"{policy.prefix}_count", 0))
-        low = torch.empty(proj.low_rank_shape(state, p.shape), device=p.device)
+        rots = proj.refresh(state, g, seed=count, shards=shards)
+        shape = g.shape if shards is None else shards.shape
+        low = torch.empty(fsdp.local_shape(proj.low_rank_shape(state, shape), shards, g),
+                          device=p.device)
         if first:
             self.rule.init(state, low, group)
         else:
@@ -269,21 +373,83 @@ class LowRankOptimizer(Optimizer):
     def step(self, closure=None):
         """Update every parameter that has a gradient; returns the closure's loss.
 
-        In per-layer mode the parameters the hooks step are skipped (a true no-op for
-        them, see :mod:`lowrank_optim.hooks`); the others are stepped as usual."""
-        if closure is not None and self._hooks is not None:
-            raise RuntimeError("step(closure) cannot work in per-layer mode: parameters are "
-                               "updated during backward. Call handle.remove() first.")
+        All or nothing: every gradient is checked first (one fused pass and one host
+        sync), and if any is NaN or Inf nothing is changed: no parameter, no state, no
+        ``step`` count, so the refresh and merge schedules do not advance either; the
+        optimizer warns, naming the parameter, and counts the step in ``skipped_steps``
+        (``skip_nonfinite = False`` restores torch's behaviour: the values go in). Under a
+        ``GradScaler`` an overflow never gets here: ``scaler.step`` skips the call, and
+        lowers the scale, without a warning. Why: ``docs/decisions.md`` (Non-finite
+        gradients).
+
+        In per-layer mode the closure (whose backward performs the updates) is run and its
+        loss returned, so training loops that always pass one (Lightning) work; the
+        parameters the hooks step are skipped here (a true no-op for them, see
+        :mod:`lowrank_optim.hooks`) and the others are stepped as above."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        elif self.supports_fsdp2 and fsdp.is_checkpoint_init(self):
+            self._init_for_checkpoint()
+            return None
         hooked = self._hooks.covered if self._hooks is not None else frozenset()
+        todo = [(p, group) for group in self.param_groups for p in group["params"]
+                if p.grad is not None and p not in hooked]
+        if self._hooks is not None and self._hooks.scaler_step(todo):
+            return loss  # GradScaler found an overflow in these gradients: it reports it
+        dense = [p for p, _ in todo if not p.grad.is_sparse]  # sparse: step_param raises
+        grads = [fsdp.local(p.grad) for p in dense]  # FSDP2: this rank's slices, then
+        if self.skip_nonfinite and not fsdp.agree(all_finite(grads), dense):  # all ranks'
+            self.skipped_steps += 1
+            bad = next((p for p, g in zip(dense, grads) if not all_finite([g])), None)
+            where = "another rank's slice" if bad is None else self._where(bad)
+            warnings.warn(f"{type(self).__name__}: step skipped, non-finite gradient in "
+                          f"{where} (nothing was updated; "
+                          f"skipped_steps={self.skipped_steps})", RuntimeWarning,
+                          stacklevel=user_stacklevel())
+            return loss
+        for p, group in todo:
+            self.step_param(p, group)
+        return loss
+
+    def _where(self, p: Tensor) -> str:
+        """``p`` as its place in the optimizer and its shape, for messages."""
+        for gi, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
+        return f"a parameter of shape {tuple(p.shape)}"
+
+    def _init_for_checkpoint(self) -> None:
+        """The state ``torch.distributed.checkpoint`` asks a fresh optimizer for (its
+        ``_init_optim_state`` calls ``step()`` with zero gradients and lr 0): every
+        entry a trained optimizer has, so that ``dcp.load`` fills them all, but no step
+        taken (``step`` 0) and no basis: a projected matrix gets zero placeholders and a
+        refresh count of 0, so its next real step computes its first basis (the refresh
+        schedule, stagger included, starts there). Plain parameters get zero moments."""
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p not in hooked:
-                    self.step_param(p, group)
-        return loss
+                if p.grad is None:
+                    continue
+                projected = self.is_projected(p, group)
+                policy = self._refresh_policy(p, group) if projected else None
+                with fsdp.local_view(p, None, self.state[p]) as (w, _, state, shards):
+                    state["step"] = 0
+                    if policy is None:
+                        self.rule.init(state, w, group)
+                        continue
+                    proj, (m, n) = self._projector(group), self._matrix(p).shape
+                    side, r = choose_side((m, n), group["proj_type"]), min(proj.rank, m, n)
+                    state["proj_side"] = side
+                    proj._store(state, "proj", w.new_zeros(n if side == RIGHT else m, r,
+                                                           dtype=torch.float32))
+                    if side == BOTH:
+                        proj._store(state, "proj_right", w.new_zeros(n, r, dtype=torch.float32))
+                    low = torch.empty(fsdp.local_shape(proj.low_rank_shape(state, p.shape),
+                                                       shards, w), device=w.device)
+                    self.rule.init(state, low, group)
+                    state[f"{policy.prefix}_next"] = state[f"{policy.prefix}_count"] = 0
 
     def basis(self, p: Tensor) -> Optional[Tensor]:
         """The current float32 basis of a projected parameter (``U_r``, m×r, for a left
@@ -291,7 +457,8 @@ class LowRankOptimizer(Optimizer):
         quantized), or ``None`` before its first refresh or for a plain parameter."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         state = self.state.get(p, {})
-        if not self.is_projected(p, group) or "proj_side" not in state:
+        if not self.is_projected(p, group) or "proj_side" not in state \
+                or state.get("refresh_count") == 0:  # none, or a checkpoint's placeholder
             return None
         left, right = self._projector(group).bases(state, self._matrix(p))
         return left if left is not None else right

@@ -1,4 +1,4 @@
-r"""``torch.distributed`` support: DDP in normal and per-layer mode, and the FSDP2 limit.
+r"""``torch.distributed`` support: DDP in normal and per-layer mode.
 
 **DistributedDataParallel, normal stepping** needs nothing from this package: DDP
 all-reduces (averages) every gradient during ``backward()``, so at ``opt.step()`` every
@@ -18,14 +18,7 @@ communication hook steps the parameters of each gradient bucket right after that
 bucket's all-reduce (:func:`attach_ddp`; the mechanism of torch's own
 ``_apply_optimizer_in_backward``). See :func:`lowrank_optim.hooks.register_hooks`.
 
-**FSDP2** (``torch.distributed.fsdp.fully_shard``) is not supported: each rank holds a
-row shard (a ``DTensor``) of every matrix and of its gradient, while the basis is the
-SVD of the whole gradient matrix. :func:`check_not_sharded` raises a clear error. Two
-ways it could work, not implemented: all-gather one layer's gradient at a time and
-compute the basis on every rank (then project and update the local rows); or, for a
-right basis of a row-sharded matrix, all-reduce the ``n×n`` Gram matrix
-:math:`\sum_i G_i^\top G_i`, whose top eigenvectors are the right singular vectors, and
-keep the projected moments sharded by rows.
+**FSDP2** (``torch.distributed.fsdp.fully_shard``): :mod:`lowrank_optim.fsdp`.
 """
 from __future__ import annotations
 
@@ -36,8 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_mean_", "is_ddp", "attach_ddp", "check_not_sharded",
-           "replica_divergence"]
+__all__ = ["all_reduce_mean_", "is_ddp", "attach_ddp", "replica_divergence"]
 
 
 def _dtensor_class():
@@ -82,23 +74,6 @@ def replica_divergence(module: torch.nn.Module, group=None) -> float:
     diff = (flat - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=group)
     return diff.item()
-
-
-def check_not_sharded(optimizer, p: Tensor) -> None:
-    """Raise ``NotImplementedError`` when ``p`` is an FSDP2-sharded parameter (``DTensor``).
-
-    Meant for the optimizer's ``add_param_group`` (FSDP2 has replaced the parameters by
-    ``DTensor`` shards before the optimizer is built) and for ``register_hooks``.
-    """
-    if isinstance(p, _dtensor_class()):
-        raise NotImplementedError(
-            f"{type(optimizer).__name__} does not support FSDP2-sharded parameters "
-            f"(DTensor of shape {tuple(p.shape)}, placements {tuple(p.placements)}): a "
-            "low-rank projection needs the SVD of each layer's whole gradient matrix, and "
-            "each rank holds only a shard of it. Use DistributedDataParallel (the "
-            "optimizer state is already low-rank, and per-layer mode, "
-            "opt.register_hooks(ddp_model), frees each gradient after its bucket's "
-            "all-reduce), or torch.optim.AdamW for an FSDP2 model.")
 
 
 # ---- per-layer mode: a DDP communication hook that steps each bucket --------------------

@@ -180,29 +180,59 @@ def quantize_adam8bit(state: dict, name: str, value: Tensor) -> None:
 
 def adafactor_(g: Tensor, state: dict, step: int, beta1: Optional[float],
                eps1: float = 1e-30, clip_threshold: float = 1.0,
-               decay_rate: float = -0.8) -> Tensor:
+               decay_rate: float = -0.8, shard=None) -> Tensor:
     """Adafactor on ``state`` (``exp_avg_sq_row``/``_col`` for matrices, ``exp_avg_sq``
-    otherwise, ``exp_avg`` when ``beta1`` is set); returns the direction."""
+    otherwise, ``exp_avg`` when ``beta1`` is set); returns the direction.
+
+    ``shard`` (a :class:`lowrank_optim.fsdp.Shards`: ``dim``, ``size``, ``all_reduce_``):
+    ``g`` and the state are this rank's slices of tensors split on ``dim``, of ``size``
+    elements there; the means over the whole tensor (the factor split across ranks,
+    the row factor's mean, the update's RMS) then cost two small all-reduces."""
     g = g.float()
     beta2t = 1.0 - step ** decay_rate
     sq = g.square().add_(eps1)
     if g.dim() == 2:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row.lerp_(sq.mean(dim=1), 1 - beta2t)
-        col.lerp_(sq.mean(dim=0), 1 - beta2t)
-        r = (row / row.mean()).rsqrt_()
+        if shard is None:
+            row.lerp_(sq.mean(dim=1), 1 - beta2t)
+            col.lerp_(sq.mean(dim=0), 1 - beta2t)
+            row_mean = row.mean()
+        else:
+            row_mean = _sharded_factors_(sq, row, col, 1 - beta2t, shard)
+        r = (row / row_mean).rsqrt_()
         d = g * r[:, None] * col.rsqrt()[None, :]
     else:
         v = state["exp_avg_sq"]
         v.lerp_(sq, 1 - beta2t)
         d = g * v.rsqrt()
-    rms = d.norm() / math.sqrt(d.numel())
+    if shard is None:
+        rms = d.norm() / math.sqrt(d.numel())
+    else:
+        numel = shard.size * math.prod(s for i, s in enumerate(d.shape) if i != shard.dim)
+        rms = shard.all_reduce_(d.square().sum()).sqrt_() / math.sqrt(numel)
     d.div_((rms / clip_threshold).clamp_(min=1.0))
     if beta1 is not None:
         m = state["exp_avg"]
         m.lerp_(d, 1 - beta1)
         d = m.clone()
     return d
+
+
+def _sharded_factors_(sq: Tensor, row: Tensor, col: Tensor, weight: float, shard) -> Tensor:
+    """:func:`adafactor_`'s factor updates on a slice ``sq`` split on ``shard.dim`` (the
+    factor along that dimension is split too, the other one replicated); returns the
+    row factor's mean over the whole matrix. One all-reduce."""
+    m, n = sq.shape
+    if shard.dim == 0:  # rows split: the column sums and the row factor's sum are reduced
+        m = shard.size
+        row.lerp_(sq.sum(dim=1).div_(n), weight)
+        both = shard.all_reduce_(torch.cat([sq.sum(dim=0), row.sum().reshape(1)]))
+        col.lerp_(both[:-1].div_(m), weight)
+        return both[-1] / m
+    n = shard.size  # columns split: the row sums are reduced
+    row.lerp_(shard.all_reduce_(sq.sum(dim=1)).div_(n), weight)
+    col.lerp_(sq.sum(dim=0).div_(m), weight)
+    return row.mean()
 
 
 def init_adafactor(state: dict, like: Tensor, beta1: Optional[float]) -> None:

@@ -18,6 +18,7 @@ def _galore_defaults(lr, weight_decay, rank, update_proj_gap, scale, proj_type, 
 
 class GaLoreAdamW(LowRankOptimizer):
     rule = rules.Adam()
+    supports_fsdp2 = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: Optional[int] = 128,
@@ -111,6 +112,7 @@ class GaLoreAdamW8bit(LowRankOptimizer):
     """
 
     rule = rules.Adam8bit()
+    supports_fsdp2 = True  # where its blocks line up with the shards (lowrank_optim.fsdp)
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, rank: Optional[int] = 128,
@@ -135,6 +137,7 @@ class GaLoreAdafactor(LowRankOptimizer):
     """
 
     rule = rules.Adafactor()
+    supports_fsdp2 = True
 
     def __init__(self, params, lr: float = 1e-2, beta1: Optional[float] = 0.9,
                  eps: float = 1e-30, clip_threshold: float = 1.0, weight_decay: float = 0.0,

@@ -1,8 +1,10 @@
 """LoQT: low-rank adapters for quantized training (Loeschcke et al., NeurIPS 2024)."""
 from __future__ import annotations
 
+import itertools
 import warnings
-from typing import Optional
+import weakref
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -80,11 +82,23 @@ class _LoQT:
                 policy.after(state, state["step"])
             elif not getattr(self, "_warned_wait", False):
                 self._warned_wait = True  # once per optimizer
+                why = ("no gradient was captured: run backward after creating the optimizer"
+                       if layer._pending is None else "its captured gradient was not finite")
                 warnings.warn(f"{type(self).__name__}: the merge due at step {state['step']} "
-                              "waits for the next backward pass (no gradient was captured: "
-                              "run backward after creating the optimizer)", stacklevel=3)
+                              f"waits for the next backward pass ({why})", stacklevel=3)
+        layer._pending = None  # captured for this step only
         super().step_param(p, group)
         self._set_capture(p, layer, group, state, state["step"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; also drops what the layers' armed
+        backward captured for a step that was not taken (a GradScaler skip), so the next
+        step's merge takes its basis from its own gradient."""
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if (layer := _owner(p)) is not None:
+                    layer._pending = None
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -167,7 +181,20 @@ at most one layer's dense gradient exists at a time (the reference keeps all of 
 The merge step's update of :math:`B` then uses the gradient in the *new* basis, as
 GaLore does at a refresh (the reference skips that update or applies a stale one). A
 merge that comes due without a captured gradient (no backward since the optimizer was
-made) waits for the next backward pass, with a warning.
+made), or whose captured gradient was not finite, waits for the next backward pass, with
+a warning.
+
+With ``torch.amp.GradScaler`` (``scaler.scale(loss).backward(); scaler.step(opt);
+scaler.update(); opt.zero_grad()``): the basis is the same for the scaled gradient as
+for the unscaled one (singular vectors do not depend on a positive factor), and a
+non-finite gradient in an armed backward does not raise there; it is recorded, and
+:math:`\partial L/\partial B` comes out non-finite with it, so the scaler skips the
+step. A skipped step calls nothing here: weights, :math:`Q`, :math:`P`, :math:`B`, the
+moments and every counter stay as they were, and what the backward captured belongs to
+that step only (``zero_grad`` drops it), so the next good step merges as scheduled with
+the basis of its own gradient. In per-layer mode the same holds as long as the hooks do
+not call ``step_param`` for a parameter whose gradient is not finite (a stale capture is
+dropped at the next step's first backward, when ``B.grad`` is empty).
 
 Moments of :math:`B` at a merge (``state_on_merge``): ``"keep"`` (the reference: reused
 as they are), ``"project"`` (rotated into the new basis with :math:`P_{old}^\top
@@ -212,41 +239,128 @@ least ``min_8bit_size`` elements (as :class:`GaLoreAdamW8bit`)."""
 # ---- the layer ------------------------------------------------------------------------
 
 
+# Every live LoQTLinear by its key: the backward's custom op (below) finds its layer here.
+_LAYERS: "weakref.WeakValueDictionary[int, LoQTLinear]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+class _Spec(NamedTuple):
+    """What the autograd function needs besides tensors (static per layer, so
+    ``torch.compile`` specializes on it)."""
+
+    out_features: int
+    in_features: int
+    side: int
+    scale: float
+    bits: Optional[int]       # None: an unquantized float weight
+    group_size: int
+    fmt: str                  # "nf4" or "asym"
+    rank: int
+    proj_bits: Optional[int]  # None: a float basis
+    proj_group_size: int
+    names: tuple              # the buffers holding Q and P, in the order they are passed
+    key: int                  # the layer's key in _LAYERS
+
+    def base_weight(self, bufs: tuple, dtype: torch.dtype) -> Tensor:
+        """``deq(Q)``, ``out × in``, from the buffers named ``names``."""
+        store = dict(zip(self.names, bufs))
+        if self.bits is None:
+            return store["weight"].to(dtype)
+        return quant.get(store, "weight", (self.out_features, self.in_features), self.bits,
+                         self.group_size, self.fmt).dequantize(dtype)
+
+    def projection(self, bufs: tuple, dtype: torch.dtype) -> Tensor:
+        """``deq(P)``, ``min(m, n) × rank``, from the buffers named ``names``."""
+        store = dict(zip(self.names, bufs))
+        if self.proj_bits is None:
+            return store["proj"].to(dtype)
+        return quant.get(store, "proj", (min(self.out_features, self.in_features), self.rank),
+                         self.proj_bits, self.proj_group_size, "asym").dequantize(dtype)
+
+
+@torch.library.custom_op("lowrank_optim::loqt_grad_b", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def _grad_b(d2: Tensor, x2: Tensor, p: Tensor, key: int) -> Tensor:
+    """``∂L/∂B`` of layer ``key`` from ``∂L/∂y`` and ``x`` (flattened to 2-D) in basis ``p``;
+    while the layer is armed for a merge, in the new basis it captures first
+    (:meth:`LoQTLinear._capture`).
+
+    A custom op, so that ``torch.compile`` keeps this call (and the capture's SVD, its
+    quantization and its Python state) opaque inside the compiled backward, whether the
+    layer is armed or not: no graph break, no recompilation at merges. It runs Python at
+    every call, so it is tagged unsafe for CUDA graphs (``mode="reduce-overhead"``
+    leaves it out of the graphs it records, rather than replaying a capture that never
+    runs)."""
+    layer = _LAYERS[key]
+    new = layer._capture(d2, x2)
+    if new is not None:
+        p = new.to(p.dtype)
+    return layer.scale * (d2.T @ (x2 @ p) if layer.side == RIGHT else (d2 @ p).T @ x2)
+
+
+@_grad_b.register_fake
+def _(d2, x2, p, key):
+    m, n, r = d2.shape[1], x2.shape[1], p.shape[1]
+    return d2.new_empty((m, r) if choose_side((m, n), "std") == RIGHT else (r, n))
+
+
+class _Pending(NamedTuple):
+    """What an armed backward captured: the projector state with the new basis and the
+    rotations from the old one (``state`` None: the gradient was not finite), and the
+    backward it came from (``torch._C._current_graph_task_id()``)."""
+
+    state: Optional[dict]
+    rots: Optional[tuple]
+    task: int
+
+    @property
+    def finite(self) -> bool:
+        return self.state is not None
+
+
 class _LoQTFn(torch.autograd.Function):
     """``y = x·deq(Q)ᵀ + s·x·ΔWᵀ + b`` with ``ΔW`` = ``B·Pᵀ`` (RIGHT) or ``P·B`` (LEFT).
 
-    Saves only ``x``; backward re-dequantizes ``Q`` for ``∂L/∂x`` and returns ``∂L/∂B`` in
-    low rank. While the layer is armed for a merge it also forms this layer's dense weight
-    gradient once, takes the new basis from it and drops it (``LoQTLinear._capture``).
+    A function of tensors only (``q``: the buffers of ``Q`` and ``P``), so
+    ``torch.compile`` traces it whole. Saves ``x`` and tensors the layer holds anyway;
+    backward dequantizes ``Q`` and ``P`` again for ``∂L/∂x`` and returns ``∂L/∂B`` in low
+    rank (:func:`_grad_b`, which also captures the basis for a merge).
     """
 
     @staticmethod
-    def forward(ctx, x, b, bias, layer):
-        ctx.layer, ctx.has_bias = layer, bias is not None
-        ctx.save_for_backward(x)
-        p = layer.projection(x.dtype)
-        low = (x @ p) @ b.to(x.dtype).T if layer.side == RIGHT else (x @ b.to(x.dtype).T) @ p.T
-        return nn.functional.linear(x, layer.base_weight(x.dtype), bias).add_(low, alpha=layer.scale)
+    def forward(ctx, x, b, bias, spec: _Spec, *q):
+        ctx.spec, ctx.has_bias = spec, bias is not None
+        ctx.save_for_backward(x, b, *q)
+        return _LoQTFn.compute(x, b, bias, spec, q)
+
+    @staticmethod
+    def compute(x, b, bias, spec: _Spec, q: tuple) -> Tensor:
+        """The forward's value (without autograd: evaluation under ``torch.no_grad``,
+        which ``torch.compile`` cannot trace through ``forward``'s ``ctx``)."""
+        # s·B, not add(..., alpha=s): inductor fuses add(y, mm(a, b), alpha=s) into an addmm
+        # that drops alpha (pytorch/pytorch#167313); the compiled model computed deq(Q)·x
+        # + ΔW, off by (1 - s)·ΔW from the first merge on
+        p, sb = spec.projection(q, x.dtype), b.to(x.dtype) * spec.scale
+        low = (x @ p) @ sb.T if spec.side == RIGHT else (x @ sb.T) @ p.T
+        return nn.functional.linear(x, spec.base_weight(q, x.dtype), bias) + low
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        layer, s, dtype = ctx.layer, ctx.layer.scale, grad_out.dtype
-        b = layer.B.to(dtype)
-        p = layer.projection(dtype)
+        x, b, *q = ctx.saved_tensors
+        spec, dtype = ctx.spec, grad_out.dtype
+        q = tuple(q)
+        p = spec.projection(q, dtype)
         grad_x = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
-            low = (grad_out @ b) @ p.T if layer.side == RIGHT else (grad_out @ p) @ b
-            grad_x = (grad_out @ layer.base_weight(dtype)).add_(low, alpha=s)
+            sb = b.to(dtype) * spec.scale  # as in forward
+            low = (grad_out @ sb) @ p.T if spec.side == RIGHT else (grad_out @ p) @ sb
+            grad_x = grad_out @ spec.base_weight(q, dtype) + low
         d2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[1]:
-            new = layer._capture(d2, x2)  # the new basis at a merge step, else None
-            p = p if new is None else new.to(dtype)
-            grad_b = s * (d2.T @ (x2 @ p) if layer.side == RIGHT else (d2 @ p).T @ x2)
-            grad_b = grad_b.to(layer.B.dtype)
+            grad_b = torch.ops.lowrank_optim.loqt_grad_b(d2, x2, p, spec.key).to(b.dtype)
         if ctx.has_bias:
             grad_bias = d2.sum(0)
-        return grad_x, grad_b, grad_bias, None
+        return (grad_x, grad_b, grad_bias, None) + (None,) * len(q)
 
 
 class LoQTLinear(Float32Tensors):
@@ -289,6 +403,15 @@ class LoQTLinear(Float32Tensors):
     of the same step reuse that basis. :meth:`merge_` then folds :math:`B` into :math:`Q`.
 
     Until its first merge ``P`` is zero, so the layer computes ``deq(Q)·x``.
+
+    ``torch.compile`` (inductor, ``fullgraph=True`` included) traces forward and backward
+    whole, for every storage: the autograd function takes only tensors (NF4 is
+    dequantized by plain torch ops, :func:`~lowrank_optim.quant.nf4_dequantize`), and the
+    capture for a merge runs inside the custom op ``lowrank_optim::loqt_grad_b`` that
+    returns :math:`\partial L/\partial B`, so arming a layer changes no guard and a merge
+    recompiles nothing. In a compiled backward the armed layers' dense gradients are
+    formed one op at a time as in eager; the capture costs one host synchronization
+    (its finiteness check), at armed steps only.
     """
 
     FLOAT32 = ("weight_scale", "weight_offset", "weight_scale_scale",
@@ -346,8 +469,31 @@ class LoQTLinear(Float32Tensors):
         # armed (±1, the sign of the objective: -1 for a maximizing optimizer) by LoQTAdamW
         # for the backward before a merge; 0 otherwise
         self.capture = 0
-        self._pending = None  # (projector state with the new basis, rotations)
+        self._pending: Optional[_Pending] = None  # what the armed backward captured
+        self._qnames = tuple(k for k in self._buffers if k.startswith(("weight", "proj")))
+        self._register()
+
+    def _register(self) -> None:
+        """A key of its own in ``_LAYERS`` (the backward's custom op looks the layer up
+        there), and the link from ``B`` to this layer (how the optimizer finds it)."""
+        self._key = next(_KEYS)
+        _LAYERS[self._key] = self
         self.B.loqt_owner = self
+
+    def __setstate__(self, state):
+        # deepcopy and unpickling: a copy is a layer of its own (its own key; the copied
+        # B, which does not carry Parameter attributes along, is linked to it)
+        super().__setstate__(state)
+        self._register()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.B.loqt_owner = self  # a new B under set_overwrite_module_params_on_conversion
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.B.loqt_owner = self  # a new B with load_state_dict(..., assign=True)
 
     def _register_codes(self, name, numel, bits, group_size, offset, kw) -> None:
         # zero codes, scale 1, offset 0: dequantizes to exactly zero
@@ -395,12 +541,10 @@ class LoQTLinear(Float32Tensors):
 
     def base_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``deq(Q)``, ``out × in``, in ``dtype``."""
-        if self.bits is None:
-            return self.weight.to(dtype)
-        fmt = "nf4" if self.quant_type == "nf4" else "asym"
-        q = quant.get(self._buffers, "weight", (self.out_features, self.in_features),
-                      self.bits, self.group_size, fmt)
-        return q.dequantize(dtype)
+        return self._spec.base_weight(self._q(), dtype)
+
+    def _q(self) -> tuple:
+        return tuple(getattr(self, k) for k in self._qnames)
 
     def _proj_state(self, with_side: bool = True) -> dict:
         st = {k: v for k, v in self._buffers.items() if k.startswith("proj")}
@@ -410,7 +554,15 @@ class LoQTLinear(Float32Tensors):
 
     def projection(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``deq(P)``, ``min(m, n) × rank`` (zero before the first merge)."""
-        return self._basis(self._proj_state()).to(dtype)
+        return self._spec.projection(self._q(), dtype)
+
+    @property
+    def _spec(self) -> _Spec:
+        proj = self.projector
+        return _Spec(self.out_features, self.in_features, self.side, self.scale, self.bits,
+                     self.group_size, "nf4" if self.quant_type == "nf4" else "asym",
+                     self.rank, proj.quant_bits, proj.quant_group_size, self._qnames,
+                     self._key)
 
     def _basis(self, st: dict) -> Tensor:
         """The one-sided float32 basis stored in projector state ``st``."""
@@ -434,25 +586,42 @@ class LoQTLinear(Float32Tensors):
 
     # ---- merges -------------------------------------------------------------------------
     def _capture(self, d2: Tensor, x2: Tensor) -> Optional[Tensor]:
-        """At an armed backward: the new basis (float32), computed on first use from this
-        micro-batch's dense gradient ``d2ᵀ·x2``, which is freed on return."""
+        """At an armed backward: the new basis (float32), computed from this backward's
+        dense gradient ``d2ᵀ·x2``, which is freed on return; ``None`` when not armed or
+        when that gradient is not finite.
+
+        What is captured belongs to the current step's gradient: it is reused by later
+        backward passes of the same step (gradient accumulation: ``B.grad`` already holds
+        a part; a layer used twice: the same backward) and dropped otherwise, so a step
+        the optimizer skipped (GradScaler on an overflow: no ``step``, then ``zero_grad``)
+        leaves nothing behind for the next. A non-finite gradient (a GradScaler overflow)
+        does not raise here: it is recorded as such, ``∂L/∂B`` comes out non-finite too
+        (the basis is kept), and no merge takes it (:class:`LoQTAdamW` waits for the next
+        backward). The basis of a gradient scaled by a GradScaler is that of the unscaled
+        one: singular vectors do not depend on a positive factor (a power of two scales
+        every floating-point step of the SVD exactly)."""
         if not self.capture:
             return None
-        if self._pending is None:
+        task, pend = torch._C._current_graph_task_id(), self._pending
+        if pend is None or not pend.finite or (pend.task != task and self.B.grad is None):
             g = distributed.all_reduce_mean_(d2.T.float() @ x2.float())
             if self.capture < 0:  # a maximizing optimizer: the basis of the descent direction
                 g.neg_()
-            st = self._proj_state(with_side=bool(self.merges))
-            rots = self.projector.refresh(st, g, seed=int(self.merges))
+            if bool(torch.isfinite(g).all()):  # one host sync, at an armed backward only
+                st = self._proj_state(with_side=bool(self.merges))
+                rots = self.projector.refresh(st, g, seed=int(self.merges))
+                st["proj_side"] = self.side
+                pend = _Pending(st, rots, task)
+            else:
+                pend = _Pending(None, None, task)
             del g
-            st["proj_side"] = self.side
-            self._pending = (st, rots)
-        return self._basis(self._pending[0])
+            self._pending = pend
+        return self._basis(pend.state) if pend.finite else None
 
     @property
     def merge_ready(self) -> bool:
-        """True once an armed backward has captured the basis for the next merge."""
-        return self._pending is not None
+        """True once an armed backward has captured a finite basis for the next merge."""
+        return self._pending is not None and self._pending.finite
 
     @torch.no_grad()
     def merge_(self, ec_iters: int = 5) -> Optional[tuple]:
@@ -466,10 +635,12 @@ class LoQTLinear(Float32Tensors):
         or an unquantized layer, gives :math:`Q = Q(W)`, :math:`B = 0`. Returns the
         rotations :math:`P_{old}^\top P_{new}` (``None`` at the first merge or when the
         basis was kept); raises ``RuntimeError`` when no basis was captured."""
-        if self._pending is None:
-            raise RuntimeError("LoQTLinear.merge_: no basis captured; arm the layer "
-                               "(layer.capture = 1) and run a backward pass first")
-        st, rots = self._pending
+        if not self.merge_ready:
+            raise RuntimeError("LoQTLinear.merge_: no basis captured" + (
+                "" if self._pending is None else " (the armed backward's gradient was not "
+                "finite)") + "; arm the layer (layer.capture = 1) and run a backward pass "
+                "first")
+        st, rots, _ = self._pending
         w = self.effective_weight()
         for k, v in st.items():
             if k != "proj_side":
@@ -496,8 +667,9 @@ class LoQTLinear(Float32Tensors):
         return rots
 
     def forward(self, x: Tensor) -> Tensor:
-        self.B.loqt_owner = self  # re-linked: copies (deepcopy, .to()) stay consistent
-        return _LoQTFn.apply(x, self.B, self.bias, self)
+        if not torch.is_grad_enabled():
+            return _LoQTFn.compute(x, self.B, self.bias, self._spec, self._q())
+        return _LoQTFn.apply(x, self.B, self.bias, self._spec, *self._q())
 
     def extra_repr(self) -> str:
         q = "none" if self.bits is None else "nf4" if self.quant_type == "nf4" else f"int{self.bits}"

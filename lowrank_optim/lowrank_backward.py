@@ -204,6 +204,9 @@ class GaLoreLinear(nn.Linear):
             raise ValueError(f"{where}: its weight_lowrank is in a param group without rank; "
                              "it belongs in a projected group (rank=..., as "
                              "lo.param_groups(model) makes) of a GaLore-family optimizer")
+        if isinstance(self.weight_lowrank, distributed._dtensor_class()):
+            raise NotImplementedError(f"{where}: its weight_lowrank is FSDP2-sharded; a low-rank "
+                                      "backward supports DistributedDataParallel, not FSDP2")
         if getattr(optimizer, "needs_full_grad", False):
             raise ValueError(f"{where}: {name} needs the full gradient, which a low-rank "
                              "backward never forms; use normal nn.Linear layers")

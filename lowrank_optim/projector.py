@@ -149,8 +149,14 @@ class Projector:
     def has_basis(self, state: dict) -> bool:
         return "proj_side" in state
 
+    def clear(self, state: dict) -> None:
+        """Remove the basis (and its side) from ``state``: the next refresh is a first one."""
+        for key in [k for k in state if k.startswith("proj")]:
+            del state[key]
+
     # -- refresh ------------------------------------------------------------------------
-    def refresh(self, state: dict, grad: Tensor, seed: int = 0) -> Optional[tuple]:
+    def refresh(self, state: dict, grad: Tensor, seed: int = 0,
+                shards=None) -> Optional[tuple]:
         r"""Recompute the basis from ``grad`` and store it in ``state``.
 
         Returns the rotations ``(R_left, R_right)`` from the old basis to the new one,
@@ -158,26 +164,41 @@ class Projector:
         measure the change (:func:`overlap`) or carry low-rank state over
         (:meth:`transport`). Returns ``None`` on the first refresh and when the refresh
         was skipped (non-finite gradient, SVD failure; see the module docstring).
+
+        ``shards`` (a :class:`lowrank_optim.fsdp.Shards`): ``grad`` is this rank's slice
+        of an FSDP2-sharded gradient; ``svd="exact"`` gathers the whole gradient,
+        ``"randomized"`` sketches it where it lies (:meth:`~lowrank_optim.fsdp.Shards.
+        randomized_svd`). The checks then run on what every rank holds alike, so all
+        ranks keep or refresh the basis together.
         """
         if grad.dim() != 2:
             raise ValueError(f"The projector needs a 2-D gradient, got shape {tuple(grad.shape)}")
+        if shards is not None and self.svd == "exact":
+            grad, shards = shards.gather(grad), None
+        shape = tuple(grad.shape) if shards is None else shards.shape
         first = not self.has_basis(state)
-        side = choose_side(grad.shape, self.proj_type) if first else state["proj_side"]
-        if grad.device.type != "meta" and not bool(torch.isfinite(grad).all()):
-            if first:
-                raise FloatingPointError(
-                    f"Gradient of shape {tuple(grad.shape)} has NaN/Inf values at its first "
-                    "projector refresh: there is no basis to fall back on")
-            warnings.warn("Non-finite gradient at a projector refresh: keeping the previous basis")
-            return None
+        side = choose_side(shape, self.proj_type) if first else state["proj_side"]
+        # a slice's NaN/Inf is seen by every rank in the sketch they reduce (uv None)
+        uv = None
         try:
-            u, v = compute_basis(grad, self.rank, self.svd, seed=seed)
+            if shards is not None:
+                uv = shards.randomized_svd(grad, self.rank, seed=seed)
+            elif grad.device.type == "meta" or bool(torch.isfinite(grad).all()):
+                uv = compute_basis(grad, self.rank, self.svd, seed=seed)
         except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
             if first:
-                raise RuntimeError(f"SVD of the gradient of shape {tuple(grad.shape)} failed "
+                raise RuntimeError(f"SVD of the gradient of shape {shape} failed "
                                    f"at its first refresh: {exc}") from exc
             warnings.warn(f"SVD failed at a projector refresh ({exc}): keeping the previous basis")
             return None
+        if uv is None:  # NaN/Inf in the gradient
+            if first:
+                raise FloatingPointError(
+                    f"Gradient of shape {shape} has NaN/Inf values at its first "
+                    "projector refresh: there is no basis to fall back on")
+            warnings.warn("Non-finite gradient at a projector refresh: keeping the previous basis")
+            return None
+        u, v = uv
         new_left = u if side in (LEFT, BOTH) else None
         new_right = v if side in (RIGHT, BOTH) else None
         rots = None

@@ -21,7 +21,8 @@ when the value is 0). The offset is a float, not a rounded integer zero-point, s
 half-step bound holds for every input, including groups that do not contain 0.
 
 Codes of ``bits <= 4`` are packed two per byte (low nibble first) unless ``pack=False``. NF4 (the 16-level
-normal-float code of QLoRA, absmax blocks) goes through ``bitsandbytes.functional``. Its
+normal-float code of QLoRA, absmax blocks) is quantized by ``bitsandbytes.functional``
+and dequantized with plain torch ops (:func:`nf4_dequantize`). Its
 absmax can itself be quantized (QLoRA's *double quantization*): 8-bit asymmetric codes in
 groups of 256 blocks, so a block of 32 weights costs 4 + 8/32 + 64/(32·256) ≈ 4.26 bits per
 weight instead of 5 (block 64 without it: 4.5). The absmax is then a nested
@@ -167,16 +168,31 @@ def nf4_quantize(x: Tensor, blocksize: int = 64, double_quant: bool = False) -> 
     return QTensor(packed.reshape(-1), scale, None, x.shape, 4, blocksize, "nf4")
 
 
-def nf4_dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    import bitsandbytes.functional as bnbf
+# QLoRA's NF4 code book (bitsandbytes.functional.get_4bit_type("nf4"); a test checks it)
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+            -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+            0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+            0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
 
+
+def nf4_dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of :func:`nf4_quantize`: ``code[q] · absmax`` per block in float32, then
+    cast. Plain torch ops on bitsandbytes' layout (the first code of a byte in its high
+    nibble), so it runs on any device and traces under ``torch.compile``, and it equals
+    ``bitsandbytes.functional.dequantize_4bit`` bit for bit (a test checks it). That op
+    itself is not used: under ``torch.compile`` its registered fake kernel disagrees with
+    its CPU kernel about the output's shape (inductor's ``assert_size_stride`` fails)."""
     absmax = q.scale.dequantize() if isinstance(q.scale, QTensor) else q.scale
-    # dequantize flat, then reshape: bitsandbytes' CPU kernel mis-reads blocks that span
-    # rows when given the 2-D shape (e.g. (3, 32) with blocks of 64)
-    qs = bnbf.QuantState(absmax=absmax, shape=torch.Size([math.prod(q.shape)]),
-                         dtype=torch.float32, blocksize=q.group_size, quant_type="nf4",
-                         code=bnbf.get_4bit_type("nf4", device=q.codes.device))
-    return bnbf.dequantize_4bit(q.codes.reshape(-1, 1), qs).reshape(q.shape).to(dtype)
+    numel = math.prod(q.shape)
+    codes = q.codes.reshape(-1)
+    idx = torch.stack([codes >> 4, codes & 0x0F], dim=1).reshape(-1)[:numel].long()
+    values = torch.tensor(NF4_CODE, device=codes.device)[idx]
+    pad = (-numel) % q.group_size
+    if pad:
+        values = torch.cat([values, values.new_zeros(pad)])
+    out = values.view(-1, q.group_size) * absmax[:, None]
+    return out.reshape(-1)[:numel].view(q.shape).to(dtype)
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -72,7 +72,7 @@ class FixedGap:
         return self.gap
 
     def after(self, state: dict, step: int, similarity: Optional[float] = None) -> None:
-        first = self._key("next") not in state
+        first = not state.get(self._key("count"))  # none yet (0: a checkpoint's placeholder)
         state[self._key("next")] = step + (self._first_gap(state) if first else self._gap(state))
         state[self._key("count")] = state.get(self._key("count"), 0) + 1
 

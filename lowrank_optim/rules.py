@@ -17,19 +17,25 @@ read from the param group, so per-group values work. The interface:
   rotates a float32 moment into the new basis (``squared=True`` for a second moment,
   which must stay non-negative). Used by ``state_on_refresh="project"``.
 
+:class:`TorchRule` runs any ``torch.optim`` / ``torch_optimizer`` class as a rule
+(:class:`lowrank_optim.GaLore`).
+
 The math is in :mod:`lowrank_optim.functional`.
 """
 from __future__ import annotations
 
+import collections
+import inspect
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import functional as F
+from . import fsdp
 from ._checks import check, check_int
 
-__all__ = ["Rule", "Adam", "Adam8bit", "Adafactor"]
+__all__ = ["Rule", "Adam", "Adam8bit", "Adafactor", "TorchRule", "DENIED"]
 
 
 class Rule:
@@ -92,7 +98,7 @@ class Adam8bit(Adam):
         check_int("min_8bit_size", group["min_8bit_size"], 0)
 
     def init(self, state, like, group):
-        if like.numel() >= group["min_8bit_size"]:
+        if fsdp.global_numel(like) >= group["min_8bit_size"]:  # a shard: the whole tensor's
             F.init_adam8bit(state, like)
         else:
             super().init(state, like, group)
@@ -135,7 +141,7 @@ class Adafactor(Rule):
 
     def update(self, state, g, step, group, low_rank):
         return F.adafactor_(g, state, step, group["beta1"], group["eps"],
-                            group["clip_threshold"])
+                            group["clip_threshold"], shard=fsdp.stepping())
 
     def shapes(self, shape, group):
         out = {"exp_avg": shape} if group.get("beta1") is not None else {}
@@ -144,3 +150,233 @@ class Adafactor(Rule):
         else:
             out["exp_avg_sq"] = shape
         return out
+
+
+# ---- any torch.optim / torch_optimizer class as a rule ---------------------------------
+
+# first moments rotate linearly at a basis change, second moments with the squared rotation
+_FIRST = ("exp_avg", "momentum_buffer", "grad_buffer", "i_buffer", "d_buffer", "previous_grad")
+_SECOND = ("exp_avg_sq", "exp_avg_var", "max_exp_avg_sq", "max_exp_avg_var", "square_avg",
+           "sum", "acc_delta", "exp_inf")
+_OURS = ("params", "lr", "weight_decay", "maximize", "foreach", "capturable", "differentiable",
+         "fused")  # applied in full space by the base, or implementation switches
+_VALUES = "needs the parameter's own values"
+DENIED = {
+    "torch_optimizer.Lamb": f"its trust ratio ||w|| / ||update|| {_VALUES}",
+    "torch_optimizer.LARS": f"its trust ratio ||w|| / ||grad|| {_VALUES}",
+    "torch_optimizer.Shampoo": "its preconditioners are Kronecker factors of the full "
+                               "matrix's gradient statistics, which a low-rank gradient lacks",
+    "torch_optimizer.AdamP": f"its projection removing the radial component {_VALUES}",
+    "torch_optimizer.SGDP": f"its projection removing the radial component {_VALUES}",
+    "torch_optimizer.MADGRAD": f"its dual averaging from the initial point {_VALUES}",
+    "torch_optimizer.AccSGD": f"its iterate mixes {_VALUES[6:]} into the momentum",
+    "torch_optimizer.Lookahead": f"its slow weights are {_VALUES[6:]}",
+    "torch_optimizer.Ranger": f"its lookahead slow weights are {_VALUES[6:]}",
+    "torch_optimizer.RangerQH": f"its lookahead slow weights are {_VALUES[6:]}",
+    "torch_optimizer.RangerVA": f"its lookahead slow weights are {_VALUES[6:]}",
+    "torch_optimizer.Adafactor": f"its relative step size (scale_parameter) {_VALUES}",
+    "torch_optimizer.Adahessian": "it needs Hessian-vector products through the parameter",
+    "torch_optimizer.AdaBound": "its bounds on the step size are absolute (final_lr), so lr "
+                                "is not a plain multiplier of its update",
+    "torch_optimizer.Apollo": "its learning-rate warmup is inside the rule, so lr is not a "
+                              "plain multiplier of its update",
+    "torch_optimizer.SWATS": "its switch to SGD estimates a learning rate from lr-scaled "
+                             "steps and keeps a string phase in its state",
+    "torch.optim.Rprop": "its step sizes start at lr and are clamped to absolute bounds, so "
+                         "lr is not a plain multiplier of its update",
+    "torch.optim.ASGD": f"its averaged iterate {_VALUES}",
+    "torch.optim.Adafactor": f"its relative step size {_VALUES}",
+    "torch.optim.LBFGS": "it needs a closure and all parameters as one flat vector",
+    "torch.optim.SparseAdam": "it needs sparse gradients",
+}
+
+
+def _qualname(cls: type) -> str:
+    top = cls.__module__.split(".")[0]
+    return f"torch.optim.{cls.__name__}" if top == "torch" else f"{top}.{cls.__name__}"
+
+
+class _FirstValues(dict):
+    """A torch optimizer's per-parameter state dict that remembers each entry's first
+    value: the initial state, which torch optimizers create only inside ``step``."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = {}
+
+    def __setitem__(self, key, value):
+        if key not in self.first:
+            self.first[key] = value.clone() if isinstance(value, Tensor) else value
+        super().__setitem__(key, value)
+
+
+class TorchRule(Rule):
+    r"""A ``torch.optim`` or ``torch_optimizer`` optimizer class as an inner rule: its
+    step runs on a proxy tensor of the (low-rank) gradient's shape whose ``.grad`` is the
+    gradient, and the proxy's change is the direction, so its state lives in the
+    low-rank shape, in this optimizer's flat state dict.
+
+    The wrapped optimizer runs with ``lr=1`` and ``weight_decay=0`` on a zero proxy:
+    :math:`d = -\Delta_{\text{proxy}}`. The base applies ``lr`` (so LR schedulers and
+    per-group rates work) and decoupled ``weight_decay`` in full space, and ``maximize``
+    on the gradient. That is the wrapped optimizer's own update exactly when its update
+    is ``lr`` times something that does not depend on the parameter's values; both are
+    checked on a small probe (two steps, zero vs random parameter, lr 1 vs 0.5), and
+    known exceptions are refused by name with the reason (:data:`DENIED`: LAMB's and
+    LARS's trust ratios, Shampoo's full-matrix preconditioners, Lookahead's slow
+    weights, ...).
+
+    Its other constructor options (``betas``, ``eps``, ``momentum``, ...; their names and
+    defaults, :attr:`options`) are read from the param group, so they are per group and
+    saved with ``state_dict``. Its state entries keep their names (``exp_avg``, ...);
+    tensors of the proxy's shape and 0-d tensors are stored as they are, a number other
+    than ``step`` as a 0-d float64/int64 tensor, and ``step`` is not stored: it is the
+    base's step count, given to the wrapped optimizer in its own type. Initial values
+    are the wrapped optimizer's own (e.g. Yogi's ``initial_accumulator``), learned from
+    a probe step. A state it cannot keep flat (nested dicts, strings, other shapes)
+    raises ``ValueError`` at construction. ``state_on_refresh="project"`` rotates the
+    entries known as moments (``exp_avg``, ``momentum_buffer``, ... linearly;
+    ``exp_avg_sq``, ``exp_avg_var``, ``square_avg``, ``sum``, ... with the squared
+    rotation) and is refused for a state with other entries of the proxy's shape.
+
+    The wrapped optimizer's state is float32 (also for a bf16 parameter that is not
+    projected). One optimizer object is built per update (a few microseconds of Python).
+    """
+
+    def __init__(self, optimizer: type):
+        if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"expected a torch.optim.Optimizer subclass, got {optimizer!r}")
+        for c in optimizer.__mro__:
+            if _qualname(c) in DENIED:
+                raise ValueError(f"{_qualname(optimizer)} cannot run in the low-rank space: "
+                                 f"{DENIED[_qualname(c)]}")
+        sig = inspect.signature(optimizer.__init__).parameters
+        if "lr" not in sig:
+            raise ValueError(f"{_qualname(optimizer)} has no lr argument: the base applies the "
+                             "learning rate, so the wrapped rule must take lr=1")
+        self.cls = optimizer
+        self.options = {k: v.default for k, v in sig.items() if k not in _OURS
+                        and k != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
+        missing = [k for k, v in self.options.items() if v is inspect.Parameter.empty]
+        if missing:
+            raise ValueError(f"{_qualname(optimizer)} needs the arguments {missing}, which a "
+                             "rule cannot give")
+        self._wd = {"weight_decay": 0.0} if "weight_decay" in sig else {}
+        self._layouts = {}
+
+    def __repr__(self):
+        return f"TorchRule({_qualname(self.cls)})"
+
+    def _make(self, proxy: Tensor, group: dict, lr: float = 1.0):
+        opts = {k: group[k] for k in self.options}
+        opt = self.cls([proxy], lr=lr, **self._wd, **opts)
+        opt.state = collections.defaultdict(_FirstValues)
+        return opt
+
+    def _probe(self, group: dict, values: Tensor, grads, lr: float = 1.0):
+        """The proxy's change over ``grads`` from ``values``, and the state's first values."""
+        proxy = values.clone()
+        opt = self._make(proxy, group, lr)
+        for g in grads:
+            proxy.grad = g.clone()
+            opt.step()
+        return proxy - values, opt.state[proxy].first
+
+    def layout(self, group: dict) -> dict:
+        """``{key: (kind, first value)}`` of the wrapped optimizer's state on a (2, 3)
+        probe, checked once per option set (see the class docstring). Kinds: ``"step"``
+        (the base's count), ``"full"`` (a tensor of the gradient's shape that starts
+        constant), ``"lazy"`` (one the wrapped step creates from the first gradient, as
+        SGD's ``momentum_buffer``), ``"0d"`` (a 0-d tensor), ``"number"`` (an int/float)."""
+        key = repr(sorted((k, group[k]) for k in self.options))
+        if key in self._layouts:
+            return self._layouts[key]
+        name, gen = _qualname(self.cls), torch.Generator().manual_seed(0)
+        grads = [torch.randn(2, 3, generator=gen) for _ in range(2)]
+        values = torch.randn(2, 3, generator=gen)
+        try:
+            d0, first = self._probe(group, torch.zeros(2, 3), grads)
+            d1, _ = self._probe(group, values, grads)
+            half, _ = self._probe(group, torch.zeros(2, 3), grads, lr=0.5)
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"{name} cannot run as a rule on a probe tensor: {exc}") from exc
+        if not bool(torch.isfinite(d0).all()):
+            raise ValueError(f"{name} gave non-finite updates on a probe with the options "
+                             f"{ {k: group[k] for k in self.options} }: check their values")
+        if not torch.allclose(d0, d1, rtol=1e-4, atol=1e-6):
+            raise ValueError(f"{name} cannot run in the low-rank space: its update depends on "
+                             "the parameter's values (a probe from zero and from random "
+                             "values moved differently)")
+        if not torch.allclose(half, 0.5 * d0, rtol=1e-4, atol=1e-7):
+            raise ValueError(f"{name} cannot run in the low-rank space: lr is not a plain "
+                             "multiplier of its update (lr 0.5 did not give half of lr 1)")
+        out = {}
+        for k, v in first.items():
+            shape = getattr(v, "shape", None)
+            if k == "step":
+                out[k] = ("step", v)
+            elif shape == (2, 3):
+                out[k] = ("full", v) if bool((v == v.flatten()[0]).all()) else ("lazy", v)
+            elif shape == ():
+                out[k] = ("0d", v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = ("number", v)
+            else:
+                raise ValueError(f"{name}'s state {k!r} ({type(v).__name__} "
+                                 f"{'' if shape is None else tuple(shape)}) cannot be kept "
+                                 "in a flat low-rank state (tensors of the gradient's shape "
+                                 "and numbers only)")
+        self._layouts[key] = out
+        return out
+
+    def validate(self, group):
+        layout = self.layout(group)
+        if group.get("rank") is not None and group.get("state_on_refresh") == "project":
+            unknown = [k for k, (kind, _) in layout.items() if kind in ("full", "lazy")
+                       and k not in _FIRST + _SECOND]
+            check(not unknown, "state_on_refresh", "project", f"'keep' or 'reset' for "
+                  f"{_qualname(self.cls)}: its state {unknown} is not a known moment, so it "
+                  "cannot be rotated into a new basis")
+
+    def init(self, state, like, group):
+        for k, (kind, v) in self.layout(group).items():
+            if kind == "lazy" and like.device.type != "meta":
+                state.pop(k, None)  # the wrapped step creates it from the next gradient
+            elif kind in ("full", "lazy"):
+                state[k] = torch.full(like.shape, v.flatten()[0].item(), dtype=torch.float32,
+                                      device=like.device)
+            elif kind == "0d":
+                state[k] = v.to(like.device, copy=True)
+            elif kind == "number":
+                state[k] = torch.tensor(v, dtype=torch.float64 if isinstance(v, float)
+                                        else torch.int64, device=like.device)
+
+    def update(self, state, g, step, group, low_rank):
+        layout = self.layout(group)
+        proxy = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+        proxy.grad = g.float()
+        opt = self._make(proxy, group)
+        inner = opt.state[proxy] = {}
+        for k, (kind, v) in layout.items():
+            if kind == "step":
+                inner[k] = torch.tensor(float(step - 1)) if isinstance(v, Tensor) else step - 1
+            elif kind == "number":
+                inner[k] = type(v)(state[k].item())
+            elif k in state:
+                inner[k] = state[k]  # updated in place by the wrapped step
+        opt.step()
+        for k, (kind, v) in layout.items():
+            if kind == "number":
+                state[k].fill_(inner[k])
+            elif kind != "step" and inner[k] is not state.get(k):  # new, or reassigned
+                state[k] = inner[k].float() if kind != "0d" else inner[k]
+        return proxy.neg_()
+
+    def shapes(self, shape, group):
+        return {k: shape if kind in ("full", "lazy") else ()
+                for k, (kind, _) in self.layout(group).items() if kind != "step"}
+
+    def transport_(self, state, move):
+        for k in _FIRST + _SECOND:
+            if k in state and state[k].dim():
+                state[k] = move(state[k], k in _SECOND).to(state[k].dtype)

@@ -4,7 +4,8 @@ Two CPU processes on the ``gloo`` backend, started once for the module (forked: 
 inherit the imported modules; starting them costs more than every scenario together):
 each rank runs every scenario of :data:`SCENARIOS` and rank 0 saves what they gathered;
 the tests check those results. A scenario trains :class:`registry.Net` (GaLoreAdamW,
-QGaLoreAdamW8bit on float or INT8 weights, LoQTAdamW on LoQT layers) under DDP for 20
+QGaLoreAdamW8bit on float or INT8 weights, LoQTAdamW on LoQT layers, FiraAdamW, APOLLO
+and APOLLO-Mini on INT8 weights) under DDP for 20
 optimizer steps with rank 4 and a refresh or merge every 3 steps, each rank on its half
 of a 16-row batch, and gathers every rank's parameters and buffers. DDP does not copy
 rank 0's buffers at each forward here, so quantization scales and LoQT's ``Q`` and ``P``
@@ -19,15 +20,11 @@ must stay identical by themselves. Checked:
 * the control: hooks registered on the *inner* module step before the all-reduce (the
   reference GaLore's layer-wise mode) and the replicas drift apart;
 * a checkpoint saved by rank 0 resumes every rank bit-identically to an uninterrupted run;
-* a second communication hook and FSDP2-sharded parameters raise clear errors.
+* a second communication hook raises a clear error (FSDP2: ``tests/test_fsdp.py``).
 
 INT8 weights (``QuantWeight``) have an ordinary ``.grad``: DDP itself averages it in its
 buckets (the package has no all-reduce of its own for them), and in per-layer mode the
 communication hook steps them with every other parameter of their bucket.
-
-One check waits for a change outside the files of issue 8 and is marked ``xfail``
-(strict) until then: the optimizers rejecting sharded parameters at construction
-(``_base.py``).
 """
 from __future__ import annotations
 
@@ -46,7 +43,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowrank_optim as lo
-from registry import loss_fn, make_batches, make_model
+from registry import error_text, loss_fn, make_batches, make_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.cpu_only(reason="gloo process groups of forked CPU processes"),
@@ -98,6 +95,12 @@ SCENARIOS = {
     "loqt_step": Scenario(lo.LoQTAdamW, dict(_L), prepare="loqt"),
     "loqt_hooks_no_sync": Scenario(lo.LoQTAdamW, dict(_L), "hooks", accumulate=2,
                                    prepare="loqt"),
+    # the methods of issue #18: Fira's residual, APOLLO's seeded random projection (drawn
+    # alike on every rank), APOLLO-Mini on INT8 weights (Q-APOLLO)
+    "fira_hooks_no_sync": Scenario(lo.FiraAdamW, dict(_G), "hooks", accumulate=2),
+    "apollo_step": Scenario(lo.APOLLOAdamW, dict(_G)),
+    "apollo_mini_int8_hooks": Scenario(lo.APOLLOMini, dict(lr=1e-2, update_proj_gap=3),
+                                       "hooks", prepare="int8"),
 }
 RESUMED = ("galore_hooks", "q_galore_step", "loqt_step")  # also: 10 steps, checkpoint, 10
 
@@ -211,35 +214,13 @@ def _resume(sc: Scenario, rank: int, path: str) -> torch.Tensor:
     return _gather(model)
 
 
-def _error(fn) -> str | None:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - reported to the parent as text
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def _errors() -> dict:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
-    from torch.distributed.fsdp import fully_shard
 
     ddp = DDP(make_model())
     ddp.register_comm_hook(None, fp16_compress_hook)
-    second_hook = _error(lambda: lo.GaLoreAdamW(ddp.parameters(), **_G).register_hooks(ddp))
-
-    model = make_model()
-    fully_shard(model)
-    out = {"second_hook": second_hook, "check": _error(lambda: lo.distributed.check_not_sharded(
-        lo.GaLoreAdamW([torch.zeros(2, 2)]), model.fc1.weight))}
-    opt = None
-
-    def construct():
-        nonlocal opt
-        opt = lo.GaLoreAdamW(model.parameters(), **_G)
-
-    out["construct"] = _error(construct)
-    out["hooks"] = None if opt is None else _error(lambda: opt.register_hooks(model))
-    return out
+    return {"second_hook": error_text(
+        lambda: lo.GaLoreAdamW(ddp.parameters(), **_G).register_hooks(ddp))}
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
@@ -354,18 +335,3 @@ def test_checkpoint_from_rank0_resumes_every_rank(results, name):
 def test_second_communication_hook_raises(results):
     err = results["errors"]["second_hook"]
     assert err.startswith("RuntimeError") and "communication hook" in err
-
-
-def test_fsdp2_sharded_parameters_raise_clear_error(results):
-    r = results["errors"]
-    for err in (r["check"], r["construct"] or r["hooks"]):
-        assert err is not None and err.startswith("NotImplementedError")
-        assert "FSDP2" in err and "DistributedDataParallel" in err
-
-
-@pytest.mark.xfail(not hasattr(lo._base, "check_not_sharded"), strict=True,
-                   reason="the optimizer's add_param_group must call check_not_sharded "
-                          "(the _base.py change of issue 8)")
-def test_fsdp2_optimizer_construction_raises(results):
-    err = results["errors"]["construct"]
-    assert err is not None and "FSDP2" in err

@@ -19,6 +19,9 @@ from registry import (CONFIGS, assert_params_equal, assert_states_equal, loss_fn
 pytestmark = pytest.mark.usefixtures("single_thread")  # see conftest.py
 
 every_config = pytest.mark.parametrize("cfg", CONFIGS, ids=repr)
+# the first backward in per-layer mode without per-parameter clipping warns that a global
+# clip after backward clips nothing (tests/test_reliability.py)
+CLIP_WARNING = ".*a global clip after backward"
 
 
 @every_config
@@ -65,6 +68,7 @@ def test_hooks_lr_scheduler(cfg):
     train(m1, o1, batches, scheduler=s1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()"
+        warnings.filterwarnings("ignore", CLIP_WARNING)
         with o2.register_hooks(m2):
             train(m2, o2, batches, scheduler=s2, hooks=True)
     assert o2.param_groups[0]["lr"] == o1.param_groups[0]["lr"] == cfg.kwargs["lr"] / 16
@@ -143,13 +147,12 @@ def test_hooks_errors():
         opt.register_hooks(m, max_grad_norm_per_param=0.0)
     with pytest.raises(ValueError, match="None of the model's parameters"):
         opt.register_hooks(make_model())
+    with pytest.raises(TypeError, match="scaler: float"):
+        opt.register_hooks(m, scaler=2.0 ** 16)
     handle = opt.register_hooks(m)
     with pytest.raises(RuntimeError, match="already"):
         opt.register_hooks(m)
-    with pytest.raises(RuntimeError, match=r"closure.*per-layer"):
-        opt.step(lambda: loss_fn(m, make_batches(1)[0]))
     handle.remove()
-    opt.step(lambda: 0.0)  # fine again after remove
 
 
 def test_hooks_remove_restores_normal_stepping():
@@ -198,6 +201,7 @@ def test_hooks_stray_step_is_a_no_op_with_accumulation(cfg):
     train(m1, o1, batches, accumulate=n)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every parameter is covered: no warning
+        warnings.filterwarnings("ignore", CLIP_WARNING)
         with o2.register_hooks(m2, accumulation_steps=n):
             for b in batches:
                 (loss_fn(m2, b) / n).backward()

@@ -101,14 +101,17 @@ def test_only_B_and_bias_get_gradients_and_they_are_right(shape):
 
 def test_backward_saves_only_the_input():
     """No dense weight (nor its gradient) is kept for backward: the autograd graph of a
-    LoQT layer holds its input, nothing of the weight's size."""
+    LoQT layer holds its input and tensors the layer holds anyway (B, the codes and
+    scales of Q and P), nothing new of the weight's size."""
     layer = _layer((64, 96), "nf4", rank=8)
     x = torch.randn(4, 64, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
                                                   lambda t: t):
         y = layer(x)
-    assert max(saved) == x.numel() and sum(saved) == x.numel()
+    own = {t.data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    new = [t for t in saved if t.data_ptr() not in own]
+    assert len(new) == 1 and new[0] is x
     y.sum().backward()
     assert layer.B.grad.shape == layer.B.shape and not layer.merge_ready
 
@@ -396,6 +399,20 @@ def test_a_rank_in_a_group_is_an_error():
         lo.LoQTAdamW([{"params": m.parameters(), "rank": 8}])
 
 
+def test_a_deep_copy_is_a_layer_of_its_own():
+    """A deep copy of a LoQT model gets its own layers (the backward's capture goes to the
+    copy, not to the original), and an optimizer made on the copy before any forward
+    pass arms its layers: the first step merges, without a warning."""
+    m = lo.prepare_loqt(make_model(), rank=4, target_modules=None)
+    copy_ = copy.deepcopy(m)
+    assert copy_.fc1.B.loqt_owner is copy_.fc1 and copy_.fc1._key != m.fc1._key
+    opt = lo.LoQTAdamW(copy_.parameters(), lr=1e-2, update_proj_gap=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(copy_, opt, make_batches(1))
+    assert int(copy_.fc1.merges) == 1 and int(m.fc1.merges) == 0 and m.fc1._pending is None
+
+
 def test_checkpoint_round_trip_weights_only():
     """Model (codes, scales, P, B, merge count) and optimizer state survive torch.save /
     torch.load(weights_only=True); the resumed run equals the uninterrupted one, across
@@ -426,3 +443,93 @@ def test_trains_a_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(m, opt, make_batches(2))
+
+
+# ---- GradScaler ------------------------------------------------------------------------
+
+
+def _snapshot(m, opt) -> dict:
+    """Everything a step may change: the model's tensors (Q, P, B, merge counts, ...) and
+    the optimizer's state (moments, step and merge counters)."""
+    snap = {f"model.{k}": v.clone() for k, v in m.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        snap.update({f"opt.{i}.{k}": v.clone() if torch.is_tensor(v) else v
+                     for k, v in st.items()})
+    return snap
+
+
+def _scaled_run(device, batches, overflow=None, scaler=True, per_layer=False):
+    """Training with ``torch.amp.GradScaler`` (``scale(loss).backward(); step(opt);
+    update()``), normal or per-layer (``register_hooks(model, scaler=)``); the step
+    ``overflow`` has an infinite loss. Snapshots: before training, then after each step.
+    Merges are due at steps 0, 3, 7."""
+    m = lo.prepare_loqt(make_model(), rank=4, target_modules=None)
+    opt = lo.LoQTAdamW(m.parameters(), lr=1e-2, update_proj_gap=3, stagger=False)
+    sc = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10) if scaler else None
+    if per_layer:
+        opt.register_hooks(m, scaler=sc)
+    snaps = [_snapshot(m, opt)]
+    for i, b in enumerate(batches):
+        loss = loss_fn(m, b) * (float("inf") if i == overflow else 1.0)
+        if sc is None:
+            loss.backward()
+            opt.step()
+        else:
+            sc.scale(loss).backward()
+            sc.step(opt)
+            sc.update()
+        opt.zero_grad()
+        snaps.append(_snapshot(m, opt))
+    return snaps
+
+
+@pytest.mark.filterwarnings("ignore:.*a global clip after backward")  # per-layer mode's
+@pytest.mark.parametrize("per_layer", [False, True], ids=["normal", "per_layer"])
+@pytest.mark.parametrize("at", [0, 3], ids=["first_merge", "later_merge"])
+def test_grad_scaler_overflow_at_a_merge_skips_it_and_the_next_step_merges(device, at,
+                                                                           per_layer):
+    """An overflowing step at a merge (GradScaler skips ``opt.step()``; per-layer mode:
+    the hooks skip each non-finite gradient) leaves the model (Q, P, B, merge count) and
+    the optimizer's state exactly as they were, without raising; the next step merges as
+    scheduled with the basis of its own gradient: the run equals one in normal mode that
+    never saw the bad batch, and one without a GradScaler (the basis of a scaled gradient
+    is that of the unscaled one)."""
+    batches = make_batches(8)
+    bad = make_batches(1, seed=5)[0]
+    run = _scaled_run(device, batches[:at] + [bad] + batches[at:], overflow=at,
+                      per_layer=per_layer)
+    clean = _scaled_run(device, batches)
+    plain = _scaled_run(device, batches, scaler=False)
+    skipped, before = run[at + 1], run[at]
+    assert skipped.keys() == before.keys()
+    for k, v in before.items():
+        assert (torch.equal(skipped[k], v) if torch.is_tensor(v) else skipped[k] == v), k
+    for ref in (clean, plain):
+        for t, snap in enumerate(ref):
+            mine = run[t] if t <= at else run[t + 1]
+            assert mine.keys() == snap.keys()
+            for k, v in snap.items():
+                if torch.is_tensor(v):
+                    torch.testing.assert_close(mine[k], v, rtol=1e-5, atol=1e-6, msg=k)
+                else:
+                    assert mine[k] == v, (t, k)
+    merges = lambda snaps: [int(s["model.fc1.merges"]) for s in snaps]
+    assert merges(run) == merges(clean)[:at + 1] + merges(clean)[at:]  # as scheduled
+
+
+def test_a_non_finite_gradient_at_an_armed_backward_is_recorded_not_raised():
+    """A non-finite dense gradient in the armed backward does not raise there (a
+    GradScaler's overflow); no merge takes it, and the next armed backward captures
+    again (the first one since ``zero_grad``)."""
+    layer = _layer((32, 48), "nf4")
+    x = torch.randn(7, 32)
+    layer.capture = 1
+    layer(x).sum().mul(float("inf")).backward()
+    assert not layer.merge_ready and not torch.isfinite(layer.B.grad).all()
+    with pytest.raises(RuntimeError, match="not finite"):
+        layer.merge_()
+    layer.zero_grad()
+    _armed_backward(layer, x)
+    assert layer.merge_ready
+    layer.merge_()
+    assert int(layer.merges) == 2

@@ -267,6 +267,9 @@ def test_errors():
         lo.GaLoreAdamW([{"params": model.parameters()}, {"params": [], "rank": 4}], lr=1e-2)
     with pytest.raises(ValueError, match="without rank"):
         lo.LoQTAdamW(model.parameters())
+    for cls in (lo.FiraAdamW, lo.APOLLOAdamW):  # they add the full gradient back
+        with pytest.raises(ValueError, match="needs the full gradient"):
+            cls(model.parameters(), **_G)
     del opt
     # the forward saved X·Q (no refresh due); a refresh made due before backward needs X
     opt = lo.GaLoreAdamW(model.parameters(), **_G)

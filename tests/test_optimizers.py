@@ -395,9 +395,14 @@ def test_bf16_params_train(cfg):
 
 
 @cfgs
-def test_step_with_closure(cfg):
+@pytest.mark.parametrize("per_layer", [False, True], ids=["normal", "per_layer"])
+def test_step_with_closure(cfg, per_layer):
+    """``opt.step(closure)`` returns the closure's loss; in per-layer mode (Lightning's
+    automatic optimization always passes a closure) the closure's backward performs the
+    updates, and the result is normal stepping's."""
     m1, m2 = cfg.model(), cfg.model()
     o1, o2 = cfg.make(m1.parameters()), cfg.make(m2.parameters())
+    handle = o2.register_hooks(m2, max_grad_norm_per_param=1e9) if per_layer else None
     batches = make_batches(5)
     torch.manual_seed(0)
     train(m1, o1, batches)
@@ -411,6 +416,9 @@ def test_step_with_closure(cfg):
         loss = o2.step(closure)
         assert isinstance(loss, torch.Tensor) and loss.dim() == 0
     assert_params_equal(m1, m2)
+    assert_states_equal(o1, o2)
+    if handle is not None:
+        handle.remove()
 
 
 # ---- errors ------------------------------------------------------------------------------
