@@ -45,8 +45,8 @@ pattern). Chosen by measurement over a sketch built from activations
 (:math:`G\Omega = dY^\top(X\Omega)`, :math:`G^\top Y = X^\top(dY\,Y)`), which would serve
 only ``svd="randomized"``, needs one all-reduce per pass under DDP, and on the LLaMA-60M
 shapes costs as much as the dense gradient (``benchmarks/bench_lowrank_backward.py
---refresh-cost``, 512 tokens, rank 128, one thread: all 56 matrices 2.6 s with the dense
-gradient and the randomized SVD, 2.8 s with the sketch; 10 s with the exact SVD, 50 ms
+--refresh-cost``, 512 tokens, rank 128, one thread: all 56 matrices 1.08 s with the dense
+gradient and the randomized SVD, 1.16 s with the sketch; 4.5 s with the exact SVD, 23 ms
 per step at a gap of 200): the dense path gives the exact SVD and every ``svd`` option, the same
 basis as normal GaLore, and one all-reduce per refresh.
 
