@@ -8,6 +8,7 @@ from .apollo import APOLLOAdamW, APOLLOAdamW8bit, APOLLOMini
 from .hooks import register_hooks
 from .fsdp import shard_placement_fn
 from .loqt import LoQTAdamW, LoQTAdamW8bit, LoQTLinear, prepare_loqt
+from .lowrank_backward import GaLoreLinear, prepare_galore
 from .lr_qat import (IntLinear, LRQATLinear, export_lr_qat, lr_qat_param_groups,
                      prepare_lr_qat)
 from .q_galore import QGaLoreAdamW8bit, QuantLinear, QuantWeight, quantize_weights
@@ -24,5 +25,6 @@ __all__ = [
     "QGaLoreAdamW8bit", "QuantWeight", "QuantLinear", "quantize_weights", "to_plain",
     "LoQTAdamW", "LoQTAdamW8bit", "LoQTLinear", "prepare_loqt",
     "LRQATLinear", "IntLinear", "prepare_lr_qat", "lr_qat_param_groups", "export_lr_qat",
+    "GaLoreLinear", "prepare_galore",
     "param_groups", "register_hooks", "shard_placement_fn", "Projector", "FixedGap", "LazyCosine", "Exponential",
 ]

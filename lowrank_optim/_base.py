@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from . import lowrank_backward
 from ._checks import (all_finite, check as _check, check_int, is_int, plain,
                       user_stacklevel)
 from .rules import Rule
@@ -133,6 +134,7 @@ class LowRankOptimizer(Optimizer):
             fsdp.check_param(self, p, merged,
                              f"param_groups[{len(self.param_groups)}]['params'][{i}]")
         super().add_param_group(param_group)
+        lowrank_backward.bind(self, self.param_groups[-1])  # its GaLoreLinear layers
         if self._constructed:  # else __init__ checks every group at once
             self._warn_rank(self.param_groups[-1:])
 
@@ -172,10 +174,13 @@ class LowRankOptimizer(Optimizer):
                 sizes[key] = self._state_bytes(p, group, rank)
             return sizes[key]
 
+        seen = set()
         for group in groups:
             for p in group["params"]:
-                if not self.is_projected(p, group):
+                p = self._matrix(p)  # a GaLoreLinear's weight_lowrank: its weight
+                if not self.is_projected(p, group) or id(p) in seen:
                     continue
+                seen.add(id(p))
                 full, r = size(p, group, None), min(group["rank"], *p.shape)
                 if size(p, group, r) < full:
                     continue
@@ -224,8 +229,18 @@ class LowRankOptimizer(Optimizer):
         return max(1, round(group["update_proj_gap"] * (i + 1) / len(mats)))
 
     def _staggered(self, p: Tensor, group: dict) -> bool:
-        """Whether ``p`` takes part in the stagger (its own schedule of SVDs)."""
-        return self.is_projected(p, group)
+        """Whether ``p`` takes part in the stagger (its own schedule of SVDs): a trainable
+        projected matrix."""
+        return self.is_projected(p, group) and p.requires_grad
+
+    @staticmethod
+    def _matrix(p: Tensor) -> Tensor:
+        """The matrix ``p``'s updates are written into: ``p``, or the weight of the
+        :class:`~lowrank_optim.nn.GaLoreLinear` whose ``weight_lowrank`` is ``p`` (its
+        ``.grad`` is then already projected, and its basis is refreshed in backward:
+        :mod:`lowrank_optim.lowrank_backward`)."""
+        layer = getattr(p, "lowrank_layer", None)
+        return p if layer is None else layer.weight
 
     def _grad(self, p: Tensor, group: dict) -> Tensor:
         g = p.grad
@@ -253,12 +268,14 @@ class LowRankOptimizer(Optimizer):
             state["step"] = 0
             if not policy:
                 self.rule.init(state, p, group)
-        proj = None
+        proj, target = None, self._matrix(p)
         if policy:
             proj = self._projector(group)
             if policy.due(state, state["step"]):
+                if target is not p:  # a low-rank backward refreshes in backward
+                    raise p.lowrank_layer.missed_refresh(state["step"])
                 self._refresh(p, g, group, state, proj, policy, shards)
-        low = g if proj is None else proj.project(state, g)
+        low = g if proj is None or target is not p else proj.project(state, g)
         d = self.rule.update(state, low, state["step"] + 1, group, low_rank=proj is not None)
         state["step"] += 1
         del low
@@ -268,7 +285,7 @@ class LowRankOptimizer(Optimizer):
                 # per-layer mode frees the gradient after this step anyway; freeing it
                 # before the write means a stored-quantized weight's float copy never meets it
                 p.grad = None
-        self._apply(p, d, group, state, proj, g)
+        self._apply(target, d, group, state, proj, g)
 
     def _apply(self, p: Tensor, d: Tensor, group: dict, state: dict,
                proj: Optional[Projector], g: Optional[Tensor] = None) -> None:
@@ -422,8 +439,8 @@ class LowRankOptimizer(Optimizer):
                     if policy is None:
                         self.rule.init(state, w, group)
                         continue
-                    proj, (m, n) = self._projector(group), p.shape
-                    side, r = choose_side(p.shape, group["proj_type"]), min(proj.rank, m, n)
+                    proj, (m, n) = self._projector(group), self._matrix(p).shape
+                    side, r = choose_side((m, n), group["proj_type"]), min(proj.rank, m, n)
                     state["proj_side"] = side
                     proj._store(state, "proj", w.new_zeros(n if side == RIGHT else m, r,
                                                            dtype=torch.float32))
@@ -443,7 +460,7 @@ class LowRankOptimizer(Optimizer):
         if not self.is_projected(p, group) or "proj_side" not in state \
                 or state.get("refresh_count") == 0:  # none, or a checkpoint's placeholder
             return None
-        left, right = self._projector(group).bases(state, p)
+        left, right = self._projector(group).bases(state, self._matrix(p))
         return left if left is not None else right
 
     def register_hooks(self, model: torch.nn.Module, **kwargs):
@@ -465,7 +482,7 @@ class LowRankOptimizer(Optimizer):
         if not self.is_projected(p, group):
             self.rule.init(out, torch.empty(p.shape, dtype=p.dtype, **meta), group)
         elif side is not None:
-            proj, (m, n) = self._projector(group), p.shape
+            proj, (m, n) = self._projector(group), self._matrix(p).shape
             r = min(proj.rank, m, n)
             proj._store(out, "proj", torch.empty((n if side == RIGHT else m, r), **meta))
             if side == BOTH:
@@ -485,6 +502,8 @@ class LowRankOptimizer(Optimizer):
         if "proj_side" in st and not (self.is_projected(p, group) and side in (LEFT, RIGHT, BOTH)):
             bad("proj_side", repr(side), "one of 0, 1, 2 (left, right, both) on a projected "
                 "matrix" if self.is_projected(p, group) else "none (not projected here)")
+        if side is not None and self._matrix(p) is not p and side != p.lowrank_layer.side:
+            bad("proj_side", repr(side), f"{p.lowrank_layer.side}, the side of its GaLoreLinear")
         declared = self._declared_state(p, group, side) if st else {}
         for key, v in st.items():
             least = self._SCALARS.get(key)

@@ -28,9 +28,11 @@ def param_groups(model: torch.nn.Module, rank: int = 128,
 
     chosen = set()
     for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, QuantLinear)) and module.weight.requires_grad \
+        # a GaLoreLinear's weight trains through its weight_lowrank (lowrank_backward)
+        weight = getattr(module, "weight_lowrank", getattr(module, "weight", None))
+        if isinstance(module, (torch.nn.Linear, QuantLinear)) and weight.requires_grad \
                 and (targets is None or any(t in name for t in targets)):
-            chosen.add(module.weight)
+            chosen.add(weight)
     if not chosen:
         raise ValueError(f"No nn.Linear module name contains any of {targets!r}")
     projected = [p for p in model.parameters() if p in chosen]
