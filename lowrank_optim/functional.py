@@ -10,8 +10,8 @@ those in full space.
   :math:`d = \hat m / (\sqrt{\hat v} + \epsilon)`; with ``hf_eps=True`` (the GaLore
   reference, from HF transformers' AdamW): :math:`d = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
   \cdot m / (\sqrt{v} + \epsilon)`, i.e. :math:`\epsilon` enters before bias correction.
-  For contiguous float32 CPU tensors the ``hf_eps`` form is one call of torch's fused
-  Adam kernel instead of seven elementwise passes (same values up to float32 rounding;
+  For contiguous float32 CPU tensors either form is one call of torch's fused Adam
+  kernel instead of seven elementwise passes (same values up to float32 rounding;
   ``benchmarks/bench_step.py`` measures the step).
 * :func:`adam8bit_` — the same Adam with both moments stored as 8-bit blockwise
   dynamic codes (blocks of 256, one float32 absmax per block), through
@@ -38,16 +38,16 @@ def adam_(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: floa
           beta2: float, eps: float, hf_eps: bool = False) -> Tensor:
     """Update ``exp_avg``/``exp_avg_sq`` with ``g`` (step ``step`` >= 1); return the direction."""
     bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
-    if hf_eps and _fusable(g, exp_avg, exp_avg_sq):
-        # one pass of torch's fused Adam kernel instead of seven elementwise ones.
-        # HF's eps placement is torch's with eps / sqrt(bc2):
-        #   sqrt(bc2)/bc1 * m / (sqrt(v) + eps) = m̂ / (sqrt(v̂) + eps / sqrt(bc2)),
-        # and the kernel's parameter update, p -= lr * that, with p = 0 and lr = -1,
-        # leaves the direction in p.
+    if _fusable(g, exp_avg, exp_avg_sq):
+        # one pass of torch's fused Adam kernel instead of seven elementwise ones: its
+        # parameter update, p -= lr * m̂ / (sqrt(v̂) + eps), with p = 0 and lr = -1, leaves
+        # the direction in p. HF's eps placement is torch's with eps / sqrt(bc2):
+        #   sqrt(bc2)/bc1 * m / (sqrt(v) + eps) = m̂ / (sqrt(v̂) + eps / sqrt(bc2))
         d = torch.zeros_like(exp_avg)
         torch._fused_adam_([d], [g], [exp_avg], [exp_avg_sq], [], [_step_tensor(step)],
                            lr=-1.0, beta1=beta1, beta2=beta2, weight_decay=0.0,
-                           eps=eps / math.sqrt(bc2), amsgrad=False, maximize=False)
+                           eps=eps / math.sqrt(bc2) if hf_eps else eps, amsgrad=False,
+                           maximize=False)
         return d
     g = g.to(exp_avg.dtype)
     exp_avg.lerp_(g, 1 - beta1)
