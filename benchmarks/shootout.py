@@ -1064,7 +1064,7 @@ def load_resume(path: str, argv: list[str]) -> list[dict]:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"--resume {path}: {e}")
-    mine, theirs = parse_args(argv), parse_args(saved["argv"])
+    mine, theirs = resolve(parse_args(argv)), resolve(parse_args(saved["argv"]))
     differ = [k for k in _SAME if getattr(mine, k) != getattr(theirs, k)]
     # the rate grid only of the methods both runs have: one run's sweep of a method that the
     # other does not run changes nothing of the other's runs
