@@ -334,6 +334,15 @@ def test_resume_reuses_the_runs_of_a_run_cut_short(tmp_path):
     with pytest.raises(SystemExit, match="differs in steps"):
         shootout.main(base + ["--steps", "3", "--methods", "adamw", "--resume", str(partial),
                               "--out", str(tmp_path / "c")])
+    # the rate grid matters only for the methods both runs have: another grid of adamw is
+    # refused, a grid written per method (galore's other, adamw's the same) is accepted
+    rest = ["--steps", "2", "--seeds", "0,1", "--in-process", "--no-plot", "--methods", "adamw",
+            "--resume", str(partial)]
+    with pytest.raises(SystemExit, match="--lr-sweep of adamw"):
+        shootout.main(MICRO + rest + ["--lr-sweep", "0.5,3", "--out", str(tmp_path / "d")])
+    mixed = shootout.main(MICRO + rest + ["--lr-sweep", f"adamw={lr / 2:g}:{2 * lr:g},galore=1e-3",
+                                          "--out", str(tmp_path / "e")])
+    assert len(mixed["args"].resumed) == 2
 
 
 def test_method_specs_carry_optimizer_keywords():
