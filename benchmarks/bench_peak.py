@@ -1,11 +1,13 @@
 """Peak memory of ONE REAL training step of a big LLaMA model, on the CPU.
 
-The targets (issues #4 and #5):
+The targets (issues #4, #5 and #18):
 
 * Q-GaLore: a LLaMA-7B training step (sequence 256, per-layer updates, activation
   checkpointing allowed) under 16 GB;
 * LoQT: a LLaMA-7B training step under 24 GB without per-layer updates, and LLaMA-13B
-  under 24 GB with per-layer updates and 8-bit moments (on a CPU: with a short sequence).
+  under 24 GB with per-layer updates and 8-bit moments (on a CPU: with a short sequence);
+* APOLLO-Mini on INT8 weights with per-layer updates: a LLaMA-7B step at sequence 256 with
+  activation checkpointing at most 12 GB (the APOLLO paper's claim).
 
 What is measured: the **peak RSS of a CPU process** (``common.MemoryMeter``: VmHWM, the
 kernel's high-water mark, which ``ru_maxrss`` read for the rows before 2026-12-04), one
@@ -41,9 +43,13 @@ Methods (``--methods``):
 * ``loqt``               ``LoQTAdamW`` (moments in B's dtype, bf16), normal ``opt.step()``.
 * ``loqt8bit``           ``LoQTAdamW8bit``, normal ``opt.step()`` (the paper's 7B setup).
 * ``loqt8bit_per_layer`` ``LoQTAdamW8bit`` with per-layer updates (the paper's 13B setup).
+* ``qapollo_mini``       ``APOLLOMini`` on the INT8 model (the APOLLO paper's Q-APOLLO-Mini,
+  issue #18): rank 1, tensor-wise scaling, scale √128, float32 moments of the rank-1
+  projection, no stored basis, no SVD; per-layer updates, ``update_proj_gap`` 200, lr 0.01.
 
 Ranks (``--rank`` overrides): 128 / 256 / 256 / 512 / 1024 / 1024 for 60m / 130m / 350m /
-1b / 7b / 13b (the papers' and the 7B/13B scripts'). LoQT merges at steps 0, 100, ...
+1b / 7b / 13b (the papers' and the 7B/13B scripts'); APOLLO-Mini's is 1 whatever ``--rank``
+(its registry entry fixes it; ``case_rank``). LoQT merges at steps 0, 100, ...
 (``update_proj_gap`` 100), so step 0 is a merge step: every layer's dense gradient is formed
 in backward one layer at a time, SVD'd right there, and the merge with error compensation
 runs in the step (inside backward with per-layer updates).
@@ -90,14 +96,16 @@ Command lines (from the repository root):
     python benchmarks/bench_peak.py                               # the issues' cases: hours on 2 cores; the
                                                                   # 13B case needs more than a 24 GB machine
                                                                   # can safely give (the guard stops it)
-    python benchmarks/bench_peak.py --configs llama_60m           # smoke test: the 3 issue methods on 60M,
+    python benchmarks/bench_peak.py --configs llama_60m           # smoke test: the 4 issue methods on 60M,
                                                                   # two at a time (~1-2.5 min on a busy 2-core box)
     python benchmarks/bench_peak.py --methods qgalore             # the Q-GaLore issue case only
     python benchmarks/bench_peak.py --configs llama_1b --methods qgalore,loqt8bit --seq 256
     python benchmarks/bench_peak.py --cases qgalore:llama_7b:256:ckpt --merge   # add a row to peak.md (75 min)
+    python benchmarks/bench_peak.py --cases qapollo_mini:llama_7b:256:ckpt --merge \
+        --estimate-only REASON                                    # a meta-count row only
     python benchmarks/bench_peak.py --one qgalore:llama_60m:256   # one measurement (what the parent runs)
     python benchmarks/bench_peak.py --device cuda --timeout 100 \
-        --cases qgalore:llama_7b:256:ckpt,loqt8bit:llama_7b:256,loqt8bit_per_layer:llama_13b:256
+        --cases qgalore:llama_7b:256:ckpt,loqt8bit:llama_7b:256,loqt8bit_per_layer:llama_13b:256,qapollo_mini:llama_7b:256:ckpt
                                                                   # the issues' cases on an H200
 """
 from __future__ import annotations
@@ -118,7 +126,8 @@ from dataclasses import asdict, dataclass
 
 # -------------------------------------------------------------------------------------
 # defaults
-cases = "qgalore:llama_7b:256,loqt8bit:llama_7b:256,loqt8bit_per_layer:llama_13b:32"
+cases = ("qgalore:llama_7b:256,loqt8bit:llama_7b:256,loqt8bit_per_layer:llama_13b:32,"
+         "qapollo_mini:llama_7b:256:ckpt")
 steps = 2                 # step 0 (bases/merge) and step 1 (ordinary)
 threads = 1               # torch threads (1 measured faster than 2 on this shared machine)
 svd = "randomized"
@@ -152,34 +161,48 @@ RANKS = {"micro": 16, "tiny": 32, "small": 64, "llama_60m": 128, "llama_130m": 2
 # this script's method names (the rows of its results files are keyed by them) -> the
 # common.METHODS entry that swaps the model and builds the optimizer
 METHODS = {"qgalore": "qgalore_per_layer", "qgalore_step": "qgalore", "loqt": "loqt",
-           "loqt8bit": "loqt8bit", "loqt8bit_per_layer": "loqt8bit_per_layer"}
+           "loqt8bit": "loqt8bit", "loqt8bit_per_layer": "loqt8bit_per_layer",
+           "qapollo_mini": "apollo_mini_int8_per_layer"}
 
 
 def method(name: str):
     """The registry entry of this script's method ``name``, with the settings of the
     papers' 7B/13B scripts: Q-GaLore update_proj_gap 500, scale 0.25, lr 0.004; LoQT merges
-    from step 100 (step 0 merges), scale 0.5."""
+    from step 100 (step 0 merges), scale 0.5; APOLLO-Mini update_proj_gap 200, lr 0.01
+    (rank 1 and scale √128 fixed by the entry)."""
     import common as C
     return C.METHODS[METHODS[name]]
 
 
 def family(name: str) -> str:
-    return "qgalore" if name.startswith("qgalore") else "loqt"
+    return "qgalore" if name.startswith("qgalore") else "apollo" if "apollo" in name else "loqt"
 
 
 def method_args(name: str, rank: int):
     import common as C
     if family(name) == "qgalore":
         return C.MethodArgs(lr=0.004, rank=rank, update_proj_gap=500, scale=0.25)
+    if family(name) == "apollo":
+        return C.MethodArgs(lr=1e-2, rank=rank, update_proj_gap=200)
     return C.MethodArgs(lr=1e-3, rank=rank, scale=0.5)
 
 
-ISSUE_METHODS = ("qgalore", "loqt8bit", "loqt8bit_per_layer")  # --configs without --methods
+def case_rank(case: "Case", a) -> int:
+    """``--rank``, else the config's; 1 for APOLLO-Mini, whose registry entry fixes it."""
+    if method(case.method).optimizer_class == "APOLLOMini":
+        return 1
+    return a.rank or RANKS.get(case.config, 128)
+
+
+ISSUE_METHODS = ("qgalore", "loqt8bit", "loqt8bit_per_layer", "qapollo_mini")  # --configs
+                                                                 # without --methods
 
 # The issues' targets: (method family, config, per-layer) -> (GB, issue)
 TARGET_GB = {("qgalore", "llama_7b", True): (16, "#4: 7B, seq 256, per-layer, < 16 GB"),
              ("loqt", "llama_7b", False): (24, "#5: 7B without per-layer updates, < 24 GB"),
-             ("loqt", "llama_13b", True): (24, "#5: 13B, per-layer + 8-bit moments, < 24 GB")}
+             ("loqt", "llama_13b", True): (24, "#5: 13B, per-layer + 8-bit moments, < 24 GB"),
+             ("apollo", "llama_7b", True): (12, "#18: 7B, INT8 + APOLLO-Mini + per-layer, seq "
+                                                "256, ckpt, ≤ 12 GB")}
 
 
 @dataclass
@@ -360,13 +383,13 @@ def build_model(case: Case, rank: int, a, mem):
 def swap(module, name: str, rank: int, a):
     """The registry's swap of ``name`` on ``module`` (a block, or a whole meta model)."""
     m = method(name)
-    svd = {} if family(name) == "qgalore" else {"svd": a.svd}
+    svd = {"svd": a.svd} if family(name) == "loqt" else {}
     return m.prepare(module, method_args(name, rank), **m.prepare_kwargs, **svd)
 
 
 def build_optimizer(model, name: str, rank: int, a):
-    kw = dict(svd=a.svd, seed=a.seed) if family(name) == "qgalore" else \
-        dict(update_proj_gap=100, ec_iters=a.ec_iters)
+    kw = {"qgalore": dict(svd=a.svd, seed=a.seed), "apollo": dict(seed=a.seed),
+          "loqt": dict(update_proj_gap=100, ec_iters=a.ec_iters)}[family(name)]
     prep = method(name).setup(model, method_args(name, rank), **kw)
     return prep.optimizer, prep.hooks
 
@@ -419,7 +442,7 @@ def run_one(case: Case, a) -> dict:
     import common as C
 
     m = method(case.method)
-    rank = a.rank or RANKS.get(case.config, 128)
+    rank = case_rank(case, a)
     mem = C.MemoryMeter(a.device)  # the only device-specific object: RSS or the CUDA allocator
     cuda = mem.cuda
     counter = SVDCounter(a.svd_niter, mem)
@@ -973,8 +996,7 @@ def main(argv=None) -> int:
         for r in allrows:
             if "estimate" not in r:
                 c = Case(**r["case"])
-                r["estimate"] = estimate(c, c.method,
-                                         r.get("rank") or a.rank or RANKS.get(c.config, 128), a)
+                r["estimate"] = estimate(c, c.method, r.get("rank") or case_rank(c, a), a)
         envs = [r["env"] for r in allrows if r.get("env")]
         env = envs[-1] if envs else {}  # cuda: what the (last) measuring process saw
         meta = {
@@ -997,7 +1019,8 @@ def main(argv=None) -> int:
                         f"{'package default (1)' if a.svd_niter is None else a.svd_niter}, "
                         f"LoQT ec_iters={a.ec_iters} (package default 5), LoQT update_proj_gap "
                         "100 (step 0 merges), scale 0.5; Q-GaLore update_proj_gap 500, scale "
-                        "0.25, lr 0.004; stagger on (no second SVD at step 1)",
+                        "0.25, lr 0.004; stagger on (no second SVD at step 1); APOLLO-Mini "
+                        "update_proj_gap 200, rank 1, scale √128, lr 0.01",
         }
         if a.device == "cuda":
             meta["versions"] = (
@@ -1013,8 +1036,7 @@ def main(argv=None) -> int:
         with open(a.out, "w") as f:
             f.write(render(allrows, meta, a.device))
 
-    ests = [estimate(c, c.method, a.rank or RANKS.get(c.config, 128), a)
-            for c in chosen]
+    ests = [estimate(c, c.method, case_rank(c, a), a) for c in chosen]
     bounds = [e["weights"]["total"] + e["state"] + e["grads"] for e in ests]
     # small cases (the smoke test) two at a time; anything big strictly one at a time
     jobs = a.jobs or (2 if max(bounds, default=0) < SMALL_BOUND else 1)

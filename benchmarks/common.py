@@ -481,6 +481,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("apollo_mini", _lowrank("APOLLOMini", rank=1, scale=128 ** 0.5), 1e-2,
            "lowrank_optim.APOLLOMini: tensor-wise scaling from a rank-1 random projection "
            "(scale √128, the paper's)"),
+    Method("apollo_mini_int8_per_layer", _lowrank("APOLLOMini", rank=1, scale=128 ** 0.5),
+           1e-2, "APOLLOMini on INT8 weights (quantize_weights: the paper's Q-APOLLO-Mini) "
+           "stepped inside backward (opt.register_hooks(model))", prepare=_int8_weights,
+           per_layer=True, default=False, parent="apollo_mini"),
     Method("loqt", _LOQT, 2e-2, "lowrank_optim.LoQTAdamW: NF4 weights + INT8 basis P frozen, "
            "B trained (prepare_loqt), merges at exponentially growing intervals (staggered)",
            prepare=_loqt_layers, requires=BNB),

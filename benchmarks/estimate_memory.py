@@ -52,9 +52,12 @@ GB = 1e9
 CONFIGS = "60m,130m,350m,1b,7b,13b"
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024, "13b": 1024}
 # registry name -> (optimizer class, per-layer updates), for the registry's methods whose
-# storage is the closed form's (not loqt_nf4_64 / loqt_nq, nor NAME+key=value variants)
+# storage is the closed form's (not loqt_nf4_64 / loqt_nq, nor NAME+key=value variants, nor
+# APOLLO-Mini on INT8 weights: the closed form counts INT8 weights for Q-GaLore only; its
+# weights are counted on meta by bench_peak.estimate)
 METHODS = {n: (m.optimizer_class, m.per_layer) for n, m in C.METHODS.items()
-           if m.optimizer_class in C.CLOSED_FORM and not m.prepare_kwargs}
+           if m.optimizer_class in C.CLOSED_FORM and not m.prepare_kwargs
+           and (m.prepare is not C._int8_weights or m.optimizer_class == "QGaLoreAdamW8bit")}
 DEFAULT_METHODS = ("adamw,adamw8bit,galore,galore8bit_per_layer,qgalore_per_layer,loqt,"
                    "loqt8bit_per_layer")
 

@@ -11,8 +11,9 @@
 #               (fused) and bitsandbytes AdamW8bit
 #   peak.md     bench_peak.py on CUDA: peak memory of a real training step of LLaMA-7B
 #               Q-GaLore (per-layer, checkpointing), LLaMA-7B LoQT 8-bit, LLaMA-13B
-#               LoQT 8-bit per-layer (three processes at once, each measuring its own
-#               torch.cuda.max_memory_allocated)
+#               LoQT 8-bit per-layer, LLaMA-7B INT8 + APOLLO-Mini (per-layer,
+#               checkpointing; no SVD, so seconds beside the others' minutes) (four
+#               processes at once, each measuring its own torch.cuda.max_memory_allocated)
 #   quality.md  shootout.py at LLaMA-60M size on the built-in corpus: AdamW, GaLore,
 #               Q-GaLore, LoQT at the papers' 60M rates, same data, as many steps as fit
 #               in the time left (measured by a short calibration run)
@@ -32,13 +33,13 @@ set -u
 # ---- the steps (each runs in its own bash under `timeout`, see step()) ------------------
 if [ "${DRY:-0}" = 1 ]; then
     SHAPES=(--hidden 64 --intermediate 160 --n-heads 2 --n-layers 1 --rank 16 --update-proj-gap 4 --warmup 1)
-    CASES=qgalore:micro:32:ckpt,loqt8bit:micro:32,loqt8bit_per_layer:micro:32
+    CASES=qgalore:micro:32:ckpt,loqt8bit:micro:32,loqt8bit_per_layer:micro:32,qapollo_mini:micro:32:ckpt
     Q=(--config micro --batch-size 2 --eval-batches 1 --threads 1)
     CAL_STEPS=4
     MAX_STEPS=8
 else
     SHAPES=(--hidden 2048 --intermediate 5461 --n-heads 32 --n-layers 4 --rank 512 --update-proj-gap 200 --warmup 2)
-    CASES=qgalore:llama_7b:256:ckpt,loqt8bit:llama_7b:256,loqt8bit_per_layer:llama_13b:256
+    CASES=qgalore:llama_7b:256:ckpt,loqt8bit:llama_7b:256,loqt8bit_per_layer:llama_13b:256,qapollo_mini:llama_7b:256:ckpt
     Q=(--config llama_60m --batch-size 64 --eval-batches 4)
     CAL_STEPS=20
     MAX_STEPS=3000
@@ -79,7 +80,7 @@ run_step_time() {
 
 # 3. peak memory of real training steps
 run_peak_memory() {
-    $PY benchmarks/bench_peak.py --device $DEV --cases $CASES --jobs 3 --timeout 165 \
+    $PY benchmarks/bench_peak.py --device $DEV --cases $CASES --jobs 4 --timeout 165 \
         --out "$DEST/peak.md"
 }
 

@@ -31,6 +31,7 @@ def test_dry_run_writes_every_report(tmp_path):
         assert f"| {name} | ok |" in summary, summary
     assert "passed" in (out / "tests.md").read_text()
     assert "QGaLoreAdamW8bit" in (out / "step.md").read_text()
+    assert "`qapollo_mini:micro:32:ckpt`" in (out / "peak.md").read_text()
     quality = (out / "quality.md").read_text()
     for method in ("adamw", "galore", "qgalore", "loqt"):
         assert f"| {method} |" in quality
