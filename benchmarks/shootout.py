@@ -175,7 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="reuse the runs of a run cut short (its --out folder's partial.json, "
                         "written after every run): a method, seed and rate found there is not "
                         "run again. The two runs must agree on everything but --out, --resume, "
-                        "--methods and the --lr-sweep rates of methods only one of them runs")
+                        "--methods and the --lr-sweep grid (a grid that adds rates runs only "
+                        "those)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.eval_batches < 1:
@@ -1066,11 +1067,10 @@ def load_resume(path: str, argv: list[str]) -> list[dict]:
         raise SystemExit(f"--resume {path}: {e}")
     mine, theirs = resolve(parse_args(argv)), resolve(parse_args(saved["argv"]))
     differ = [k for k in _SAME if getattr(mine, k) != getattr(theirs, k)]
-    # the rate grid only of the methods both runs have: one run's sweep of a method that the
-    # other does not run changes nothing of the other's runs
-    differ += [f"--lr-sweep of {n}" for n in set(mine.lrs) & set(theirs.lrs)
-               if (mine.sweep_grid.get(n), mine.inherits.get(n))
-               != (theirs.sweep_grid.get(n), theirs.inherits.get(n))]
+    # a run is its method, seed and rate (matched run by run), whatever grid it came from;
+    # only a sweep scores runs on the selection windows
+    if bool(mine.sweep_grid) != bool(theirs.sweep_grid):
+        differ.append("--lr-sweep (one run sweeps, the other does not)")
     if differ:
         raise SystemExit(f"--resume {path}: that run differs in {', '.join(differ)}")
     return saved.get("sweep", []) + saved.get("runs", [])

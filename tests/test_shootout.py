@@ -334,15 +334,16 @@ def test_resume_reuses_the_runs_of_a_run_cut_short(tmp_path):
     with pytest.raises(SystemExit, match="differs in steps"):
         shootout.main(base + ["--steps", "3", "--methods", "adamw", "--resume", str(partial),
                               "--out", str(tmp_path / "c")])
-    # the rate grid matters only for the methods both runs have: another grid of adamw is
-    # refused, a grid written per method (galore's other, adamw's the same) is accepted
+    # runs are matched by method, seed and rate: a grid that adds a rate runs only that one
+    # (here written per method); a run without a sweep cannot reuse a sweep's runs
     rest = ["--steps", "2", "--seeds", "0,1", "--in-process", "--no-plot", "--methods", "adamw",
             "--resume", str(partial)]
-    with pytest.raises(SystemExit, match="--lr-sweep of adamw"):
-        shootout.main(MICRO + rest + ["--lr-sweep", "0.5,3", "--out", str(tmp_path / "d")])
-    mixed = shootout.main(MICRO + rest + ["--lr-sweep", f"adamw={lr / 2:g}:{2 * lr:g},galore=1e-3",
-                                          "--out", str(tmp_path / "e")])
-    assert len(mixed["args"].resumed) == 2
+    wider = shootout.main(MICRO + rest + ["--lr-sweep", f"adamw={lr / 2:g}:{lr:g},galore=1e-3",
+                                          "--out", str(tmp_path / "d")])
+    assert [tuple(x) for x in wider["args"].resumed] == [("adamw", 0, pytest.approx(lr / 2))]
+    assert [r["lr"] for r in wider["sweep"]] == pytest.approx([lr / 2, lr])
+    with pytest.raises(SystemExit, match="one run sweeps, the other does not"):
+        shootout.main(MICRO + rest + ["--out", str(tmp_path / "e")])
 
 
 def test_method_specs_carry_optimizer_keywords():
