@@ -17,8 +17,8 @@ setup-bench: setup
 test: setup
 	$(PY) -m pytest -q
 
-# 300 steps keep the default run near 10 minutes (7 methods: 8 min 8 s measured from a clean
-# clone on 2 idle CPU cores; 500, the script's default and the README's 3-seed results:
-# ARGS="--steps 500")
+# 300 steps keep the default run near 13 minutes (10 methods: 13 min 1 s measured from a clean
+# clone on 2 CPU cores, 2026-12-04); 500, the script's default and the README's 3-seed
+# results: ARGS="--steps 500")
 bench: setup-bench
 	$(PY) benchmarks/shootout.py --steps 300 $(ARGS)
