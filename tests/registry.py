@@ -403,3 +403,44 @@ def test_8bit_path_is_exercised(cfg):
         assert "exp_avg" not in st[p]
     for p in (model.fc1.bias, model.fc2.bias):
         assert st[p]["exp_avg"].dtype == torch.float32 and "exp_avg_codes" not in st[p]
+
+
+def gloo_rank(rank: int, port: int, tmp: str, world: int, jobs: dict) -> None:
+    """The body of a :func:`run_on_gloo_ranks` worker: one intra-op thread (two processes
+    on a small machine), a gloo group, each of ``jobs`` (name -> function of no arguments)
+    run in order, an exception kept as its traceback text (the test of that job fails with
+    it), and rank 0 saving the results."""
+    import datetime
+    import traceback
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        for name, job in jobs.items():
+            try:
+                results[name] = job()
+            except Exception:  # noqa: BLE001 - the test of this job fails with it
+                results[name] = traceback.format_exc()
+        if rank == 0:
+            torch.save(results, f"{tmp}/results.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo_ranks(worker, tmp, world: int) -> dict:
+    """Run ``worker(rank, port, tmp)`` in ``world`` processes (each opens a gloo group on
+    ``port``, a free local port) and return what rank 0 saved to ``tmp/results.pt``. The
+    ranks are forked where possible: they inherit the imported modules (torch,
+    bitsandbytes: import them before calling), about 2x faster than spawn on 2 cores."""
+    import socket
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(worker, args=(port, str(tmp)), nprocs=world, start_method=method)
+    return torch.load(f"{tmp}/results.pt", weights_only=False)

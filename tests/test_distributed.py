@@ -28,22 +28,18 @@ communication hook steps them with every other parameter of their bucket.
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import inspect
-import socket
-import traceback
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowrank_optim as lo
-from registry import error_text, loss_fn, make_batches, make_model
+from registry import error_text, loss_fn, make_batches, make_model, gloo_rank, run_on_gloo_ranks
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.cpu_only(reason="gloo process groups of forked CPU processes"),
@@ -224,37 +220,17 @@ def _errors() -> dict:
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
-    torch.set_num_threads(1)  # two processes on a small machine
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        for name, sc in SCENARIOS.items():
-            try:
-                results[name] = _run(sc, rank)
-            except Exception:  # noqa: BLE001 - the test of this scenario fails with it
-                results[name] = traceback.format_exc()
-        for name in RESUMED:
-            results[f"{name}_resumed"] = _resume(SCENARIOS[name], rank, f"{tmp}/{name}.pt")
-        results["errors"] = _errors()
-        if rank == 0:
-            torch.save(results, f"{tmp}/results.pt")
-    finally:
-        dist.destroy_process_group()
+    jobs = {name: functools.partial(_run, sc, rank) for name, sc in SCENARIOS.items()}
+    jobs.update({f"{name}_resumed": functools.partial(_resume, SCENARIOS[name], rank,
+                                                      f"{tmp}/{name}.pt") for name in RESUMED})
+    gloo_rank(rank, port, tmp, WORLD, {**jobs, "errors": _errors})
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # fork: the ranks inherit the imported modules (torch, bitsandbytes), ~2x faster than
-    # spawn on a 2-core machine; the children set one intra-op thread, as DataLoader does
+    # the forked ranks inherit bitsandbytes; they set one intra-op thread, as DataLoader does
     import bitsandbytes  # noqa: F401 - imported once here, not by each rank
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(port, str(tmp)), nprocs=WORLD, start_method=method)
-    return torch.load(tmp / "results.pt", weights_only=False)
+    return run_on_gloo_ranks(_worker, tmp_path_factory.mktemp("ddp"), WORLD)
 
 
 def _reference(sc: Scenario) -> torch.Tensor:

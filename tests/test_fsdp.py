@@ -23,19 +23,15 @@ left bases; ``fc1``'s tall weight and the biases on dim 0) and trains it for
 """
 from __future__ import annotations
 
-import datetime
 import functools
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_optim as lo
-from registry import error_text, loss_fn, make_batches, make_model
+from registry import error_text, loss_fn, make_batches, make_model, gloo_rank, run_on_gloo_ranks
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.cpu_only(reason="gloo process groups of forked CPU processes"),
@@ -344,24 +340,11 @@ _TMP = [None]
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
-    torch.set_num_threads(1)
     _TMP[0] = tmp
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        extra = {"dcp": lambda: _dcp(rank, tmp), "errors": _errors,
-                 "accumulate": lambda: _accumulate(rank),
-                 "nonfinite": lambda: _nonfinite(rank)}
-        for name in [*SCENARIOS, *extra]:
-            try:
-                results[name] = extra[name]() if name in extra else _run(name, rank)
-            except Exception:  # noqa: BLE001 - the test of this scenario fails with it
-                results[name] = traceback.format_exc()
-        if rank == 0:
-            torch.save(results, f"{tmp}/results.pt")
-    finally:
-        dist.destroy_process_group()
+    gloo_rank(rank, port, tmp, WORLD, {
+        **{name: functools.partial(_run, name, rank) for name in SCENARIOS},
+        "dcp": lambda: _dcp(rank, tmp), "errors": _errors,
+        "accumulate": lambda: _accumulate(rank), "nonfinite": lambda: _nonfinite(rank)})
 
 
 def _single(name: str = "adamw", steps=range(STEPS), model=None, opt=None):
@@ -382,13 +365,8 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     model, opt = _single(steps=range(HALF))  # the 1-process checkpoint the ranks load
     dcp.save(_dcp_state(model, opt), checkpoint_id=f"{tmp}/one_process", no_dist=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     import bitsandbytes  # noqa: F401 - imported once here, not by each rank
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(port, str(tmp)), nprocs=WORLD, start_method=method)
-    out = torch.load(tmp / "results.pt", weights_only=False)
+    out = run_on_gloo_ranks(_worker, tmp, WORLD)
     out["tmp"] = tmp
     return out
 

@@ -15,20 +15,17 @@ normal GaLore under DDP; what cannot work raises.
 from __future__ import annotations
 
 import copy
-import datetime
+import functools
 import io
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowrank_optim as lo
-from registry import loss_fn, make_batches, make_model, train
+from registry import loss_fn, make_batches, make_model, gloo_rank, run_on_gloo_ranks, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -317,20 +314,8 @@ def _ddp_run(mode: str, rank: int) -> dict:
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
-        results = {}
-        for mode in MODES:
-            try:
-                results[mode] = _ddp_run(mode, rank)
-            except Exception:  # noqa: BLE001 - reported by the test of this mode
-                results[mode] = traceback.format_exc()
-        if rank == 0:
-            torch.save(results, f"{tmp}/results.pt")
-    finally:
-        dist.destroy_process_group()
+    gloo_rank(rank, port, tmp, WORLD,
+              {mode: functools.partial(_ddp_run, mode, rank) for mode in MODES})
 
 
 @pytest.fixture(scope="module")
@@ -338,12 +323,7 @@ def ddp_results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
     tmp = tmp_path_factory.mktemp("lrb_ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(port, str(tmp)), nprocs=WORLD, start_method=method)
-    results = torch.load(tmp / "results.pt", weights_only=False)
+    results = run_on_gloo_ranks(_worker, tmp, WORLD)
     for mode, r in results.items():
         if isinstance(r, str):
             pytest.fail(f"DDP run {mode} raised on a rank:\n{r}")
