@@ -89,6 +89,9 @@ class LowRankOptimizer(Optimizer):
     _hooks = None  # the active HooksHandle; a deepcopy or unpickled copy has none
     _group_format = False
     supports_fsdp2 = False  # steps FSDP2-sharded parameters (lowrank_optim.fsdp)
+    # an unprojected parameter may be stepped by the rule's fused kernel (Rule.step_full_),
+    # bypassing _put_back_; a subclass whose _put_back_ changes unprojected updates sets False
+    fused_plain = True
 
     def __init__(self, params, defaults: dict):
         if not isinstance(params, Tensor):  # a Tensor: torch's TypeError, from super()
@@ -142,10 +145,6 @@ class LowRankOptimizer(Optimizer):
         lr = g["lr"]
         _check(float(lr) >= 0.0, "learning rate", lr, "lr >= 0")
         _check(g.get("eps", 0.0) >= 0.0, "eps", g.get("eps"), "eps >= 0")
-        if "betas" in g:
-            b1, b2 = g["betas"]
-            _check(0.0 <= b1 < 1.0, "beta parameter at index 0", b1, "0 <= beta1 < 1")
-            _check(0.0 <= b2 < 1.0, "beta parameter at index 1", b2, "0 <= beta2 < 1")
         _check(g["weight_decay"] >= 0.0, "weight_decay", g["weight_decay"], "weight_decay >= 0")
         self.rule.validate(g)
         rank = g.get("rank")
@@ -269,6 +268,10 @@ class LowRankOptimizer(Optimizer):
             if not policy:
                 self.rule.init(state, p, group)
         proj, target = None, self._matrix(p)
+        if (not policy and target is p and self.fused_plain and not hasattr(p, "requantize_")
+                and self.rule.step_full_(state, p, g, state["step"] + 1, group)):
+            state["step"] += 1  # an unprojected parameter, stepped by one fused kernel
+            return
         if policy:
             proj = self._projector(group)
             if policy.due(state, state["step"]):

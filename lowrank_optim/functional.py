@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["adam_", "adam8bit_", "adafactor_", "add_", "init_adam8bit", "BLOCK_8BIT"]
+__all__ = ["adam_", "adamw_fused_", "adam8bit_", "adafactor_", "add_", "init_adam8bit", "BLOCK_8BIT"]
 
 BLOCK_8BIT = 256
 
@@ -69,6 +69,21 @@ def adam_(g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: floa
     return d
 
 
+def adamw_fused_(w: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
+                 lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> bool:
+    """AdamW's whole step on ``w`` (torch's update and decoupled weight decay) in one call
+    of torch's fused kernel, when it takes these tensors (:func:`_fusable`) and ``lr`` is a
+    number; returns whether it ran. Equals :func:`adam_` followed by ``w·(1 − lr·wd) −
+    lr·d`` up to float32 rounding, without the direction's full-size buffer and the
+    separate write (``docs/decisions.md``, Fused plain Adam)."""
+    if not (_fusable(w, g, exp_avg, exp_avg_sq) and isinstance(lr, (int, float))):
+        return False
+    torch._fused_adamw_([w], [g], [exp_avg], [exp_avg_sq], [], [_step_tensor(step)],
+                        lr=float(lr), beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                        eps=eps, amsgrad=False, maximize=False)
+    return True
+
+
 def add_(target: Tensor, update: Tensor, alpha: float) -> Tensor:
     """``target += alpha * update`` in place. A low-precision ``target`` with a float32
     ``update`` is added in slices: for a mixed-dtype in-place add torch materializes float32
@@ -94,7 +109,7 @@ def _fusable(*ts: Tensor) -> bool:
                               and t.is_contiguous() for t in ts)
 
 
-_HAS_FUSED = hasattr(torch, "_fused_adam_")
+_HAS_FUSED = hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")
 _STEP = (0, None)  # the last step number and its float tensor (the kernel only reads it)
 
 

@@ -56,6 +56,13 @@ class Rule:
     def shapes(self, shape: tuple, group: dict) -> dict:
         return {name: shape for name in self.MOMENTS}
 
+    def step_full_(self, state: dict, w: Tensor, g: Tensor, step: int, group: dict) -> bool:
+        """The whole update of an unprojected parameter ``w`` (the rule, decoupled weight
+        decay and ``lr`` as ``torch.optim.AdamW``) in one fused kernel, when the rule has
+        one for these tensors; returns whether it wrote ``w``. The default has none: the
+        base then takes :meth:`update`'s direction to ``_put_back_``."""
+        return False
+
     def transport_(self, state: dict, move: Callable[[Tensor, bool], Tensor]) -> None:
         for k, name in enumerate(self.MOMENTS):
             if self.has(state, name):
@@ -79,6 +86,13 @@ class Adam(Rule):
 
     MOMENTS = ("exp_avg", "exp_avg_sq")
 
+    def validate(self, group):
+        betas = group["betas"]
+        check(isinstance(betas, (tuple, list)) and len(betas) == 2, "betas", betas,
+              "a pair (beta1, beta2)")
+        for i, b in enumerate(betas):
+            check(0.0 <= b < 1.0, f"beta parameter at index {i}", b, f"0 <= beta{i + 1} < 1")
+
     def init(self, state, like, group):
         for name in self.MOMENTS:
             state[name] = torch.zeros_like(like, memory_format=torch.preserve_format)
@@ -88,6 +102,13 @@ class Adam(Rule):
         return F.adam_(g, state["exp_avg"], state["exp_avg_sq"], step, b1, b2, group["eps"],
                        hf_eps=low_rank)
 
+    def step_full_(self, state, w, g, step, group):
+        if "exp_avg" not in state:  # moments stored otherwise (Adam8bit's codes)
+            return False
+        b1, b2 = group["betas"]
+        return F.adamw_fused_(w, g, state["exp_avg"], state["exp_avg_sq"], step, group["lr"],
+                              b1, b2, group["eps"], group["weight_decay"])
+
 
 class Adam8bit(Adam):
     """:class:`Adam` with both moments as 8-bit blockwise codes (``exp_avg_codes``,
@@ -95,6 +116,7 @@ class Adam8bit(Adam):
     smaller ones keep :class:`Adam`'s float moments, as bitsandbytes does."""
 
     def validate(self, group):
+        super().validate(group)
         check_int("min_8bit_size", group["min_8bit_size"], 0)
 
     def init(self, state, like, group):

@@ -6,6 +6,8 @@ change; a method that assembles its update differently overrides ``_put_back_`` 
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -55,11 +57,13 @@ def test_transport_with_identity_keeps_the_moments(cls):
 
 @pytest.mark.parametrize("cls, key, value", [
     (lo.GaLoreAdamW8bit, "min_8bit_size", -1), (lo.GaLoreAdafactor, "beta1", 1.5),
-    (lo.GaLoreAdafactor, "clip_threshold", 0.0)])
+    (lo.GaLoreAdafactor, "clip_threshold", 0.0), (lo.GaLoreAdamW, "betas", (0.9,)),
+    (lo.GaLoreAdamW8bit, "beta parameter at index 1", 1.0)])
 def test_rule_hyperparameters_are_validated_per_group(cls, key, value):
     w = torch.nn.Parameter(torch.randn(8, 8))
-    with pytest.raises(ValueError, match=rf"{key}: {value!r}"):
-        cls([{"params": [w], key: value}], rank=2)
+    with pytest.raises(ValueError, match=re.escape(f"{key}: {value!r}")):
+        cls([{"params": [w], "betas" if key.startswith("beta ") else key:
+              (0.9, value) if key.startswith("beta ") else value}], rank=2)
 
 
 def test_put_back_is_the_one_step_a_method_overrides():
@@ -204,3 +208,9 @@ def test_torch_rule_argument_errors():
     with pytest.raises(ValueError, match=r"state_on_refresh.*\['exp_avg_lr'\]"):
         lo.GaLore([w], torch_optimizer.AdaMod, rank=2)
     lo.GaLore([w], torch_optimizer.AdaMod, rank=2, state_on_refresh="keep")
+    # AggMo's betas are a list of any length (its own to check), its state a dict: refused
+    # for the state, not for the base's Adam pair
+    with pytest.raises(ValueError, match=r"AggMo's state 'momentum_buffer'.*flat low-rank"):
+        opt = lo.GaLore([w], torch_optimizer.AggMo, rank=2)
+        w.grad = torch.ones(4, 4)
+        opt.step()
