@@ -10,7 +10,6 @@ device for every config (the two counts must be equal), against the package's cl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import math
@@ -47,18 +46,7 @@ PUBLISHED = {"Full": dict(zip(SIZES, (0.36, 0.76, 2.06, 7.80))),
 PUBLISHED_SPLIT = {
     "Full": dict(zip(SIZES, ((0.12, 0.23), (0.25, 0.51), (0.68, 1.37), (2.60, 5.20)))),
     "GaLore": dict(zip(SIZES, ((0.12, 0.13), (0.25, 0.28), (0.68, 0.54), (2.60, 1.78))))}
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-          "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
-
-
-@contextlib.contextmanager
-def default_dtype(dt: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dt)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def _args(rank: int) -> C.MethodArgs:
@@ -69,9 +57,8 @@ def build_model(cfg, dt: torch.dtype, device: str, method: str, rank: int) -> nn
     """LlamaLM in ``dt`` on ``device`` with the registry's swap of ``method`` (INT8
     ``QuantLinear`` for Q-GaLore, ``LoQTLinear`` for LoQT, quantized from ``dt`` weights)."""
     torch.manual_seed(0)
-    with default_dtype(dt), torch.device(device):
-        model = LlamaLM(cfg)
-    model.to(dt)  # the rotary table is built in float32 explicitly
+    with torch.device(device):
+        model = LlamaLM(cfg).to(dt)  # built in float32, then in dt (the rotary table too)
     return C.METHODS[REGISTRY[method]].swap(model, _args(rank))
 
 
@@ -206,6 +193,17 @@ def closed_form_papers(method: str, cfg, rank: int) -> tuple[float, float]:
     return w, s
 
 
+def row(m: str, cfg, rank: int, dt: torch.dtype, real: bool) -> dict:
+    """One method and config: the meta count (and the CPU count when ``real``: they must be
+    equal), and both closed forms (the package's must equal the count)."""
+    meta = measure(m, cfg, rank, dt, "meta")
+    real = measure(m, cfg, rank, dt, "cpu") if real else None
+    x, pkg = real or meta, closed_form_package(m, cfg, rank, torch.empty((), dtype=dt).element_size())
+    return dict(rank=rank, x=x, meta=meta, real=real, pkg=pkg, pap=closed_form_papers(m, cfg, rank),
+                pkg_ok=(x["weights"], x["state"]) == pkg,
+                same=not real or all(real[k] == meta[k] for k in meta if k != "seconds"))
+
+
 # ---- the report ---------------------------------------------------------------------------
 def gb(x) -> str:
     return "–" if x is None else f"{x / GB:.3f}"
@@ -219,51 +217,46 @@ def parse_ranks(s: str) -> dict:
     return {k: int(v) for k, _, v in (x.partition("=") for x in names_of(s))}
 
 
-def papers_table(rows: dict, names: list, alt) -> str:
-    def cell(m, c, what):
-        r = rows.get((c, m))
-        return "–" if r is None else gb({"measured": r["x"]["total"], "papers": sum(r["pap"]),
-                                         "package": sum(r["pkg"])}[what])
+# the papers table: (label, what, method or paper); what: "pub" (published), "papers" (BF16
+# closed form), "package" (closed form), "measured", or a paper (measured / its figure)
+PAPER_ROWS = [
+    ("Full-rank, published", "pub", "Full"),
+    ("Full-rank (AdamW), BF16 closed form", "papers", "AdamW"),
+    ("AdamW measured", "measured", "AdamW"), ("AdamW8bit measured", "measured", "AdamW8bit"),
+    ("GaLore, published", "pub", "GaLore"), ("GaLore, BF16 closed form", "papers", "GaLoreAdamW"),
+    ("GaLoreAdamW measured (float32 low-rank moments and basis)", "measured", "GaLoreAdamW"),
+    ("GaLoreAdamW8bit measured", "measured", "GaLoreAdamW8bit"),
+    ("Q-GaLore, published", "pub", "Q-GaLore"),
+    ("Q-GaLore, BF16 closed form (no scales)", "papers", "QGaLoreAdamW8bit"),
+    ("Q-GaLore, package closed form (with scales)", "package", "QGaLoreAdamW8bit"),
+    ("**QGaLoreAdamW8bit measured**", "measured", "QGaLoreAdamW8bit"),
+    ("LoQT, published", "pub", "LoQT"),
+    ("LoQT, BF16 closed form (no scales)", "papers", "LoQTAdamW"),
+    ("**LoQTAdamW measured**", "measured", "LoQTAdamW"),
+    ("LoQTAdamW8bit, BF16 closed form (8-bit moments)", "papers", "LoQTAdamW8bit"),
+    ("**LoQTAdamW8bit measured**", "measured", "LoQTAdamW8bit"),
+    ("QGaLoreAdamW8bit measured / Q-GaLore published (target ≤ 1)", "Q-GaLore",
+     "QGaLoreAdamW8bit"),
+    ("LoQTAdamW measured / LoQT published (target at 1B: ≤ 1)", "LoQT", "LoQTAdamW"),
+    ("LoQTAdamW8bit measured / LoQT published (target at 1B: ≤ 1)", "LoQT", "LoQTAdamW8bit")]
 
-    def pub(name, c):
-        return "–" if PUBLISHED[name].get(c) is None else f"{PUBLISHED[name][c]:.2f}"
 
-    def target(c, m, paper):
-        r, p = rows.get((c, m)), PUBLISHED[paper].get(c)
-        if r is None or p is None:
-            return "–"
+def paper_cell(rows: dict, c: str, label: str, what: str, key: str) -> str:
+    r, p = rows.get((c, key)), PUBLISHED.get(key if what == "pub" else what, {}).get(c)
+    if what == "pub":
+        return "–" if p is None else f"{p:.2f}"
+    if r is None or (what in PUBLISHED and p is None):
+        return "–"
+    if what in PUBLISHED:
         t = r["x"]["total"] / GB
         return f"{t / p:.3f} {'≤ 1 ✓' if t <= p else '> 1 ✗'}"
+    v = gb({"measured": r["x"]["total"], "papers": sum(r["pap"]), "package": sum(r["pkg"])}[what])
+    return f"**{v}**" if label.startswith("**") else v
 
-    bold = lambda f: lambda c: f"**{f(c)}**"
-    lines = [
-        ("Full-rank, published", lambda c: pub("Full", c)),
-        ("Full-rank (AdamW), BF16 closed form", lambda c: cell("AdamW", c, "papers")),
-        ("AdamW measured", lambda c: cell("AdamW", c, "measured")),
-        ("AdamW8bit measured", lambda c: cell("AdamW8bit", c, "measured")),
-        ("GaLore, published", lambda c: pub("GaLore", c)),
-        ("GaLore, BF16 closed form", lambda c: cell("GaLoreAdamW", c, "papers")),
-        ("GaLoreAdamW measured (float32 low-rank moments and basis)",
-         lambda c: cell("GaLoreAdamW", c, "measured")),
-        ("GaLoreAdamW8bit measured", lambda c: cell("GaLoreAdamW8bit", c, "measured")),
-        ("Q-GaLore, published", lambda c: pub("Q-GaLore", c)),
-        ("Q-GaLore, BF16 closed form (no scales)", lambda c: cell("QGaLoreAdamW8bit", c, "papers")),
-        ("Q-GaLore, package closed form (with scales)",
-         lambda c: cell("QGaLoreAdamW8bit", c, "package")),
-        ("**QGaLoreAdamW8bit measured**", bold(lambda c: cell("QGaLoreAdamW8bit", c, "measured"))),
-        ("LoQT, published", lambda c: pub("LoQT", c)),
-        ("LoQT, BF16 closed form (no scales)", lambda c: cell("LoQTAdamW", c, "papers")),
-        ("**LoQTAdamW measured**", bold(lambda c: cell("LoQTAdamW", c, "measured"))),
-        ("LoQTAdamW8bit, BF16 closed form (8-bit moments)",
-         lambda c: cell("LoQTAdamW8bit", c, "papers")),
-        ("**LoQTAdamW8bit measured**", bold(lambda c: cell("LoQTAdamW8bit", c, "measured"))),
-        ("QGaLoreAdamW8bit measured / Q-GaLore published (target ≤ 1)",
-         lambda c: target(c, "QGaLoreAdamW8bit", "Q-GaLore")),
-        ("LoQTAdamW measured / LoQT published (target at 1B: ≤ 1)",
-         lambda c: target(c, "LoQTAdamW", "LoQT")),
-        ("LoQTAdamW8bit measured / LoQT published (target at 1B: ≤ 1)",
-         lambda c: target(c, "LoQTAdamW8bit", "LoQT"))]
-    text = C.md_table([""] + names, [[label] + [f(c) for c in names] for label, f in lines])
+
+def papers_table(rows: dict, names: list, alt) -> str:
+    text = C.md_table([""] + names, [[label] + [paper_cell(rows, c, label, what, key)
+                                                for c in names] for label, what, key in PAPER_ROWS])
     if alt is not None:
         p, x = PUBLISHED["Q-GaLore"]["1b"], alt["x"]
         text += (f"\n\n1B at rank 1024 (the rank of Q-GaLore's 1B pretraining script) instead "
@@ -283,7 +276,7 @@ def papers_table(rows: dict, names: list, alt) -> str:
               split(c, "GaLoreAdamW"), split(c, "QGaLoreAdamW8bit")] for c in names])
 
 
-def render(rows: dict, checks, fp32: dict, alt, names, meths) -> str:
+def render(rows: dict, fp32: dict, alt, names, meths) -> str:
     adamw = {c: r["x"]["total"] for (c, m), r in rows.items() if m == "AdamW"}
     yes = lambda ok: "yes" if ok else "NO"
     measured = [[c, m, r["rank"] if m in LOWRANK else "–", gb(x["weights"]),
@@ -316,15 +309,15 @@ def render(rows: dict, checks, fp32: dict, alt, names, meths) -> str:
     if fp32:
         parts += ["## The same with float32 weights (meta count; weights + state, GB)",
                   C.md_table(["config"] + meths + ["all = closed form"], [
-                      [c] + [gb(fp32[c, m]["total"]) for m in meths]
+                      [c] + [gb(fp32[c, m]["x"]["total"]) for m in meths]
                       + [yes(all(fp32[c, m]["pkg_ok"] for m in meths))] for c in names])]
+    checks = [[c, m, r["real"]["weights"], r["meta"]["weights"], r["real"]["state"],
+               r["meta"]["state"], yes(r["same"]), f"{r['real']['seconds']:.1f}"]
+              for (c, m), r in rows.items() if r["real"]]
     if checks:
         parts += ["## Meta count against the real run (bytes)",
                   C.md_table(["config", "method", "weights real", "weights meta", "state real",
-                              "state meta", "equal", "real-run seconds"],
-                             [[c, m, rl["weights"], mt["weights"], rl["state"], mt["state"],
-                               yes(same), f"{rl['seconds']:.1f}"]
-                              for c, m, rl, mt, same in checks])]
+                              "state meta", "equal", "real-run seconds"], checks)]
     return "\n\n".join(parts)
 
 
@@ -360,34 +353,19 @@ def main(argv=None) -> int:
             ap.error(f"no rank for config {c!r}: pass --ranks {c}=R")
     t_start = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rows, checks, fp32 = {}, [], {}
+    rows, fp32 = {}, {}
     for c in names:
         cfg, rank = get_config(c, vocab_size=a.vocab), rank_of[c]
         for m in meths:
-            meta = measure(m, cfg, rank, dt, "meta")
-            real = measure(m, cfg, rank, dt, "cpu") if c in real_set else None
-            if real:
-                checks.append((c, m, real, meta, all(real[k] == meta[k] for k in meta
-                                                     if k != "seconds")))
-            x, pkg = real or meta, closed_form_package(m, cfg, rank, esize)
-            r = rows[c, m] = dict(rank=rank, x=x, real=real, pkg=pkg,
-                                  pap=closed_form_papers(m, cfg, rank),
-                                  pkg_ok=(x["weights"], x["state"]) == pkg)
-            print(f"{c:>5} {m:<17} r={rank:<5} weights {gb(x['weights'])} GB  state "
-                  f"{gb(x['state'])} GB  total {gb(x['total'])} GB  [{'real+meta' if real else 'meta'}"
-                  f"; {'= closed form' if r['pkg_ok'] else 'DIFFERS from closed form'}; "
-                  f"{x['seconds']:.1f} s]", flush=True)
+            r = rows[c, m] = row(m, cfg, rank, dt, c in real_set)
+            print(f"{c:>5} {m:<17} r={rank:<5} weights {gb(r['x']['weights'])} GB  state "
+                  f"{gb(r['x']['state'])} GB  [{'real+meta' if r['real'] else 'meta'}; closed form "
+                  f"{'equal' if r['pkg_ok'] else 'DIFFERS'}; {r['x']['seconds']:.1f} s]", flush=True)
             if a.also_float32 and dt != torch.float32:
-                y = measure(m, cfg, rank, torch.float32, "meta")
-                fp32[c, m] = dict(y, pkg_ok=(y["weights"], y["state"]) == closed_form_package(
-                    m, cfg, rank, 4))
+                fp32[c, m] = row(m, cfg, rank, torch.float32, False)
     alt = None  # Q-GaLore's 1B *script* rank (1024), next to Table 1's 512
     if "1b" in names and rank_of["1b"] != 1024 and "QGaLoreAdamW8bit" in meths:
-        cfg = get_config("1b", vocab_size=a.vocab)
-        x = measure("QGaLoreAdamW8bit", cfg, 1024, dt, "meta")
-        alt = dict(x=x, pap=closed_form_papers("QGaLoreAdamW8bit", cfg, 1024),
-                   pkg_ok=(x["weights"], x["state"]) == closed_form_package(
-                       "QGaLoreAdamW8bit", cfg, 1024, esize))
+        alt = row("QGaLoreAdamW8bit", get_config("1b", vocab_size=a.vocab), 1024, dt, False)
     meta = {
         "command": f"`{C.command_line('bench_memory.py', argv)}`",
         "date": f"{date}; total time {time.time() - t_start:.0f} s",
@@ -404,11 +382,10 @@ def main(argv=None) -> int:
                    + "), **state** = every tensor in `optimizer.state` (shared ones once); what "
                      "the methods store and how the meta counts are made: docs/benchmarks.md"}
     print(C.write_report(a.out, "bench_memory: bytes of weights and optimizer state", meta,
-                         render(rows, checks, fp32, alt, names, meths)))
-    bad = ([r for r in list(rows.values()) + list(fp32.values()) + ([alt] if alt else [])
-            if not r["pkg_ok"]] + [r for r in rows.values() if not r["x"]["views_ok"]]
-           + [x for x in checks if not x[4]])
-    return 1 if bad else 0
+                         render(rows, fp32, alt, names, meths)))
+    ok = [r["pkg_ok"] for r in list(rows.values()) + list(fp32.values()) + [alt] if r] + \
+        [r["x"]["views_ok"] and r["same"] for r in rows.values()]
+    return 0 if all(ok) else 1
 
 
 if __name__ == "__main__":

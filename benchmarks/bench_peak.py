@@ -1,10 +1,6 @@
-"""Peak memory of ONE REAL training step of a big LLaMA model: peak RSS of a CPU process,
-or ``torch.cuda.max_memory_allocated`` with ``--device cuda``.
-
-Each case (METHOD:CONFIG[:SEQ][:ckpt]) runs in a fresh subprocess that builds ``LlamaLM``
-block by block (meta, then bf16, converted by the registry's swap) and takes ``--steps``
-steps, each phase with its own peak; the parent guards the machine's memory and writes the
-table. What is measured and how: docs/benchmarks.md, section bench_peak.py.
+"""Peak memory of ONE REAL training step of a big LLaMA model (peak RSS of a CPU process, or
+``torch.cuda.max_memory_allocated``): one fresh subprocess per METHOD:CONFIG[:SEQ][:ckpt]
+case, the model built block by block. What is measured and how: docs/benchmarks.md.
 
     python benchmarks/bench_peak.py                                 # the issues' cases (hours)
     python benchmarks/bench_peak.py --configs llama_60m             # smoke test (~2 min)
@@ -66,11 +62,10 @@ def family(name: str) -> str:
 
 
 def method_args(name: str, rank: int) -> C.MethodArgs:
-    """The papers' 7B/13B settings: Q-GaLore gap 500, scale 0.25, lr 0.004; APOLLO-Mini gap
-    200, lr 0.01; LoQT scale 0.5 (merges every 100 steps: build_optimizer)."""
-    return {"qgalore": C.MethodArgs(lr=0.004, rank=rank, update_proj_gap=500, scale=0.25),
-            "apollo": C.MethodArgs(lr=1e-2, rank=rank, update_proj_gap=200),
-            "loqt": C.MethodArgs(lr=1e-3, rank=rank, scale=0.5)}[family(name)]
+    """The papers' 7B/13B scripts' settings (LoQT merges every 100 steps: build_optimizer)."""
+    return C.MethodArgs(rank=rank, **{"qgalore": dict(lr=0.004, update_proj_gap=500, scale=0.25),
+                                      "apollo": dict(lr=1e-2, update_proj_gap=200),
+                                      "loqt": dict(lr=1e-3, scale=0.5)}[family(name)])
 
 
 @dataclass
@@ -132,7 +127,6 @@ class UpdateMeter:
     def __init__(self, mem, min_numel: int = 1 << 20):
         self.mem, self.min_numel, self.inner = mem, min_numel, lo.functional.adam8bit_
         lo.functional.adam8bit_ = self
-        self.start()
 
     def start(self) -> None:
         self.outside, self.calls = 0, []
@@ -154,7 +148,6 @@ class UpdateMeter:
         rises = [dict(c, transient=c["peak"] - c["rss_before"]) for c in self.calls]
         return dict(outside=self.outside, n_calls=len(self.calls),
                     during=max((c["peak"] for c in self.calls), default=0),
-                    top=max(self.calls, key=lambda c: c["peak"], default=None),
                     largest_transient=max(rises, key=lambda c: c["transient"], default=None))
 
 
@@ -533,29 +526,26 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", help=f"METHOD:CONFIG[:SEQ][:ckpt],...; default: {CASES}")
-    p.add_argument("--configs", help="configs (common.CONFIGS), comma-separated")
-    p.add_argument("--methods", help=f"methods: {', '.join(METHODS)}")
+    p.add_argument("--configs", help="configs (common.CONFIGS) to run --methods on")
+    p.add_argument("--methods", help=f"from {', '.join(METHODS)}; default: {ISSUE_METHODS}")
     p.add_argument("--seq", type=int, help="sequence length for every case")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=2, help="step 0 (bases/merge), 1 (ordinary)")
-    p.add_argument("--rank", type=int, help="override the per-config rank")
+    p.add_argument("--rank", type=int, help="instead of the config's (RANKS)")
     p.add_argument("--svd", choices=("exact", "randomized"), default="randomized")
     p.add_argument("--svd-niter", type=int, default=0,
-                   help="power iterations of the randomized SVD (-1: the package's default)")
-    p.add_argument("--ec-iters", type=int, help="LoQT error-compensation rounds (default: 1 "
-                                                "on cpu, the package's 5 on cuda)")
+                   help="randomized SVD power iterations (-1: the package's default)")
+    p.add_argument("--ec-iters", type=int, help="LoQT error-compensation rounds (default: 1; "
+                                                "on cuda the package's 5)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--timeout", type=float, default=5400, help="seconds per case")
-    p.add_argument("--jobs", type=int, default=0, help="cases at once (default: 2 when every "
-                   "case's weights + state + grads stay below 2 GB, else 1)")
+    p.add_argument("--jobs", type=int, default=0, help="cases at once (default: 2 if all are "
+                                                       "small, else 1)")
     p.add_argument("--max-rss-gb", type=float, default=21.5, help="kill a child past this")
-    p.add_argument("--min-free-gb", type=float, default=0.6,
-                   help="... or leaving less than this MemAvailable on the machine")
-    p.add_argument("--out", help=f"results file (default: {OUT['cpu']}; cuda: {OUT['cuda']})")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the rows already in --out (replaced by new rows of the same case)")
-    p.add_argument("--estimate-only", metavar="REASON",
-                   help="do not run: add the cases' meta-count rows, with this reason")
+    p.add_argument("--min-free-gb", type=float, default=0.6, help="... or past this free")
+    p.add_argument("--out", help=f"results file (default: {OUT})")
+    p.add_argument("--merge", action="store_true", help="keep --out's rows of other cases")
+    p.add_argument("--estimate-only", metavar="REASON", help="add meta-count rows only")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.ec_iters = a.ec_iters if a.ec_iters is not None else 5 if a.device == "cuda" else 1
@@ -566,37 +556,27 @@ def parse_args(argv=None):
 
 def header(rows: list, a, t0: float, load0: float) -> dict:
     env = next((r["env"] for r in reversed(rows) if r.get("env")), {})  # cuda: the child's
-    mem_gib = _kb("MemTotal") / 2 ** 20
-    meta = {
+    cuda, host = a.device == "cuda", f"{os.cpu_count()} CPUs, {_kb('MemTotal') / 2 ** 20:.1f} GiB RAM"
+    return {
         "command(s)": "; ".join(f"`{c}` ({d})" for c, d in {
             r.get("command", "(not recorded)"): r.get("date", "?") for r in rows}.items()),
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        + f" (this invocation: {time.time() - t0:.0f} s; each row's own date is beside its "
-          "command, its wall time in the per-process table)",
+        + f" (this invocation: {time.time() - t0:.0f} s; each row's date is beside its command)",
         "versions": f"torch {env.get('torch', torch.__version__)}"
-        + (f" (CUDA {env.get('cuda', '?')})" if a.device == "cuda" else "")
-        + f", bitsandbytes {env.get('bitsandbytes', bnb_version())}, Python "
+        + (f" (CUDA {env.get('cuda', '?')})" if cuda else "") + ", bitsandbytes "
+        + f"{env.get('bitsandbytes', bnb_version())}, Python "
           f"{env.get('python', platform.python_version())}, git {C.git_rev()}",
-        "device": f"cpu ({C.cpu_name()}), {a.threads} torch thread(s), {os.cpu_count()} CPUs, "
-                  f"{mem_gib:.1f} GiB RAM, no GPU; load average {load0:.2f} / "
-                  f"{os.getloadavg()[0]:.2f} at the start / end of the last invocation (a "
-                  "shared machine: other developers' jobs ran alongside)",
-        "model": f"benchmarks/common.py LlamaLM (RMSNorm, RoPE, SwiGLU, untied head), vocabulary "
-                 f"{VOCAB}, batch {BATCH}, bf16 activations and float parameters, built on meta "
-                 "and converted block by block",
-        "settings": f"svd={a.svd}, randomized-SVD power iterations "
-                    f"{'package default (1)' if a.svd_niter is None else a.svd_niter}, LoQT "
-                    f"ec_iters={a.ec_iters} (package default 5), LoQT update_proj_gap 100 (step "
-                    "0 merges), scale 0.5; Q-GaLore update_proj_gap 500, scale 0.25, lr 0.004; "
-                    "stagger on (no second SVD at step 1); APOLLO-Mini update_proj_gap 200, "
-                    "rank 1, scale √128, lr 0.01"}
-    if a.device == "cuda":
-        meta["device"] = ((f"cuda: {env['gpu']} ({env['gpu_memory'] / GIB:.1f} GiB, compute "
-                           f"capability {env['capability']})" if env else
-                           "cuda (no measuring process reported)")
-                          + f"; host {C.cpu_name()}, {os.cpu_count()} CPUs, {mem_gib:.1f} GiB "
-                            f"RAM, {a.threads} torch CPU thread(s)")
-    return meta
+        "device": ((f"cuda: {env['gpu']} ({env['gpu_memory'] / GIB:.1f} GiB, compute capability "
+                    f"{env['capability']})" if env else "cuda") + f"; host {C.cpu_name()}, "
+                   f"{host}, {a.threads} torch CPU thread(s)" if cuda else
+                   f"cpu ({C.cpu_name()}), {a.threads} torch thread(s), {host}, no GPU; load "
+                   f"average {load0:.2f} / {os.getloadavg()[0]:.2f} at the start / end of the "
+                   "last invocation (a shared machine)"),
+        "settings": f"vocabulary {VOCAB}, batch {BATCH}, bf16; svd={a.svd}, randomized-SVD power "
+                    f"iterations {'package default (1)' if a.svd_niter is None else a.svd_niter}"
+                    f", LoQT ec_iters={a.ec_iters} (package default 5), LoQT update_proj_gap 100 "
+                    "(step 0 merges), scale 0.5; Q-GaLore update_proj_gap 500, scale 0.25, lr "
+                    "0.004; APOLLO-Mini update_proj_gap 200, rank 1, scale √128, lr 0.01"}
 
 
 def main(argv=None) -> int:

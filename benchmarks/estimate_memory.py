@@ -86,9 +86,8 @@ _SDPA = F.scaled_dot_product_attention
 
 
 def _meta_model(cfg, dt, checkpointing: bool = False):
-    with bm.default_dtype(dt), torch.device("meta"):
-        model = LlamaLM(cfg, checkpointing=checkpointing)
-    return model.to(dt)
+    with torch.device("meta"):
+        return LlamaLM(cfg, checkpointing=checkpointing).to(dt)
 
 
 def _flash_on_meta():
