@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import common as C  # puts the checkout first on sys.path
@@ -407,7 +408,7 @@ def bound(r: dict, cuda: bool) -> int:
         (r.get("runtime") or 0) if cuda else RUNTIME)
 
 
-def render(rows: list, meta: dict, device: str = "cpu") -> str:
+def render(rows: list, meta: dict, device: str = "cpu", path: str = "") -> str:
     """The results file (rows of older revisions too): targets, per step, per process, the
     meta-count bound, the rows as JSON for ``--merge``."""
     cuda = device == "cuda"
@@ -497,7 +498,7 @@ def render(rows: list, meta: dict, device: str = "cpu") -> str:
         + "\n".join(json.dumps(r, sort_keys=True) for r in rows) + "\n-->"])
     title = (f"bench_peak: peak {'GPU memory' if cuda else 'memory'} of one real training step "
              f"(LLaMA 7B / 13B on {'CUDA' if cuda else 'the CPU'})")
-    return C.write_report("", title, meta, body)
+    return C.write_report(path, title, meta, body)
 
 
 def read_rows(path) -> list:
@@ -594,8 +595,7 @@ def main(argv=None) -> int:
     chosen = select_cases(a)
     t0, load0 = time.time(), os.getloadavg()[0]
     command = shlex.join(["python", "benchmarks/bench_peak.py", *argv])
-    out = ROOT / a.out
-    old = read_rows(out) if a.merge else []
+    old = read_rows(ROOT / a.out) if a.merge else []
     if any(r.get("device", "cpu") != a.device for r in old):  # RSS and CUDA peaks differ
         log(f"dropping the rows of another device than {a.device}")
         old = [r for r in old if r.get("device", "cpu") == a.device]
@@ -614,23 +614,14 @@ def main(argv=None) -> int:
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                         timespec="seconds"))
 
-    def write() -> None:
-        keys = {r["key"] for r in rows}
-        allrows = [r for r in old if r["key"] not in keys] + rows
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render(allrows, header(allrows, a, t0, load0), a.device))
-
-    if jobs > 1 and len(chosen) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(jobs) as pool:
-            rows.extend(pool.map(one, range(len(chosen))))
-        write()
-    else:
-        for i in range(len(chosen)):
-            rows.append(one(i))
-            write()
+    with ThreadPoolExecutor(jobs) as pool:
+        for row in pool.map(one, range(len(chosen))):  # the file rewritten after each row
+            rows.append(row)
+            keys = {x["key"] for x in rows}
+            allrows = [r for r in old if r["key"] not in keys] + rows
+            text = render(allrows, header(allrows, a, t0, load0), a.device, a.out)
     log(f"wrote {a.out}")
-    print(out.read_text())
+    print(text)
     return 0 if all("error" not in r for r in rows) else 1
 
 
