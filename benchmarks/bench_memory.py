@@ -3,7 +3,7 @@ real tensors after one optimizer step: on the CPU for the ``--real`` configs, on
 device for every config (the two counts must be equal), against the package's closed form
 (must be equal too) and the papers' BF16 estimates. Details: docs/benchmarks.md.
 
-    python benchmarks/bench_memory.py --svd randomized --threads 1   # memory.md (~6 min)
+    python benchmarks/bench_memory.py --svd randomized --threads 1   # memory.md (6-10 min)
     python benchmarks/bench_memory.py --real ""                      # meta only (seconds)
     python benchmarks/bench_memory.py --ranks 1b=1024 --dtype float32 --out /tmp/m.md
 """
@@ -16,7 +16,7 @@ import math
 import sys
 import time
 
-from _paths import ROOT  # noqa: F401  (puts the checkout first on sys.path)
+import _paths  # noqa: F401  (puts the checkout first on sys.path)
 
 import torch
 from torch import Tensor, nn
@@ -198,7 +198,8 @@ def row(m: str, cfg, rank: int, dt: torch.dtype, real: bool) -> dict:
     equal), and both closed forms (the package's must equal the count)."""
     meta = measure(m, cfg, rank, dt, "meta")
     real = measure(m, cfg, rank, dt, "cpu") if real else None
-    x, pkg = real or meta, closed_form_package(m, cfg, rank, torch.empty((), dtype=dt).element_size())
+    esize = torch.empty((), dtype=dt).element_size()
+    x, pkg = real or meta, closed_form_package(m, cfg, rank, esize)
     return dict(rank=rank, x=x, meta=meta, real=real, pkg=pkg, pap=closed_form_papers(m, cfg, rank),
                 pkg_ok=(x["weights"], x["state"]) == pkg,
                 same=not real or all(real[k] == meta[k] for k in meta if k != "seconds"))
@@ -333,8 +334,6 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--svd", default=SVD, choices=("exact", "randomized"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
-    ap.add_argument("--also-float32", action=argparse.BooleanOptionalAction, default=True,
-                    help="also count every config/method with float32 weights (meta only)")
     ap.add_argument("--out", default="benchmarks/results/memory.md", help="'' to skip writing")
     a = ap.parse_args(argv)
     SVD = a.svd
@@ -360,8 +359,9 @@ def main(argv=None) -> int:
             r = rows[c, m] = row(m, cfg, rank, dt, c in real_set)
             print(f"{c:>5} {m:<17} r={rank:<5} weights {gb(r['x']['weights'])} GB  state "
                   f"{gb(r['x']['state'])} GB  [{'real+meta' if r['real'] else 'meta'}; closed form "
-                  f"{'equal' if r['pkg_ok'] else 'DIFFERS'}; {r['x']['seconds']:.1f} s]", flush=True)
-            if a.also_float32 and dt != torch.float32:
+                  f"{'equal' if r['pkg_ok'] else 'DIFFERS'}; {r['x']['seconds']:.1f} s]",
+                  flush=True)
+            if dt != torch.float32:  # and with float32 weights, on meta
                 fp32[c, m] = row(m, cfg, rank, torch.float32, False)
     alt = None  # Q-GaLore's 1B *script* rank (1024), next to Table 1's 512
     if "1b" in names and rank_of["1b"] != 1024 and "QGaLoreAdamW8bit" in meths:
@@ -377,8 +377,8 @@ def main(argv=None) -> int:
                  f"{UPDATE_PROJ_GAP}, scale 0.25; projected = attention and MLP matrices; svd "
                  f"{a.svd}",
         "counted": "GB = 10^9 bytes; **weights** = parameters + buffers (quantization scales, "
-                   "the rotary table: " + ", ".join(f"{c} {rope_bytes(get_config(c), esize) / 1e3:.1f} kB"
-                                                    for c in names)
+                   "the rotary table: " + ", ".join(
+                       f"{c} {rope_bytes(get_config(c), esize) / 1e3:.1f} kB" for c in names)
                    + "), **state** = every tensor in `optimizer.state` (shared ones once); what "
                      "the methods store and how the meta counts are made: docs/benchmarks.md"}
     print(C.write_report(a.out, "bench_memory: bytes of weights and optimizer state", meta,

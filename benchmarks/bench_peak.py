@@ -86,7 +86,8 @@ class Case:
         if len(parts) < 2 or parts[0] not in METHODS:
             raise ValueError(f"bad case {text!r}: expected METHOD:CONFIG[:SEQ][:ckpt] with "
                              f"METHOD one of {', '.join(METHODS)}")
-        c = cls(parts[0], config_name(parts[1]))
+        c = cls(parts[0], parts[1] if parts[1] in C.CONFIGS else f"llama_{parts[1]}")
+        C.get_config(c.config)  # raises on an unknown name
         for extra in parts[2:]:
             if extra != "ckpt" and not extra.isdigit():
                 raise ValueError(f"bad case {text!r}: {extra!r} is neither a length nor 'ckpt'")
@@ -99,12 +100,6 @@ class Case:
         if method(self.method).optimizer_class == "APOLLOMini":
             return 1
         return a.rank or RANKS.get(self.config, 128)
-
-
-def config_name(name: str) -> str:
-    key = name if name in C.CONFIGS else f"llama_{name}"
-    C.get_config(key)  # raises on an unknown name
-    return key
 
 
 def log(msg: str) -> None:
@@ -398,10 +393,6 @@ def gb(n) -> str:
     return "–" if n is None else f"{n / GB:.2f}"
 
 
-def mode(r: dict) -> str:
-    return "per-layer" if method(r["method"]).per_layer else "opt.step()"
-
-
 def bound(r: dict, cuda: bool) -> int:
     e = r["estimate"]
     return e["weights"]["total"] + e["state"] + e["grads"] + (
@@ -432,7 +423,8 @@ def render(rows: list, meta: dict, device: str = "cpu", path: str = "") -> str:
     per_step = []
     for r in rows:
         c = r["case"]
-        head = [r["method"], c["config"], c["seq"], "yes" if c["ckpt"] else "no", mode(r)]
+        head = [r["method"], c["config"], c["seq"], "yes" if c["ckpt"] else "no",
+                "per-layer" if method(r["method"]).per_layer else "opt.step()"]
         if "error" in r:
             per_step.append(head + ["–", f"not measured: {r['error']} (max "
                                     f"{'host ' if cuda else ''}RSS seen {gb(r['max_rss_seen'])})"]
@@ -515,7 +507,7 @@ def select_cases(a) -> list:
         bad = [m for m in methods if m not in METHODS]
         if bad:
             raise SystemExit(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
-        chosen = ([Case(m, config_name(c)) for c in a.configs.split(",") for m in methods]
+        chosen = ([Case.parse(f"{m}:{c}") for c in a.configs.split(",") for m in methods]
                   if a.configs else [c for c in map(Case.parse, CASES.split(","))
                                      if c.method in methods])
     for c in chosen:
@@ -557,7 +549,8 @@ def parse_args(argv=None):
 
 def header(rows: list, a, t0: float, load0: float) -> dict:
     env = next((r["env"] for r in reversed(rows) if r.get("env")), {})  # cuda: the child's
-    cuda, host = a.device == "cuda", f"{os.cpu_count()} CPUs, {_kb('MemTotal') / 2 ** 20:.1f} GiB RAM"
+    cuda = a.device == "cuda"
+    host = f"{os.cpu_count()} CPUs, {_kb('MemTotal') / 2 ** 20:.1f} GiB RAM"
     return {
         "command(s)": "; ".join(f"`{c}` ({d})" for c, d in {
             r.get("command", "(not recorded)"): r.get("date", "?") for r in rows}.items()),

@@ -242,9 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(bm.DTYPES))
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                    help="whose update temporaries the peak model counts (torch AdamW is "
-                         "single-tensor on CPU, foreach on CUDA; bitsandbytes' CPU kernel "
-                         "makes float32 copies, its CUDA kernel none)")
+                    help="whose update temporaries the peak model counts")
     ap.add_argument("--check", default="60m", help="configs to check for real ('' for none)")
     ap.add_argument("--out", default="benchmarks/results/estimate.md")
     ap.add_argument("--threads", type=int, default=1)
