@@ -1,47 +1,24 @@
-"""Training-memory estimator for the LLaMA configs (60M ... 13B), per method.
+"""Training-memory estimate per method for the LLaMA configs (60M ... 13B), in GB: weights and
+optimizer state (``common.closed_form``), gradients, the activations saved for backward
+(counted on the meta device), their sum, and a model of the step's peak
+(:func:`peak_model`). The ``--check`` configs also run for real on the CPU: their gradient
+and saved-activation bytes must equal the estimate. Details: docs/benchmarks.md.
 
-For each config and method it adds up, in GB (10^9 bytes):
-
-* **weights** and **optimizer state**: ``common.closed_form`` -- the exact
-  bytes of the tensors the package (and torch / bitsandbytes) allocate, already checked
-  byte for byte against real runs by ``bench_memory.py``;
-* **gradients**: every trainable float parameter's ``.grad`` in the model dtype; Q-GaLore's
-  INT8 weights get a float32 ``.grad``; LoQT has gradients only for ``B`` (and the
-  plain parameters); with per-layer updates (``register_hooks``) only the largest single
-  gradient is alive at once;
-* **activations**: the bytes autograd saves for backward in one forward of ``--batch`` x
-  ``--seq`` tokens, counted with ``torch.autograd.graph.saved_tensors_hooks`` (each
-  storage once) on a model built on the ``meta`` device: real shapes, no memory, so 7B
-  and 13B are counted exactly as small models are. Activations do not depend on the
-  optimizer (the package's quantized layers save the same input a Linear saves); with
-  ``--checkpointing`` only each block's input is kept (plus one block's activations,
-  recomputed in backward).
-
-Their sum is what the papers' memory figures count. No training step holds all of it at
-once, and temporaries come on top, so the table also gives a **peak model**
-(:func:`peak_model`): weights + state + the largest of the loss, backward and step phases,
-each with the temporaries the implementations make there. Against measured peak RSS
-(``shootout.py``, LLaMA-60M, CPU) the sum was off by up to 14% and the model by at most
-a few percent (``benchmarks/results/shootout_memory_60m.md``). The runtime and allocator
-slack are in neither. The check (``--check``, default ``60m``) builds the config
-for real on the CPU, runs one forward and backward per method and compares the measured
-gradient and saved-activation bytes with the estimate (they must be equal).
-
-    python benchmarks/estimate_memory.py                 # table + bar chart, 60m checked
+    python benchmarks/estimate_memory.py                 # estimate.md + .png, 60m checked
     python benchmarks/estimate_memory.py --seq 256 --batch 1 --checkpointing
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import sys
-from pathlib import Path
+from unittest import mock
 
 from _paths import ROOT
 
 import torch
+import torch.nn.functional as F
 
 import bench_memory as bm
 import common as C
@@ -51,10 +28,8 @@ from lowrank_optim.functional import _CHUNK  # elements per bitsandbytes call in
 GB = 1e9
 CONFIGS = "60m,130m,350m,1b,7b,13b"
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024, "13b": 1024}
-# registry name -> (optimizer class, per-layer updates), for the registry's methods whose
-# storage is the closed form's (not loqt_nf4_64 / loqt_nq, nor NAME+key=value variants, nor
-# APOLLO-Mini on INT8 weights: the closed form counts INT8 weights for Q-GaLore only; its
-# weights are counted on meta by bench_peak.estimate)
+# registry name -> (optimizer class, per-layer updates) for the methods whose storage is
+# the closed form's (INT8 weights only with Q-GaLore; no NAME+key=value variants)
 METHODS = {n: (m.optimizer_class, m.per_layer) for n, m in C.METHODS.items()
            if m.optimizer_class in C.CLOSED_FORM and not m.prepare_kwargs
            and (m.prepare is not C._int8_weights or m.optimizer_class == "QGaLoreAdamW8bit")}
@@ -63,16 +38,13 @@ DEFAULT_METHODS = ("adamw,adamw8bit,galore,galore8bit_per_layer,qgalore_per_laye
 
 
 def _grads(method: str, cfg, rank: int, esize: int) -> list[tuple[str, tuple, bool, int]]:
-    """(name, shape, projected, gradient bytes) of every parameter, in model order."""
+    """(name, shape, projected, gradient bytes) of every parameter, in model order: float32
+    for an INT8 weight, only B's for a LoQT layer."""
     out = []
     for name, shape, proj in bm.shapes_of(cfg):
-        n = math.prod(shape)
-        if proj and method == "QGaLoreAdamW8bit":
-            b = 4 * n                                    # float32 .grad of an INT8 weight
-        elif proj and method in bm.LOQT:
-            b = esize * max(shape) * min(rank, *shape)   # only B has a gradient
-        else:
-            b = esize * n
+        b = (4 * math.prod(shape) if proj and method == "QGaLoreAdamW8bit" else
+             esize * max(shape) * min(rank, *shape) if proj and method in bm.LOQT else
+             esize * math.prod(shape))
         out.append((name, shape, proj, b))
     return out
 
@@ -83,26 +55,19 @@ def grad_bytes(method: str, per_layer: bool, cfg, rank: int, esize: int) -> int:
     return max(sizes) if per_layer else sum(sizes)
 
 
-def _counter(model):
-    """A saved_tensors_hooks pack function adding each new storage's bytes to ``out[0]``;
-    the model's own parameters and buffers (weights saved for backward) are not counted."""
-    seen = {bm._storage_id(t) for _, _, t in stored_tensors(model)}
-    out = [0]
+def _saved(model, run):
+    """(bytes of the storages autograd saves while ``run()`` runs, each once, the model's
+    own parameters and buffers not counted; what ``run()`` returned)."""
+    seen, total = {bm._storage_id(t) for _, _, t in stored_tensors(model)}, [0]
 
     def pack(t):
-        key = bm._storage_id(t)
-        if key not in seen:
-            seen.add(key)
-            out[0] += t.untyped_storage().nbytes()
+        if bm._storage_id(t) not in seen:
+            seen.add(bm._storage_id(t))
+            total[0] += t.untyped_storage().nbytes()
         return t
-    return pack, out
-
-
-def _saved_bytes(model, idx, tgt) -> tuple[int, torch.Tensor]:
-    pack, out = _counter(model)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(idx, tgt)
-    return out[0], loss
+        out = run()
+    return total[0], out
 
 
 class _FlashSaved(torch.autograd.Function):
@@ -117,55 +82,38 @@ class _FlashSaved(torch.autograd.Function):
         return out
 
 
-_SDPA = torch.nn.functional.scaled_dot_product_attention
+_SDPA = F.scaled_dot_product_attention
 
 
-@contextlib.contextmanager
-def _flash_attention_on_meta():
-    torch.nn.functional.scaled_dot_product_attention = \
-        lambda q, k, v, is_causal=True: _FlashSaved.apply(q, k, v)
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = _SDPA
+def _meta_model(cfg, dt, checkpointing: bool = False):
+    with torch.device("meta"):
+        return LlamaLM(cfg, checkpointing=checkpointing).to(dt)
+
+
+def _flash_on_meta():
+    return mock.patch.object(F, "scaled_dot_product_attention",
+                             lambda q, k, v, is_causal=True: _FlashSaved.apply(q, k, v))
 
 
 @functools.lru_cache(maxsize=None)  # the same count is asked for once per method
 def activation_bytes(cfg, batch: int, seq: int, dt, checkpointing: bool) -> int:
-    """Saved-for-backward bytes of one forward, counted on the meta device."""
-    with _flash_attention_on_meta():
-        return _activation_bytes(cfg, batch, seq, dt, checkpointing)
-
-
-def _activation_bytes(cfg, batch: int, seq: int, dt, checkpointing: bool) -> int:
-    with bm.default_dtype(dt), torch.device("meta"):
-        model = LlamaLM(cfg, checkpointing=checkpointing)
-    model.to(dt)
+    """Saved-for-backward bytes of one forward, counted on the meta device; with
+    checkpointing, plus one block's (backward recomputes one block at a time)."""
+    model = _meta_model(cfg, dt, checkpointing)
     idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    total, _ = _saved_bytes(model, idx, idx)
-    if checkpointing:  # backward recomputes one block at a time: add one block's worth
-        total += _saved_bytes_block(cfg, batch, seq, dt)
-    return total
+    with _flash_on_meta():
+        total = _saved(model, lambda: model(idx, idx))[0]
+    return total + (block_bytes(cfg, batch, seq, dt) if checkpointing else 0)
 
 
 @functools.lru_cache(maxsize=None)
 def block_bytes(cfg, batch: int, seq: int, dt) -> int:
-    """Saved-for-backward bytes of one block's forward, counted on the meta device with
-    the flash-attention saves, as :func:`activation_bytes` counts them."""
-    with _flash_attention_on_meta():
-        return _saved_bytes_block(cfg, batch, seq, dt)
-
-
-def _saved_bytes_block(cfg, batch, seq, dt) -> int:
-    """Saved bytes of one block's forward (what checkpointing recomputes at a time)."""
-    with bm.default_dtype(dt), torch.device("meta"):
-        model = LlamaLM(cfg)
-    model.to(dt)
+    """Saved-for-backward bytes of one block's forward, counted as :func:`activation_bytes`."""
+    model = _meta_model(cfg, dt)
     x = torch.zeros(batch, seq, cfg.dim, dtype=dt, device="meta", requires_grad=True)
-    pack, out = _counter(model)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.layers[0](x, model.rope_cos[:seq], model.rope_sin[:seq])
-    return out[0]
+    with _flash_on_meta():
+        return _saved(model, lambda: model.layers[0](x, model.rope_cos[:seq],
+                                                     model.rope_sin[:seq]))[0]
 
 
 def estimate(name: str, cfg, rank: int, dt, activations: int) -> dict:
@@ -178,18 +126,17 @@ def estimate(name: str, cfg, rank: int, dt, activations: int) -> dict:
 
 
 # ---- the peak model -----------------------------------------------------------------------
-
 def _bnb_cpu(n: int, esize: int) -> int:
-    """bitsandbytes 0.50's CPU 8-bit Adam kernel (backends/cpu/ops.py): float32 copies of
-    both moments and of the gradient, sqrt(v) and the denominator alive at once (20 B per
-    element), plus a float32 copy of a lower-precision parameter."""
+    """bitsandbytes 0.50's CPU 8-bit Adam kernel: float32 copies of both moments and of the
+    gradient, sqrt(v) and the denominator (20 B per element), plus a float32 copy of a
+    lower-precision parameter."""
     return 20 * n + (4 * n if esize != 4 else 0)
 
 
 def update_transient(method: str, shape: tuple, proj: bool, esize: int, rank: int,
                      device: str) -> int:
-    """Largest temporary of one parameter's update, on top of its state and gradient,
-    read off the implementation the method uses (not measured)."""
+    """Largest temporary of one parameter's update, on top of its state and gradient, read
+    off the implementation the method uses (not measured)."""
     n = math.prod(shape)
     eight = method.endswith("8bit")
     if method == "AdamW":     # torch's single-tensor AdamW: (sqrt(v) / bc2).add_(eps)
@@ -216,30 +163,16 @@ def _layer_transient(method: str, cfg, esize: int) -> int:
     weight too): the largest matrix's worth."""
     if method == "QGaLoreAdamW8bit":
         return esize * cfg.dim * cfg.mlp_hidden
-    if method in bm.LOQT:
-        return max(esize, 4) * cfg.dim * cfg.mlp_hidden
-    return 0
+    return max(esize, 4) * cfg.dim * cfg.mlp_hidden if method in bm.LOQT else 0
 
 
 def peak_model(name: str, cfg, rank: int, dt, batch: int, seq: int,
                checkpointing: bool = False, device: str = "cpu") -> dict:
-    """Model of the peak of one training step: weights + optimizer state + the largest of
-
-    * **backward**, walked from the loss to the embedding: the activations still saved,
-      the gradients accumulated so far and the transients of the moment. At the loss the
-      float32 logits gradient is built (``nll_loss`` and ``log_softmax`` backward: two
-      float32 batch×seq×vocab tensors), then the head's gradient beside it; each block
-      then adds its gradients (and a quantized layer's dequantized weight) while its
-      saved activations are still alive, and frees those activations. With per-layer
-      updates no gradient accumulates: each parameter's gradient and the temporaries of
-      its update are alive only during its hook;
-    * **step** (normal stepping): every gradient plus the largest per-parameter update
-      temporary (:func:`update_transient`; torch's foreach AdamW on CUDA: one sqrt(v)
-      copy of every parameter).
-
-    Not modelled: LoQT's merge steps (one full gradient per layer, rare), the allocator's
-    slack and the runtime. Returns the phase bytes and ``peak``.
-    """
+    """Weights + optimizer state + the largest of the phases *loss* (the float32 logits
+    gradient), *backward* (walked from the head to the embedding: activations still saved,
+    gradients so far, the moment's transients; per-layer updates: one hook's gradient and
+    update temporaries) and *step* (every gradient + the largest update temporary). The
+    phases' bytes, ``phase`` (the largest) and ``peak``; docs/benchmarks.md has the model."""
     method, per_layer = METHODS[name]
     esize = torch.empty((), dtype=dt).element_size()
     w, s = bm.closed_form_package(method, cfg, rank, esize)
@@ -262,12 +195,9 @@ def peak_model(name: str, cfg, rank: int, dt, batch: int, seq: int,
 
     live = a_rest + cfg.n_layers * kept
     head = [x for k in ("lm_head", "norm") for x in stage[k]]
-    head_b = sum(b for _, b in head)
     loss = max(8 * N * V, 4 * N * V + esize * N * V, esize * (N * V + V * d + N * d))
-    phases = {"loss": live + loss}
-    g_acc = 0 if per_layer else head_b
-    if per_layer:
-        phases["loss"] = max(phases["loss"], live + hook(head))
+    phases = {"loss": max(live + loss, live + hook(head) if per_layer else 0)}
+    g_acc = 0 if per_layer else sum(b for _, b in head)
     live -= a_rest
     for i in reversed(range(cfg.n_layers)):
         grads = stage[str(i)]
@@ -280,33 +210,30 @@ def peak_model(name: str, cfg, rank: int, dt, batch: int, seq: int,
     phases["backward"] = max(phases["backward"], g_acc + (hook(emb) if per_layer else
                                                            sum(b for _, b in emb)))
     if not per_layer:
-        g_all = sum(b for *_, b in params)
         step = max(trans.values())
-        if method == "AdamW" and device != "cpu":
+        if method == "AdamW" and device != "cpu":  # torch's foreach AdamW: a sqrt(v) copy
             step = esize * sum(math.prod(sh) for _, sh, _, _ in params)
-        phases["step"] = g_all + step
+        phases["step"] = sum(b for *_, b in params) + step
     top = max(phases, key=phases.get)
     return dict(weights=w, state=s, **phases, phase=top, peak=w + s + phases[top])
 
 
-def check(name: str, cfg, rank: int, dt, batch: int, seq: int,
-          activations: int) -> tuple[dict, dict]:
-    """Real model on the CPU: one forward + backward; measured grads and saved bytes,
-    against the estimate (``activations`` counted on meta for ``batch`` x ``seq``)."""
+def check(name: str, cfg, rank: int, dt, batch: int, seq: int, activations: int):
+    """(measured, estimated) gradient and saved-activation bytes of one real forward and
+    backward on the CPU."""
     method, per_layer = METHODS[name]
     model = bm.build_model(cfg, dt, "cpu", method, rank)
     idx = torch.randint(0, cfg.vocab_size, (batch, seq))
-    saved, loss = _saved_bytes(model, idx, idx)
+    saved, loss = _saved(model, lambda: model(idx, idx))
     loss.backward()
-    grads = [p.grad for p in model.parameters()]
-    sizes = [g.numel() * g.element_size() for g in grads if g is not None]
+    sizes = [C.tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None]
     real = dict(grads=max(sizes) if per_layer else sum(sizes), activations=saved)
     est = estimate(name, cfg, rank, dt, activations)
     return real, {k: est[k] for k in real}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default=CONFIGS)
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"from {', '.join(METHODS)}")
     ap.add_argument("--batch", type=int, default=1)
@@ -315,18 +242,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(bm.DTYPES))
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                    help="whose update temporaries the peak model counts (torch AdamW is "
-                         "single-tensor on CPU, foreach on CUDA; bitsandbytes' CPU kernel "
-                         "makes float32 copies, its CUDA kernel none); only cpu is measured")
+                    help="whose update temporaries the peak model counts")
     ap.add_argument("--check", default="60m", help="configs to check for real ('' for none)")
     ap.add_argument("--out", default="benchmarks/results/estimate.md")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     dt = bm.DTYPES[a.dtype]
-    names = [c.strip() for c in a.configs.split(",") if c.strip()]
-    meths = [m.strip() for m in a.methods.split(",") if m.strip()]
-    rows, peaks = {}, {}
+    names, meths = bm.names_of(a.configs), [m.strip() for m in a.methods.split(",") if m.strip()]
+    rows, peaks, checks = {}, {}, []
     for c in names:
         cfg = get_config(c, vocab_size=a.vocab, seq_len=max(a.seq, 256))
         acts = activation_bytes(cfg, a.batch, a.seq, dt, a.checkpointing)
@@ -334,12 +258,10 @@ def main(argv=None) -> int:
             rows[c, m] = estimate(m, cfg, RANKS[c], dt, acts)
             peaks[c, m] = peak_model(m, cfg, RANKS[c], dt, a.batch, a.seq, a.checkpointing,
                                      a.device)
-    checks = []
-    for c in filter(None, (x.strip() for x in a.check.split(","))):
+    for c in bm.names_of(a.check):
         cfg = get_config(c, vocab_size=a.vocab, seq_len=max(a.seq, 256))
-        acts = activation_bytes(cfg, 1, 32, dt, False)
         for m in meths:
-            real, est = check(m, cfg, RANKS[c], dt, 1, 32, acts)
+            real, est = check(m, cfg, RANKS[c], dt, 1, 32, activation_bytes(cfg, 1, 32, dt, False))
             checks.append((c, m, real, est))
             print(f"check {c} {m}: real {real} estimate {est} "
                   f"{'EQUAL' if real == est else 'DIFFER'}", flush=True)
@@ -349,19 +271,17 @@ def main(argv=None) -> int:
                     f"tokens; activation checkpointing {'on' if a.checkpointing else 'off'}; "
                     "ranks " + ", ".join(f"{c} {RANKS[c]}" for c in names),
         "counts": "weights and optimizer state: `common.closed_form` (checked against real "
-                  "tensors by bench_memory.py); gradients: closed form above; activations: "
-                  "bytes saved for backward in one forward, counted on the meta device; *total* "
-                  "is their sum (the papers' convention). *peak (model)*: `peak_model`, weights "
-                  "+ state + the largest of the loss, backward and step phases with their "
-                  f"temporaries ({a.device} implementations); the phase it lands in. Not "
-                  "included: runtime, allocator slack."}
+                  "tensors by bench_memory.py); gradients: closed form; activations: bytes "
+                  "saved for backward in one forward, counted on the meta device; *total*: "
+                  "their sum (the papers' convention); *peak (model)*: `peak_model` "
+                  f"({a.device} implementations' temporaries) and the phase it lands in; no "
+                  "runtime, no allocator slack (docs/benchmarks.md)"}
     table = []
     for (c, m), r in rows.items():
-        tot = sum(r.values())
-        base = sum(rows[c, "adamw"].values()) if (c, "adamw") in rows else None
-        table.append([c, m] + [f"{r[k] / GB:.3f}" for k in
-                               ("weights", "grads", "state", "activations")]
-                     + [f"**{tot / GB:.3f}**", "–" if not base else f"{tot / base:.2f}",
+        tot, base = sum(r.values()), sum(rows.get((c, "adamw"), {}).values())
+        table.append([c, m] + [f"{r[k] / GB:.3f}" for k in ("weights", "grads", "state",
+                                                             "activations")]
+                     + [f"**{tot / GB:.3f}**", f"{tot / base:.2f}" if base else "–",
                         f"{peaks[c, m]['peak'] / GB:.3f}", peaks[c, m]["phase"]])
     body = C.md_table(["config", "method", "weights", "grads", "optimizer state", "activations",
                        "total", "× AdamW", "peak (model)", "phase"], table)
@@ -376,7 +296,6 @@ def main(argv=None) -> int:
                          body))
     if a.out:
         _plot(rows, names, meths, str((ROOT / a.out).with_suffix(".png")))
-        print(f"wrote {a.out}")
     return 0 if all(r == e for _, _, r, e in checks) else 1
 
 
@@ -388,11 +307,10 @@ def _plot(rows, names, meths, path) -> None:
     except ImportError:
         print("matplotlib not installed: no chart")
         return
-    parts = ("weights", "grads", "state", "activations")
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 4), squeeze=False)
     for ax, c in zip(axes[0], names):
         bottom = [0.0] * len(meths)
-        for part in parts:
+        for part in ("weights", "grads", "state", "activations"):
             vals = [rows[c, m][part] / GB for m in meths]
             ax.bar(range(len(meths)), vals, bottom=bottom, label=part)
             bottom = [b + v for b, v in zip(bottom, vals)]
