@@ -218,7 +218,7 @@ def test_clipping_global_and_per_parameter(tmp_path):
     assert clipped["args"].clip == 1.0                        # the default
     adamw, hooks = by["adamw"], by["galore_per_layer"]
     assert (adamw["clipping"], hooks["clipping"]) == ("global", "per-parameter")
-    assert adamw["unclipped_params"] == hooks["unclipped_params"] == 0
+    assert adamw["trained_params"] == hooks["trained_params"] > 0
     # the micro model's gradient norm starts above 1: the clip acts, and changes the run
     assert adamw["grad_norm_mean"] > 1 and 0 < adamw["clipped_frac"] <= 1
     assert hooks["grad_norm_mean"] is None                     # no global norm in that mode
@@ -245,11 +245,10 @@ def test_global_clip_covers_int8_weights(tmp_path):
                                  "--in-process", "--no-plot", "--out", str(tmp_path)])
     by = {r["method"]: r for r in out["results"]}
     trained = len(common.LlamaLM(common.get_config("micro")).state_dict())
-    assert by["qgalore"]["unclipped_params"] == by["qgalore_per_layer"]["unclipped_params"] == 0
-    assert by["qgalore"]["trained_params"] == trained
+    assert by["qgalore"]["trained_params"] == by["qgalore_per_layer"]["trained_params"] == trained
     table = out["table"]
     assert f"| qgalore | {common.METHODS['qgalore'].lr:g} | global 1 |" in table
-    assert f"all {trained} trained tensors" in table and "**not all**" not in table
+    assert f"all {trained} trained tensors" in table
 
 
 def test_parse_sweep():
@@ -263,8 +262,6 @@ def test_parse_sweep():
     assert grid == {"adamw": [1e-3, 2e-3], "galore": [2e-2], "galore_per_layer": [1e-2],
                     "loqt_nq": [2e-2]}                         # no multipliers: own rate only
     assert inherits == {"adamw8bit": "adamw"}                  # an explicit grid is swept
-    grid, inherits = shootout.parse_sweep("1,2", names, lrs, variants=True)
-    assert inherits == {} and set(grid) == set(names)
     for bad in ("0,1", "x", "nope=1e-3", "adamw=-1"):
         with pytest.raises(SystemExit, match="--lr-sweep"):
             shootout.parse_sweep(bad, names, lrs)
