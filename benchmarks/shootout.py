@@ -11,17 +11,7 @@ loss, time per step, exact bytes and peak memory. What it measures and how: the
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import gc
-import json
-import math
-import os
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
+import argparse, datetime, gc, json, math, os, statistics, subprocess, sys, time
 import traceback
 from pathlib import Path
 
@@ -38,55 +28,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="shootout.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--methods", help=f"comma list of {', '.join(C.METHODS)}, each optionally with "
-        "optimizer keywords NAME+key=value+... (default: the registry's default methods whose "
-        "packages are installed)")
+    add("--methods", help=f"comma list of {', '.join(C.METHODS)}, each optionally NAME+key="
+        "value+... (optimizer keywords); default: the registry's defaults that are installed")
     add("--config", default="tiny", help=f"model size: {', '.join(C.CONFIGS)}")
-    add("--vocab-size", type=int, default=256, help="embedding/head rows (tokens are bytes)")
-    add("--steps", type=int, default=500, help="training steps per method")
-    add("--batch-size", type=int, default=16, help="sequences per step")
-    add("--seq-len", type=int, help="default: the config's")
-    add("--lr", help="peak lr for every method (3e-3) or per method (adamw=3e-3,galore=1e-2); "
-        "default: the registry's")
-    add("--lr-sweep", metavar="GRID", help="tune the rates on the first seed first: "
-        "multipliers of each method's rate (0.5,1,2) and/or METHOD=LR:LR:...; the lowest loss "
-        "on the selection windows wins; variants whose parent runs take its rate")
-    add("--clip", type=float, default=1.0, help="clip_grad_norm_ of all gradients before "
-        "opt.step(); per-layer methods clip each parameter's gradient instead; 0: off")
-    add("--warmup", type=int, help="linear warmup steps, then cosine decay to 0.1 x lr "
-        "(default: 10%% of --steps)")
-    add("--weight-decay", type=float, default=0.0, help="decoupled")
-    add("--rank", type=int, help="low-rank rank (default: dim // 4)")
-    add("--update-proj-gap", type=int, default=200, help="steps between basis refreshes")
-    add("--scale", type=float, default=0.25, help="GaLore scale")
-    add("--eval-every", type=int, default=50, help="validation every N steps and at the end")
-    add("--eval-batches", type=int, default=8, help="fixed validation batches")
-    add("--seed", type=int, default=0, help="model init and data order")
-    add("--seeds", help="comma list (0,1,2): every method runs once per seed, the table "
-        "gives the means (default: --seed)")
-    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    add("--dtype", default="float32", choices=("float32", "bfloat16"),
-        help="parameter dtype (bfloat16: pure-bf16 training; the loss in float32)")
-    add("--threads", type=int, help="torch.set_num_threads (1 when other jobs share the cores)")
+    for flag, default in (("--steps", 500), ("--batch-size", 16), ("--vocab-size", 256),
+                          ("--update-proj-gap", 200), ("--scale", 0.25), ("--clip", 1.0),
+                          ("--weight-decay", 0.0), ("--eval-every", 50), ("--eval-batches", 8),
+                          ("--seed", 0)):
+        add(flag, type=type(default), default=default)
+    for flag in ("--seq-len", "--rank", "--warmup", "--threads"):   # default: see the docs
+        add(flag, type=int)
+    add("--lr", help="peak lr for all (3e-3) or per method (adamw=3e-3,galore=1e-2)")
+    add("--lr-sweep", metavar="GRID", help="tune the rates on the first seed: multipliers "
+        "(0.5,1,2) and/or METHOD=LR:LR:...; variants whose parent runs take its rate")
+    add("--seeds", help="comma list (0,1,2): one run per seed, the table gives the means")
+    add("--device", default="auto")
+    add("--dtype", default="float32", choices=("float32", "bfloat16"))
     add("--data", help="text file or folder (default: the Python stdlib's .py files)")
     add("--out", help="results folder (default: runs/shootout-<time>)")
-    add("--in-process", action="store_true",
-        help="run the methods in this process (peak memory then only indicative)")
-    add("--malloc-default", action="store_true", help="CPU: keep glibc's dynamic mmap "
-        "threshold in the workers (peak RSS then counts heap fragmentation)")
-    add("--no-plot", action="store_true", help="skip the PNG")
-    add("--quiet", action="store_true", help="no progress lines")
-    add("--report-from", metavar="RESULTS_JSON",
-        help="train nothing: write the report again from an earlier run's results.json")
-    add("--resume", metavar="PARTIAL_JSON", help="reuse the runs of a run cut short (its "
-        "partial.json); the runs must agree on all but --out, --resume, --methods and the "
-        "--lr-sweep grid")
+    for flag in ("--in-process", "--malloc-default", "--no-plot", "--quiet"):
+        add(flag, action="store_true")
+    add("--resume", metavar="PARTIAL_JSON", help="reuse the runs in a run cut short's "
+        "partial.json (arguments alike but --out, --resume, --methods, the --lr-sweep grid)")
     add("--_worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if min(a.steps, a.batch_size, a.eval_every, a.eval_batches) < 1:
-        p.error("--steps, --batch-size, --eval-every and --eval-batches must be >= 1")
-    if a.vocab_size < 256 or not a.clip >= 0:
-        p.error("--vocab-size must be >= 256 (tokens are bytes), --clip >= 0 (0: off)")
+    if min(a.steps, a.batch_size, a.eval_every, a.eval_batches) < 1 or a.vocab_size < 256 \
+            or not a.clip >= 0:
+        p.error("--steps, --batch-size, --eval-every, --eval-batches must be >= 1, "
+                "--vocab-size >= 256 (tokens are bytes), --clip >= 0")
     return a
 
 
@@ -107,43 +76,42 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
                if not m.available()]
     if missing:
         raise SystemExit(f"not available here: {', '.join(missing)}")
-    a.seq_len = a.seq_len or cfg.seq_len
-    a.rank = a.rank or max(1, cfg.dim // 4)
+    a.seq_len, a.rank, a.method_list = a.seq_len or cfg.seq_len, a.rank or cfg.dim // 4, names
     a.warmup = max(1, a.steps // 10) if a.warmup is None else a.warmup
-    a.method_list = names
     try:
         a.seed_list = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else [a.seed]
+        if not a.seed_list or len(set(a.seed_list)) != len(a.seed_list):
+            raise ValueError
     except ValueError:
-        raise SystemExit(f"--seeds: expected a comma list of integers, got {a.seeds!r}")
-    if not a.seed_list or len(set(a.seed_list)) != len(a.seed_list):
-        raise SystemExit(f"--seeds: expected distinct integers, got {a.seeds!r}")
-    a.lrs = {n: m.lr for n, m in methods.items()}
-    for item in filter(str.strip, (a.lr or "").split(",")):
-        if "=" not in item:                   # one rate for every method
-            a.lrs = dict.fromkeys(names, float(item))
-            continue
-        k, v = (x.strip() for x in item.rsplit("=", 1))
-        if k not in C.METHODS and k not in names:
-            raise SystemExit(f"--lr: unknown method {k!r}")
-        if k in a.lrs:
-            a.lrs[k] = float(v)
+        raise SystemExit(f"--seeds: expected a comma list of distinct integers, got {a.seeds!r}")
+    every, named = _per_method("--lr", a.lr or "", names)
+    a.lrs = {n: float(every[-1]) if every else m.lr for n, m in methods.items()}
+    a.lrs.update({k: float(v) for k, v in named.items() if k in a.lrs})
     a.sweep_grid, a.inherits = parse_sweep(a.lr_sweep, names, a.lrs) if a.lr_sweep else ({}, {})
     return a
+
+
+def _per_method(flag: str, spec: str, names: list[str]) -> tuple[list, dict]:
+    """``X,NAME=Y,...`` -> ([X, ...], {NAME: Y}), NAME a method of the registry or the run."""
+    plain, named = [], {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        k, eq, v = (x.strip() for x in item.rpartition("="))
+        if eq and k not in C.METHODS and k not in names:
+            raise SystemExit(f"{flag}: unknown method {k!r}")
+        if eq:
+            named[k] = v
+        else:
+            plain.append(item)
+    return plain, named
 
 
 def parse_sweep(spec: str, names: list[str], lrs: dict) -> tuple[dict, dict]:
     """``--lr-sweep`` -> (``{method: [rates]}`` for the methods swept, ``{variant:
     parent}`` for the variants that take their parent's best rate)."""
-    mults, explicit = [], {}
+    plain, named = _per_method("--lr-sweep", spec, names)
     try:
-        for item in filter(None, (x.strip() for x in spec.split(","))):
-            if "=" not in item:
-                mults.append(float(item))
-                continue
-            k, v = (x.strip() for x in item.rsplit("=", 1))
-            if k not in C.METHODS and k not in names:
-                raise SystemExit(f"--lr-sweep: unknown method {k!r}")
-            explicit[k] = [float(x) for x in v.split(":") if x.strip()]
+        mults = [float(x) for x in plain]
+        explicit = {k: [float(x) for x in v.split(":") if x.strip()] for k, v in named.items()}
     except ValueError:
         raise SystemExit(f"--lr-sweep: expected multipliers (0.5,1,2) and/or METHOD=LR:LR:..., "
                          f"got {spec!r}")
@@ -157,17 +125,14 @@ def parse_sweep(spec: str, names: list[str], lrs: dict) -> tuple[dict, dict]:
     return grid, inherits
 
 
-# ---------------------------------------------------------------------------------------
-# One method's run
-# ---------------------------------------------------------------------------------------
+# --- One method's run ---
 
 @torch.no_grad()
 def evaluate(model, windows) -> float:
-    """Mean loss over ``windows``' batches, in eval mode."""
-    was_training = model.training
+    """Mean loss over ``windows``' batches, in eval mode (the model is left training)."""
     model.eval()
     losses = [model(x, y).item() for x, y in windows]
-    model.train(was_training)
+    model.train()
     return sum(losses) / len(losses)
 
 
@@ -195,8 +160,8 @@ def _warm_up(method: C.Method, args: argparse.Namespace, device: torch.device) -
 def model_config(args: argparse.Namespace) -> C.ModelConfig:
     """The run's model: ``args.config`` with its vocabulary and a rotary table long enough
     for ``--seq-len``."""
-    return C.get_config(args.config, vocab_size=args.vocab_size,
-                        seq_len=max(args.seq_len, C.get_config(args.config).seq_len))
+    seq_len = max(args.seq_len, C.get_config(args.config).seq_len)
+    return C.get_config(args.config, vocab_size=args.vocab_size, seq_len=seq_len)
 
 
 def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = None) -> dict:
@@ -221,7 +186,6 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
     t_fwd, t_bwd, t_opt, t_all = (C.Timer(device) for _ in range(4))
     curve, train_loss, grad_norms, diverged = [(0, evaluate(model, batches.val))], [], [], None
     every = max(1, args.steps // 10)
-    model.train()
     for step in range(1, args.steps + 1):
         with t_all:
             x, y = batches.next_train()
@@ -256,27 +220,22 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
     peak, weights = meter.peak(), C.weight_bytes(model)
     grads, state = C.grad_bytes(model, per_layer=per_layer), C.state_bytes(opt)
     above = None if peak is None else peak - meter.baseline
-    trained = [p for p in model.parameters() if p.requires_grad]
     if prep.hooks is not None:
         prep.hooks.remove()
     return dict(
         method=name, description=method.description, lr=args.lrs[name], per_layer=per_layer,
-        params=C.count_params(model), val_loss=curve[-1][1],
-        val_ppl=math.exp(min(curve[-1][1], 700)), curve=curve, train_loss=train_loss,
-        diverged_at=diverged,
-        tokens_per_s=args.batch_size * args.seq_len * t_all.count / t_all.total
-        if t_all.count else None,
+        params=C.count_params(model), val_loss=curve[-1][1], curve=curve, diverged_at=diverged,
+        val_ppl=math.exp(min(curve[-1][1], 700)), train_loss=train_loss, select_loss=select,
+        select_disjoint=batches.select_disjoint, iter_ms=ms(t_all) or 0.0,
+        tokens_per_s=1000 * args.batch_size * args.seq_len / ms(t_all) if t_all.count else None,
         fwd_ms=ms(t_fwd), bwd_ms=ms(t_bwd), step_ms=None if per_layer else ms(t_opt),
         bwd_step_ms=(ms(t_bwd) or 0) + (0 if per_layer else ms(t_opt) or 0),
-        iter_ms=1000 * t_all.total / max(1, t_all.count),
         weights_b=weights, grads_b=grads, state_b=state, peak_b=peak,
         baseline_b=meter.baseline, peak_above_b=above,
         act_other_b=None if above is None else above - weights - grads - state,
         memory_kind=meter.kind, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-        select_loss=select,
-        select_disjoint=batches.select_disjoint,
         clipping="none" if not clip else "per-parameter" if per_layer else "global", clip=clip,
-        trained_params=len(trained), trained_numel=sum(p.numel() for p in trained),
+        trained_params=sum(p.requires_grad for p in model.parameters()),
         svds=sum(int(st.get("refresh_count", 0)) for st in opt.state.values()),
         grad_norm_mean=statistics.fmean(grad_norms) if grad_norms else None,
         clipped_frac=sum(g > clip for g in grad_norms) / len(grad_norms) if grad_norms else None,
@@ -293,8 +252,7 @@ def _run_guarded(name: str, args: argparse.Namespace, corpus=None) -> dict:
 
 def _worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    args = parse_args([])            # defaults, then the parent's resolved arguments
-    vars(args).update(spec["args"])
+    args = argparse.Namespace(**spec["args"])     # the parent's resolved arguments
     if args.threads:
         torch.set_num_threads(args.threads)
     Path(spec["result"]).write_text(json.dumps(_run_guarded(spec["method"], args)))
@@ -302,27 +260,25 @@ def _worker(spec_path: str) -> int:
 
 
 def _run_subprocess(name: str, args: argparse.Namespace, tmp: Path) -> dict:
-    """One run in its own process, so that peak memories do not mix. On CPU the worker gets
-    glibc's ``MALLOC_MMAP_THRESHOLD_=131072``: freed tensors go back to the system and peak
-    RSS follows live memory, not heap fragmentation."""
-    spec, res = tmp / f"{name}.{args.seed}.spec.json", tmp / f"{name}.{args.seed}.result.json"
-    res.unlink(missing_ok=True)  # the same method and seed may run at several rates
+    """One run in its own process (files ``tmp``.*), so that peak memories do not mix. On
+    CPU the worker gets glibc's ``MALLOC_MMAP_THRESHOLD_=131072``: freed tensors go back to
+    the system and peak RSS follows live memory, not heap fragmentation."""
+    spec, res = Path(f"{tmp}.spec.json"), Path(f"{tmp}.result.json")
     spec.write_text(json.dumps(dict(args=vars(args), method=name, result=str(res))))
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), str(HERE), os.environ.get("PYTHONPATH")])))
     if args.device == "cpu" and not args.malloc_default:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec)],
                           env=env)
-    if res.exists():
-        return json.loads(res.read_text())
-    return dict(method=name, error=f"worker exited with status {proc.returncode}")
+    r = json.loads(res.read_text()) if res.exists() else dict(
+        method=name, error=f"worker exited with status {proc.returncode}")
+    for f in (spec, res):
+        f.unlink(missing_ok=True)
+    return r
 
 
-# ---------------------------------------------------------------------------------------
-# Seeds, estimates and targets
-# ---------------------------------------------------------------------------------------
+# --- Seeds, estimates and targets ---
 
 # averaged over seeds; the byte counts are the same for every seed, the peak is the largest
 _MEAN_KEYS = ("val_loss", "val_ppl", "tokens_per_s", "fwd_ms", "bwd_ms", "step_ms",
@@ -366,7 +322,7 @@ def add_estimates(results: list[dict], args: argparse.Namespace) -> None:
     papers' sum) and ``peak_model_b`` from ``estimate_memory.py``; None for a method it
     does not model."""
     import estimate_memory as E
-    cfg, dt = model_config(args), getattr(torch, args.dtype)
+    cfg, dt, dev = model_config(args), getattr(torch, args.dtype), args.device.split(":")[0]
     todo = [r for r in results if not r.get("error") and r["method"] in E.METHODS]
     acts = E.activation_bytes(cfg, args.batch_size, args.seq_len, dt, False) if todo else 0
     for r in results:
@@ -374,93 +330,52 @@ def add_estimates(results: list[dict], args: argparse.Namespace) -> None:
     for r in todo:
         r["estimate_b"] = sum(E.estimate(r["method"], cfg, args.rank, dt, acts).values())
         r["peak_model_b"] = E.peak_model(r["method"], cfg, args.rank, dt, args.batch_size,
-                                         args.seq_len, device="cpu" if args.device == "cpu"
-                                         else "cuda")["peak"]
-
-
-# the issue's targets for the main job (#7): (description, check(results by method) ->
-# (measured text, met: True/False, or None when this run cannot decide), or None when a
-# method it needs was not run)
-def _ppl_target(name, ref, limit):
-    def check(by):
-        if name not in by or ref not in by:
-            return None
-        q = by[name]["val_ppl"] / by[ref]["val_ppl"]
-        text = f"{q:.3f}× ({by[name]['val_ppl']:.3f} / {by[ref]['val_ppl']:.3f})"
-        seeds = min(len(by[n].get("seeds", [0])) for n in (name, ref))
-        if seeds < 3:  # the issue's quality targets are on the mean of 3 seeds
-            return f"{text}, {seeds} seed(s): run --seeds 0,1,2 to check", None
-        return text, q <= limit
-    return f"{name} validation ppl ≤ {limit:g}× {ref}'s", check
-
-
-def _peak_below_adamw(by):
-    low = [n for n in by if n.startswith(("galore", "qgalore", "loqt"))]
-    if "adamw" not in by or not low or by["adamw"].get("peak_above_b") is None:
-        return None
-    q = {n: by[n]["peak_above_b"] / by["adamw"]["peak_above_b"] for n in low}
-    return ", ".join(f"{n} {v:.2f}×" for n, v in q.items()), all(v < 1 for v in q.values())
-
-
-def _qgalore_per_layer_lowest(by):
-    name = "qgalore_per_layer"
-    if name not in by or len(by) < 2 or by[name].get("peak_above_b") is None:
-        return None
-    low = min(by, key=lambda n: by[n]["peak_above_b"])
-    return (f"lowest: {low} ({by[low]['peak_above_b'] / 2 ** 20:.1f} MiB); {name} "
-            f"{by[name]['peak_above_b'] / 2 ** 20:.1f} MiB"), low == name
-
-
-def _estimate_agrees(by):
-    q = {n: r["peak_above_b"] / r["peak_model_b"] for n, r in by.items()
-         if r.get("peak_model_b") and r.get("peak_above_b") is not None}
-    return (", ".join(f"{n} {v:.2f}×" for n, v in q.items()),
-            all(abs(v - 1) <= 0.1 for v in q.values())) if q else None
-
-
-def _galore_speed(by):
-    if "galore" not in by or "adamw" not in by or not by["adamw"].get("tokens_per_s"):
-        return None
-    q = by["galore"]["tokens_per_s"] / by["adamw"]["tokens_per_s"]
-    return f"{q:.2f}×", q >= 0.9
-
-
-TARGETS = [
-    _ppl_target("galore", "adamw", 1.03),
-    _ppl_target("qgalore", "galore", 1.02),
-    _ppl_target("loqt", "galore", 1.0),
-    ("peak memory above baseline of every low-rank method < adamw's", _peak_below_adamw),
-    ("qgalore_per_layer has the lowest peak memory above baseline", _qgalore_per_layer_lowest),
-    ("peak memory above baseline within 10% of estimate_memory.py's peak model",
-     _estimate_agrees),
-    ("galore tokens/s ≥ 0.9× adamw's", _galore_speed),
-]
+                                         args.seq_len, device=dev)["peak"]
 
 
 def target_table(results: list[dict]) -> str:
-    """The targets that the methods run here can check, as a Markdown table ('' if none)."""
-    by = {r["method"]: r for r in results if not r.get("error")}
-    rows = []
-    for what, check in TARGETS:
-        if (got := check(by)) is not None:
-            rows.append([what, got[0], "–" if got[1] is None else "yes" if got[1] else "**no**"])
+    """The issue's targets for the main job (#7) that the methods run here can check, as a
+    Markdown table ('' if none); met: yes, **no**, or – when this run cannot decide."""
+    by, rows = {r["method"]: r for r in results if not r.get("error")}, []
+    add = lambda what, text, met: rows.append(
+        [what, text, "–" if met is None else "yes" if met else "**no**"])
+    ratios = lambda q: ", ".join(f"{n} {v:.2f}×" for n, v in q.items())
+    for name, ref, limit in (("galore", "adamw", 1.03), ("qgalore", "galore", 1.02),
+                             ("loqt", "galore", 1.0)):
+        if name in by and ref in by:
+            q = by[name]["val_ppl"] / by[ref]["val_ppl"]
+            seeds = min(len(by[n].get("seeds", [0])) for n in (name, ref))
+            # the issue's quality targets are on the mean of 3 seeds
+            add(f"{name} validation ppl ≤ {limit:g}× {ref}'s",
+                f"{q:.3f}× ({by[name]['val_ppl']:.3f} / {by[ref]['val_ppl']:.3f})"
+                + (f", {seeds} seed(s): run --seeds 0,1,2 to check" if seeds < 3 else ""),
+                q <= limit if seeds >= 3 else None)
+    peak = {n: r["peak_above_b"] for n, r in by.items() if r.get("peak_above_b") is not None}
+    low = {n: peak[n] / peak["adamw"] for n in peak
+           if n.startswith(("galore", "qgalore", "loqt")) and "adamw" in peak}
+    if low:
+        add("peak memory above baseline of every low-rank method < adamw's", ratios(low),
+            all(v < 1 for v in low.values()))
+    if "qgalore_per_layer" in peak and len(by) >= 2:
+        lowest, mib = min(peak, key=peak.get), lambda n: f"{peak[n] / 2 ** 20:.1f} MiB"
+        add("qgalore_per_layer has the lowest peak memory above baseline", f"lowest: {lowest} "
+            f"({mib(lowest)}); qgalore_per_layer {mib('qgalore_per_layer')}",
+            lowest == "qgalore_per_layer")
+    model = {n: peak[n] / by[n]["peak_model_b"] for n in peak if by[n].get("peak_model_b")}
+    if model:
+        add("peak memory above baseline within 10% of estimate_memory.py's peak model",
+            ratios(model), all(abs(v - 1) <= 0.1 for v in model.values()))
+    if "galore" in by and by.get("adamw", {}).get("tokens_per_s"):
+        q = by["galore"]["tokens_per_s"] / by["adamw"]["tokens_per_s"]
+        add("galore tokens/s ≥ 0.9× adamw's", f"{q:.2f}×", q >= 0.9)
     return C.md_table(["target", "measured", "met"], rows) if rows else ""
 
 
-# ---------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------
+# --- Report ---
 
-def _mib(b):
-    return "—" if b is None else f"{b / 2 ** 20:.2f}"
-
-
-def _num(v, fmt):
-    return "—" if v is None else format(v, fmt)
-
-
-def _ratio(v, ref):
-    return "—" if v is None or not ref else f"{v / ref:.2f}×"
+mib = lambda b: "—" if b is None else f"{b / 2 ** 20:.2f}"
+num = lambda v, fmt: "—" if v is None else format(v, fmt)
+ratio = lambda v, ref: "—" if v is None or not ref else f"{v / ref:.2f}×"
 
 
 def _clip_cell(r: dict) -> str:
@@ -475,27 +390,20 @@ def make_table(results: list[dict]) -> str:
     ref = next((r for r in ok if r["method"] == "adamw"), ok[0] if ok else None)
     rname = ref["method"] if ref else "adamw"
     name = lambda r: r["method"] + (" ¹" if r.get("per_layer") else "")
-    quality = []
-    for r in results:
-        if r.get("error"):
-            quality.append([r["method"], f"failed: {r['error']}"] + [""] * 11)
-            continue
-        div = f" (diverged at {r['diverged_at']})" if r.get("diverged_at") else ""
-        std = f" ± {r['val_ppl_std']:.3f}" if "val_ppl_std" in r else ""
-        pl = r["per_layer"]
-        quality.append([
-            name(r), f"{r['lr']:g}", _clip_cell(r), f"{r['val_loss']:.4f}{div}",
-            f"{r['val_ppl']:.3f}{std}", _ratio(r["val_ppl"], ref["val_ppl"]),
-            _num(r["tokens_per_s"], ",.0f"), _num(r["fwd_ms"], ".1f"),
-            "—" if pl else _num(r["bwd_ms"], ".1f"), "— ¹" if pl else _num(r["step_ms"], ".2f"),
-            _num(r["bwd_step_ms"], ".1f"), _num(r.get("wall_s"), ".0f"),
-            _num(r.get("svds"), ".0f")])
+    quality = [[r["method"], f"failed: {r['error']}"] + [""] * 11 if r.get("error") else [
+        name(r), f"{r['lr']:g}", _clip_cell(r),
+        _loss_cell(r),
+        f"{r['val_ppl']:.3f}" + (f" ± {r['val_ppl_std']:.3f}" if "val_ppl_std" in r else ""),
+        ratio(r["val_ppl"], ref["val_ppl"]), num(r["tokens_per_s"], ",.0f"),
+        num(r["fwd_ms"], ".1f"), "—" if r["per_layer"] else num(r["bwd_ms"], ".1f"),
+        "— ¹" if r["per_layer"] else num(r["step_ms"], ".2f"), num(r["bwd_step_ms"], ".1f"),
+        num(r.get("wall_s"), ".0f"), num(r.get("svds"), ".0f")] for r in results]
     wgs = lambda r: r["weights_b"] + r["grads_b"] + r["state_b"]
-    memory = [[name(r), _mib(r["weights_b"]), _mib(r["grads_b"]), _mib(r["state_b"]),
-               _mib(r["act_other_b"]), _mib(r["peak_above_b"]), _mib(r["peak_b"]),
-               _ratio(r["state_b"], ref["state_b"]), _ratio(wgs(r), wgs(ref)),
-               _ratio(r["peak_above_b"], ref["peak_above_b"]), _mib(r.get("estimate_b")),
-               _mib(r.get("peak_model_b")), _ratio(r["peak_above_b"], r.get("peak_model_b"))]
+    memory = [[name(r), mib(r["weights_b"]), mib(r["grads_b"]), mib(r["state_b"]),
+               mib(r["act_other_b"]), mib(r["peak_above_b"]), mib(r["peak_b"]),
+               ratio(r["state_b"], ref["state_b"]), ratio(wgs(r), wgs(ref)),
+               ratio(r["peak_above_b"], ref["peak_above_b"]), mib(r.get("estimate_b")),
+               mib(r.get("peak_model_b")), ratio(r["peak_above_b"], r.get("peak_model_b"))]
               for r in ok]
     return C.md_table(
         ["method", "lr", "clipping", "val loss", "val ppl", f"ppl vs {rname}", "tokens/s",
@@ -507,108 +415,81 @@ def make_table(results: list[dict]) -> str:
          "estimate (sum) MiB", "peak model MiB", "peak above baseline / model"], memory)
 
 
-NOTES = (
-    "¹ per-layer mode (`opt.register_hooks(model)`): the update runs inside backward, so its "
-    "backward column is backward+step; its gradient memory is the largest single "
-    "parameter's gradient.\n"
-    "Times are means over steps 2..N; tokens/s excludes evaluation; run s is the method's "
-    "whole run. activations+other = peak above baseline − weights − grads − opt state. "
-    "estimate (sum) and peak model: `benchmarks/estimate_memory.py` for this model, method, "
-    "rank, batch and dtype (see docs/benchmarks.md).")
+NOTES = ("¹ per-layer mode (`opt.register_hooks(model)`): the update runs inside backward. "
+         "Columns: see the shootout.py section of docs/benchmarks.md.")
 
 
-def seed_table(results: list[dict], args, swept: bool) -> list[str]:
-    """Validation perplexity per seed (and, after a sweep, the mean of the seeds that did
-    not choose the rate)."""
-    seeded = [r for r in results if "val_ppl_seeds" in r]
-    if not seeded:
-        return []
-    rest = args.seed_list[1:] if swept else []
-    extra = [f"mean of seed{'s' * (len(rest) > 1)} {', '.join(map(str, rest))} (not used to "
-             "choose the rate)"] if rest else []
-    rows = [[r["method"], *(f"{v:.3f}" for v in r["val_ppl_seeds"]), f"{r['val_ppl']:.3f}"]
-            + ([f"{statistics.fmean(r['val_ppl_seeds'][1:]):.3f}"] if rest else [])
-            for r in seeded]
-    return ["", "Validation perplexity per seed:", "", C.md_table(
-        ["method", *(f"seed {s}" for s in args.seed_list), "mean", *extra], rows)]
+def _loss_cell(r: dict) -> str:
+    return f"{r['val_loss']:.4f}" + (f" (diverged at {r['diverged_at']})"
+                                     if r.get("diverged_at") else "")
 
 
-def clipping_notes(results: list[dict]) -> list[str]:
-    """What clipping each method got, what it covers and how often it acted."""
-    ok = [r for r in results if not r.get("error")]
-    if all(r.get("clipping", "none") == "none" for r in ok):
-        return []
-    rows = [[r["method"], _clip_cell(r),
-             "—" if r.get("clipping", "none") == "none" else
-             f"all {r['trained_params']} trained tensors",
-             "—" if r.get("clipped_frac") is None else f"{100 * r['clipped_frac']:.0f}%",
-             _num(r.get("grad_norm_mean"), ".3f")] for r in ok]
-    return ["", "## Gradient clipping", "",
-            "Normal stepping: `torch.nn.utils.clip_grad_norm_(model.parameters(), clip)` "
-            "before `opt.step()`. Per-layer mode (¹) cannot clip the global norm: "
-            "`register_hooks(model, max_grad_norm_per_param=clip)` clips each parameter's "
-            "gradient on its own, a different recipe. The clip is timed with the iteration, "
-            "not in the opt step column.", "",
-            C.md_table(["method", "clipping", "gradients it covers", "steps clipped",
-                        "mean grad norm (before clipping)"], rows)]
+def _clip_row(r: dict) -> list:
+    frac = r.get("clipped_frac")
+    return [r["method"], _clip_cell(r), "—" if _clip_cell(r) == "none" else
+            f"all {r['trained_params']} trained tensors",
+            "—" if frac is None else f"{100 * frac:.0f}%", num(r.get("grad_norm_mean"), ".3f")]
 
 
-def sweep_notes(sweep: list[dict], results: list[dict], args) -> list[str]:
-    """The learning-rate sweep: method x rate -> selection and reported loss, best marked."""
-    if not sweep:
-        return []
-    chosen = {r["method"]: r.get("lr") for r in results}
-    first, inherits = args.seed_list[0], getattr(args, "inherits", {}) or {}
-    disjoint = all(r.get("select_disjoint") for r in sweep if not r.get("error"))
-    lines = ["", "## Learning-rate sweep", "",
-             f"Grid `--lr-sweep {args.lr_sweep}`, on seed {first} only, each rate scored by "
-             f"the loss on the selection windows ({max(1, args.eval_batches * args.batch_size - 1)}"
-             " validation windows halfway between the reported ones"
-             + (", no byte in common with them" if disjoint else ", overlapping them here")
-             + "). The lowest wins (ties: the smaller rate); the other seeds run at that rate "
-             f"and the winner's seed-{first} run is reused.", ""]
-    if inherits:
-        lines += ["Not swept: " + ", ".join(f"{n} takes {p}'s rate" for n, p in
-                                            inherits.items()) + ".", ""]
-    rows = []
-    for r in sweep:
-        mark = "**best**" if chosen.get(r["method"]) == r["lr"] else ""
-        if r.get("error"):
-            rows.append([r["method"], f"{r['lr']:g}", f"failed: {r['error']}", "", "", mark])
-            continue
-        div = f" (diverged at {r['diverged_at']})" if r.get("diverged_at") else ""
-        rows.append([r["method"], f"{r['lr']:g}", _num(r.get("select_loss"), ".4f"),
-                     f"{r['val_loss']:.4f}{div}", f"{r['val_ppl']:.3f}", mark])
-    return lines + [C.md_table(["method", "lr", "select loss", "val loss", "val ppl", ""], rows)]
+def _sweep_row(r: dict, chosen: dict) -> list:
+    cells = [f"failed: {r['error']}", "", ""] if r.get("error") else [
+        num(r.get("select_loss"), ".4f"), _loss_cell(r), f"{r['val_ppl']:.3f}"]
+    return [r["method"], f"{r['lr']:g}", *cells,
+            "**best**" if chosen.get(r["method"]) == r["lr"] else ""]
+
+
+def sections(results: list[dict], args, sweep: list[dict]) -> list[str]:
+    """The report after the tables: perplexity per seed, gradient clipping, the
+    learning-rate sweep, the targets."""
+    ok, out = [r for r in results if not r.get("error")], []
+    if seeded := [r for r in results if "val_ppl_seeds" in r]:
+        rest = args.seed_list[1:] if sweep else []   # the seeds that did not choose the rate
+        extra = [f"mean of seed{'s' * (len(rest) > 1)} {', '.join(map(str, rest))} (not used "
+                 "to choose the rate)"] if rest else []
+        out += ["", "Validation perplexity per seed:", "", C.md_table(
+            ["method", *(f"seed {s}" for s in args.seed_list), "mean", *extra],
+            [[r["method"], *(f"{v:.3f}" for v in r["val_ppl_seeds"]), f"{r['val_ppl']:.3f}"]
+             + ([f"{statistics.fmean(r['val_ppl_seeds'][1:]):.3f}"] if rest else [])
+             for r in seeded])]
+    if any(_clip_cell(r) != "none" for r in ok):
+        out += ["", "## Gradient clipping", "", "Normal stepping clips the global norm "
+                "(`clip_grad_norm_(model.parameters(), clip)`); per-layer mode (¹) each gradient "
+                "on its own (`register_hooks(model, max_grad_norm_per_param=clip)`).", "",
+                C.md_table(["method", "clipping", "gradients it covers", "steps clipped",
+                            "mean grad norm (before clipping)"], map(_clip_row, ok))]
+    if sweep:
+        chosen = {r["method"]: r.get("lr") for r in results}
+        overlap = not all(r.get("select_disjoint") for r in sweep if not r.get("error"))
+        out += ["", "## Learning-rate sweep", "", f"Grid `--lr-sweep {args.lr_sweep}` on seed "
+                f"{args.seed_list[0]}, each rate scored on the selection windows (validation "
+                "windows between the reported ones" + (", overlapping them here" * overlap)
+                + "); the lowest wins and the other seeds run at its rate.", ""]
+        if args.inherits:
+            out += ["Not swept: " + ", ".join(f"{n} takes {p}'s rate"
+                                              for n, p in args.inherits.items()) + ".", ""]
+        out.append(C.md_table(["method", "lr", "select loss", "val loss", "val ppl", ""],
+                              [_sweep_row(r, chosen) for r in sweep]))
+    if targets := target_table(results):
+        out += ["", "## Targets (issue #7)", "", "Perplexities and tokens/s are the means over "
+                "the seeds above; the peak is above each process's baseline.", "", targets]
+    return out
 
 
 def make_report(results: list[dict], args, argv: list[str], wall_s: float,
-                sweep: list[dict] | None = None) -> str:
+                sweep: list[dict]) -> str:
     cfg = C.get_config(args.config, vocab_size=args.vocab_size)
     ok = [r for r in results if not r.get("error")]
-    first = ok[0] if ok else {}
-    seeds = args.seed_list
-    date = f"{datetime.datetime.now().isoformat(timespec='seconds')}; total wall time " \
-           f"{wall_s:.0f} s"
-    if getattr(args, "resumed", None):
-        date += (f" ({len(args.resumed)} runs, {args.resumed_s:.0f} s, taken from the run cut "
-                 "short that `--resume` names: "
-                 + ", ".join(f"{n} seed {sd} lr {lr:g}" for n, sd, lr in args.resumed) + ")")
-    if getattr(args, "rendered_from", None):
-        date += (f" (this report written again from `{args.rendered_from}` with "
-                 "`--report-from`: the date and git revision are the report's)")
-    memory = f"{first.get('memory_kind', '?')}" + (
-        " measured in one process (--in-process): indicative only" if args.in_process
-        else ", each method in its own process")
-    if first.get("baseline_b"):
-        memory += (f"; baseline (in use before the model was built) {_mib(first['baseline_b'])}"
-                   f" MiB for {first['method']}")
-    if first.get("malloc_mmap_threshold"):
-        memory += (f"; glibc MALLOC_MMAP_THRESHOLD_={first['malloc_mmap_threshold']} (tensors "
-                   "freed go back to the system, so peak RSS follows live memory)")
+    first, seeds = ok[0] if ok else {}, args.seed_list
+    resumed = (f" ({len(args.resumed)} runs, {args.resumed_s:.0f} s, taken from the run cut "
+               "short that `--resume` names: " + ", ".join(
+                   f"{n} seed {sd} lr {lr:g}" for n, sd, lr in args.resumed) + ")"
+               if args.resumed else "")
+    lrs = "the best of `--lr-sweep` per method (see Learning-rate sweep)" if sweep else \
+        "each method's default (common.METHODS)" + (f" or `--lr {args.lr}`" if args.lr else "")
     meta = {
         "command": f"`{C.command_line('shootout.py', argv)}`",
-        "date": date,
+        "date": f"{datetime.datetime.now().isoformat(timespec='seconds')}; total wall time "
+                f"{wall_s:.0f} s{resumed}",
         "versions": C.versions(),
         "device": f"{first.get('device_name', args.device)}; parameters {args.dtype}",
         "corpus": f"{first.get('corpus', '?')} (byte tokens)",
@@ -618,49 +499,29 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float,
         "budget": f"{args.steps} steps x {args.batch_size} x {args.seq_len} = "
                   f"{args.steps * args.batch_size * args.seq_len:,} tokens per method and seed, "
                   + (f"seed {seeds[0]}" if len(seeds) == 1 else
-                     f"seeds {', '.join(map(str, seeds))} (quality and time: mean over seeds, "
-                     "± the standard deviation across seeds; memory: the largest peak)")
-                  + f"; linear warmup {args.warmup} steps then cosine to {MIN_LR_RATIO:g} x lr;"
-                  f" weight decay {args.weight_decay:g}; "
+                     f"seeds {', '.join(map(str, seeds))} (quality and time: mean ± standard "
+                     "deviation over seeds; memory: the largest peak)")
+                  + f"; linear warmup {args.warmup} steps then cosine to {MIN_LR_RATIO:g} x lr"
+                  f"; weight decay {args.weight_decay:g}; "
                   + (f"gradient clipping at norm {args.clip:g} (global; per parameter in "
                      "per-layer mode: see Gradient clipping)" if args.clip else
                      "no grad clipping"),
-        "learning rates": "the best of `--lr-sweep` per method (see Learning-rate sweep)"
-                          if sweep else "each method's default (`benchmarks/common.py` METHODS)"
-                          + (f", overridden by `--lr {args.lr}`" if args.lr else ""),
-        "GaLore": f"rank {args.rank}, update_proj_gap {args.update_proj_gap}, scale "
-                  f"{args.scale:g}, on attention and MLP matrices (`param_groups(target_modules="
-                  "('attn', 'mlp'))`); embeddings, head and norms plain AdamW",
-        "validation": f"{args.eval_batches} fixed batches ({args.eval_batches * args.batch_size}"
-                      f" windows of {args.seq_len} bytes); loss in nats per byte, "
-                      "ppl = exp(loss)",
-        "memory": memory,
-    }
-    body = [make_table(results), "", NOTES, *seed_table(results, args, bool(sweep)),
-            *clipping_notes(results), *sweep_notes(sweep or [], results, args)]
-    if targets := target_table(results):
-        body += ["", "## Targets (issue #7)", "", "Perplexities and tokens/s are the means over "
-                 "the seeds above; the peak is above each process's baseline.", "", targets]
+        "optimizers": f"lr: {lrs}; rank {args.rank}, update_proj_gap {args.update_proj_gap}, "
+                      f"scale {args.scale:g} on the attention and MLP matrices",
+        "validation": f"{args.eval_batches} fixed batches; loss in nats per byte, ppl = exp",
+        "memory": first.get("memory_kind", "?") + (
+            " in one process (--in-process): indicative only" if args.in_process
+            else ", each method in its own process")
+        + (f"; baseline {mib(first['baseline_b'])} MiB" if first.get("baseline_b") else "")
+        + (f"; MALLOC_MMAP_THRESHOLD_={first['malloc_mmap_threshold']}"
+           if first.get("malloc_mmap_threshold") else "")}
+    body = [make_table(results), "", NOTES, *sections(results, args, sweep)]
     return C.write_report(None, "Optimizer shoot-out", meta, "\n".join(body))
 
 
-def _bars(ax, ok, parts, ylabel, title, labels):
-    """Stacked bars, one per method: ``parts`` is [(label, values)]; ``labels`` on top."""
-    names, bottom = [r["method"] for r in ok], [0.0] * len(ok)
-    for label, vals in parts:
-        vals = [max(0.0, v or 0) for v in vals]
-        ax.bar(names, vals, bottom=bottom, label=label, edgecolor="white", width=0.65)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    for i, text in enumerate(labels):
-        ax.text(i, bottom[i], text, ha="center", va="bottom", fontsize=9)
-    ax.set(ylabel=ylabel, title=title, ylim=(0, max(bottom) * 1.15 or 1))
-    ax.tick_params(axis="x", labelrotation=12)
-    ax.legend(fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-
-
 def make_plot(results: list[dict], args, path: Path) -> bool:
-    """Validation-loss curves, time per step, exact bytes and peak memory above baseline."""
+    """Validation-loss curves, and peak memory above baseline split into weights,
+    gradients, optimizer state and activations+other (labels: the peak and tokens/s)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -668,126 +529,106 @@ def make_plot(results: list[dict], args, path: Path) -> bool:
     except ImportError:
         print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
-    ok = [r for r in results if not r.get("error")]
-    if not ok:
+    if not (ok := [r for r in results if not r.get("error")]):
         return False
-    fig, axes = plt.subplots(2, 2, figsize=(16, 11))
-    ax, tokens = axes[0, 0], args.batch_size * args.seq_len / 1e6
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(17, 6.5))
     for r in ok:
         steps, losses = zip(*r["curve"])
-        ax.plot([s * tokens for s in steps], losses, marker="o", ms=3, lw=1.6,
-                label=f"{r['method']}  (final {r['val_loss']:.3f}, ppl {r['val_ppl']:.2f})")
+        ax.plot([s * args.batch_size * args.seq_len / 1e6 for s in steps], losses, marker="o",
+                ms=3, label=f"{r['method']}  (final {r['val_loss']:.3f}, ppl {r['val_ppl']:.2f})")
     late = [v for r in ok for _, v in r["curve"][2:] if math.isfinite(v)]
-    if late and max(late) > min(late):
+    if late and max(late) > min(late):   # from the third point on: the first ones dwarf the rest
         ax.set_ylim(min(late) - 0.05 * (max(late) - min(late)), max(late))
     ax.set(xlabel="training tokens (M)", ylabel="validation loss (nats/byte)",
            title="Validation loss (same data, same token budget)")
-    ax.legend(fontsize=9)
-    ax.grid(alpha=0.3)
-    apart = lambda k: [None if r["per_layer"] else r[k] for r in ok]   # per-layer: fused
-    _bars(axes[0, 1], ok, [("forward", [r["fwd_ms"] for r in ok]), ("backward", apart("bwd_ms")),
-                           ("optimizer step", apart("step_ms")),
-                           ("backward + step (per-layer)",
-                            [r["bwd_step_ms"] if r["per_layer"] else 0 for r in ok])],
-          "ms per training step (mean)", "Time per step",
-          [f"{r['tokens_per_s']:,.0f} tok/s" if r["tokens_per_s"] else "" for r in ok])
-    mib = lambda k: [(r[k] or 0) / 2 ** 20 for r in ok]
-    parts = [("weights", mib("weights_b")), ("gradients", mib("grads_b")),
-             ("optimizer state", mib("state_b"))]
-    exact = [sum(v) for v in zip(*(p[1] for p in parts))]
-    ref = next((i for i, r in enumerate(ok) if r["method"] == "adamw"), 0)
-    _bars(axes[1, 0], ok, parts, "MiB", "Weights + gradients + optimizer state (exact bytes; "
-          f"× vs {ok[ref]['method']})", [f"{e:.2f} ({e / exact[ref]:.2f}×)" for e in exact])
+    names, bottom = [r["method"] for r in ok], [0.0] * len(ok)
+    for label, key in (("weights", "weights_b"), ("gradients", "grads_b"),
+                       ("optimizer state", "state_b"), ("activations + other", "act_other_b")):
+        vals = [max(0.0, (r[key] or 0) / 2 ** 20) for r in ok]
+        bx.bar(names, vals, bottom=bottom, label=label, width=0.65)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, r in enumerate(ok):
+        bx.text(i, bottom[i], f"{mib(r['peak_above_b'])}\n{num(r['tokens_per_s'], ',.0f')} tok/s",
+                ha="center", va="bottom", fontsize=9)
     where = "GPU max allocated" if args.device.startswith("cuda") else "peak RSS"
-    _bars(axes[1, 1], ok, parts + [("activations + other", mib("act_other_b"))], "MiB",
-          f"Peak memory: {where} above baseline",
-          [f"{v:.1f}" for v in mib("peak_above_b")])
+    bx.set(ylabel="MiB", title=f"Peak memory: {where} above baseline",
+           ylim=(0, max(bottom) * 1.2 or 1))
+    bx.tick_params(axis="x", labelrotation=12)
+    for x in (ax, bx):
+        x.legend(fontsize=9)
+        x.grid(alpha=0.3)
     cfg = C.get_config(args.config)
     fig.suptitle(f"{args.config} (dim {cfg.dim}, {cfg.n_layers} layers, "
                  f"{ok[0]['params'] / 1e6:.2f}M params), {args.steps} steps x {args.batch_size}"
-                 f" x {args.seq_len} bytes, {args.device}", fontsize=13)
+                 f" x {args.seq_len} bytes, {args.device}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
 
-# ---------------------------------------------------------------------------------------
-# Driver: sweep, seeds, --resume, --report-from
-# ---------------------------------------------------------------------------------------
+# --- Driver: sweep, seeds, --resume ---
 
 def main(argv=None) -> dict:
     """Run the shoot-out; returns ``{"results", "runs", "sweep", "table", "out", "files",
     "wall_s", "args"}``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, threads = parse_args(argv), torch.get_num_threads()
+    if args._worker:
+        raise SystemExit(_worker(args._worker))
+    torch.set_num_threads(args.threads or threads)
     try:
-        if args._worker:
-            raise SystemExit(_worker(args._worker))
-        if args.report_from:
-            return _report_from(Path(args.report_from), args.out, args.no_plot)
         return _main(resolve(args), argv)
     finally:
         torch.set_num_threads(threads)
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> dict:
-    out = Path(args.out) if args.out else ROOT / "runs" / (
-        "shootout-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = Path(args.out or ROOT / "runs" / datetime.datetime.now().strftime(
+        "shootout-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    print(f"shoot-out: {', '.join(args.method_list)} on {args.config}, {args.steps} steps x "
-          f"{args.batch_size} x {args.seq_len}, device {args.device} -> {out}", file=sys.stderr)
+    t0, log = time.perf_counter(), lambda msg: print(msg, file=sys.stderr, flush=True)
+    log(f"shoot-out: {', '.join(args.method_list)} on {args.config}, {args.steps} steps x "
+        f"{args.batch_size} x {args.seq_len}, device {args.device} -> {out}")
     corpus = C.load_corpus(args.data) if args.in_process else None
     args.select_eval = bool(args.sweep_grid)
     sweep, runs, pool = [], [], load_resume(args.resume, argv) if args.resume else []
     args.resumed, args.resumed_s = [], 0.0   # (method, seed, lr) taken from --resume
 
-    with tempfile.TemporaryDirectory() as tmp:
-        def run(name, seed, lr, into):
-            same = lambda r: (r["method"], r["seed"], r["lr"]) == (name, seed, lr)
-            if into is runs and (won := next(filter(same, sweep), None)):  # the sweep's run
-                into.append(dict(won))
-                return won
-            if old := next((r for r in pool if same(r) and not r.get("error")), None):
-                into.append(dict(old))
-                args.resumed.append((name, seed, lr))
-                args.resumed_s += old.get("wall_s") or 0.0
-                return old
-            run_args = argparse.Namespace(**{**vars(args), "seed": seed,
-                                             "lrs": {**args.lrs, name: lr}})
-            t = time.perf_counter()
-            if args.in_process:
-                r = _run_guarded(name, run_args, corpus)
-                gc.collect()
-            else:
-                r = _run_subprocess(name, run_args, Path(tmp))
-            r.update(seed=seed, lr=lr, wall_s=time.perf_counter() - t)
-            into.append(r)
-            (out / "partial.json").write_text(json.dumps(dict(  # should the run be cut short
-                argv=argv, sweep=sweep, runs=runs, lrs=args.lrs), indent=1))
-            return r
+    def run(name, seed, lr, into):
+        same = lambda r: (r["method"], r["seed"], r["lr"]) == (name, seed, lr)
+        if into is runs and (won := next(filter(same, sweep), None)):  # the sweep's run
+            into.append(dict(won))
+            return won
+        if old := next((r for r in pool if same(r) and not r.get("error")), None):
+            args.resumed.append((name, seed, lr))
+            args.resumed_s += old.get("wall_s") or 0.0
+            into.append(dict(old))
+            return old
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed, "lrs": {**args.lrs, name: lr}})
+        t = time.perf_counter()
+        r = _run_guarded(name, run_args, corpus) if args.in_process else \
+            _run_subprocess(name, run_args, out / f"{name}.{seed}")
+        gc.collect()
+        r.update(seed=seed, lr=lr, wall_s=time.perf_counter() - t)
+        into.append(r)
+        (out / "partial.json").write_text(json.dumps(dict(  # should the run be cut short
+            argv=argv, sweep=sweep, runs=runs, lrs=args.lrs), indent=1))
+        return r
 
-        first = args.seed_list[0]
-        for name, rates in args.sweep_grid.items():
-            for lr in rates:
-                r = run(name, first, lr, sweep)
-                print(f"sweep {name} lr {lr:g}: select loss {r.get('select_loss')}",
-                      file=sys.stderr, flush=True)
-            args.lrs[name] = best_rate(sweep, name)
-        for name, parent in args.inherits.items():
-            args.lrs[name] = args.lrs[parent]
-        if args.sweep_grid:
-            print("chosen rates: " + ", ".join(f"{n} {v:g}" for n, v in args.lrs.items()),
-                  file=sys.stderr, flush=True)
-        # a sweep runs seed by seed, so that a run cut short leaves whole seeds
-        order = [(n, s) for s in args.seed_list for n in args.method_list] if args.sweep_grid \
-            else [(n, s) for n in args.method_list for s in args.seed_list]
-        for name, seed in order:
-            run(name, seed, args.lrs[name], runs)
+    for name, rates in args.sweep_grid.items():      # on the first seed
+        for lr in rates:
+            r = run(name, args.seed_list[0], lr, sweep)
+            log(f"sweep {name} lr {lr:g}: select loss {r.get('select_loss')}")
+        args.lrs[name] = best_rate(sweep, name)
+    args.lrs.update({name: args.lrs[parent] for name, parent in args.inherits.items()})
+    if args.sweep_grid:
+        log("chosen rates: " + ", ".join(f"{n} {v:g}" for n, v in args.lrs.items()))
+    # a sweep runs seed by seed, so that a run cut short leaves whole seeds
+    order = [(n, s) for s in args.seed_list for n in args.method_list] if args.sweep_grid \
+        else [(n, s) for n in args.method_list for s in args.seed_list]
+    for name, seed in order:
+        run(name, seed, args.lrs[name], runs)
     runs.sort(key=lambda r: (args.method_list.index(r["method"]),
                              args.seed_list.index(r["seed"])))
     written = _write(runs, args, argv, time.perf_counter() - t0 + args.resumed_s, out, sweep)
@@ -810,9 +651,7 @@ def load_resume(path: str, argv: list[str]) -> list[dict]:
         raise SystemExit(f"--resume {path}: {e}")
     mine, theirs = resolve(parse_args(argv)), resolve(parse_args(saved["argv"]))
     differ = [k for k in _SAME if getattr(mine, k) != getattr(theirs, k)]
-    # runs are matched by method, seed and rate, whatever grid they came from; only a sweep
-    # scores runs on the selection windows
-    if bool(mine.sweep_grid) != bool(theirs.sweep_grid):
+    if bool(mine.sweep_grid) != bool(theirs.sweep_grid):   # only a sweep scores selection
         differ.append("--lr-sweep (one run sweeps, the other does not)")
     if differ:
         raise SystemExit(f"--resume {path}: that run differs in {', '.join(differ)}")
@@ -828,19 +667,10 @@ def best_rate(sweep: list[dict], name: str) -> float:
     return min((r for r in sweep if r["method"] == name), key=key)["lr"]
 
 
-def _report_from(path: Path, out: str | None, no_plot: bool) -> dict:
-    saved = json.loads(path.read_text())
-    args = argparse.Namespace(**saved["args"])
-    args.no_plot, args.rendered_from = no_plot, str(path)
-    out = Path(out) if out else path.parent
-    out.mkdir(parents=True, exist_ok=True)
-    return _write(saved["runs"], args, saved["argv"], saved["wall_s"], out, saved.get("sweep"))
-
-
 def _write(runs: list[dict], args: argparse.Namespace, argv: list[str], wall: float,
-           out: Path, sweep: list[dict] | None = None) -> dict:
+           out: Path, sweep: list[dict]) -> dict:
     """Aggregate the runs over seeds, then write results.md, results.json and the plot."""
-    results, sweep = aggregate(runs), sweep or []
+    results = aggregate(runs)
     add_estimates(results, args)
     report = make_report(results, args, argv, wall, sweep)
     files = {"table": out / "results.md", "json": out / "results.json"}
@@ -849,9 +679,7 @@ def _write(runs: list[dict], args: argparse.Namespace, argv: list[str], wall: fl
                                              results=results, runs=runs, sweep=sweep), indent=1))
     if not args.no_plot and make_plot(results, args, out / "shootout.png"):
         files["plot"] = out / "shootout.png"
-    print("\n" + report)
-    for k, v in files.items():
-        print(f"{k}: {v}")
+    print("\n" + report + "".join(f"\n{k}: {v}" for k, v in files.items()))
     return dict(results=results, runs=runs, table=report, out=out, files=files, wall_s=wall,
                 args=args, sweep=sweep)
 

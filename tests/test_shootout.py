@@ -182,17 +182,6 @@ def test_quantized_methods_match_the_estimator(tmp_path):
                                                                 abs=1e-5)
 
 
-def test_report_from_saved_json(tmp_path):
-    first = shootout.main(MICRO + ["--steps", "2", "--methods", "adamw", "--in-process",
-                                   "--no-plot", "--out", str(tmp_path / "a")])
-    again = shootout.main(["--report-from", str(tmp_path / "a" / "results.json"), "--no-plot",
-                           "--out", str(tmp_path / "b")])
-    assert again["results"][0]["val_loss"] == first["results"][0]["val_loss"]
-    strip = lambda t: [l for l in t.splitlines() if not l.startswith(("- date", "- versions"))]
-    assert strip(again["table"]) == strip(first["table"])
-    assert "--report-from" in again["table"]
-
-
 def test_peak_models_block_is_the_block_that_activation_bytes_counts():
     """The peak model walks backward block by block with ``block_bytes``: one more layer
     adds exactly that many saved bytes to ``activation_bytes`` (both with flash
@@ -305,10 +294,6 @@ def test_lr_sweep_picks_on_the_selection_windows(tmp_path):
     assert not (tmp_path / "partial.json").exists()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["sweep"]) == 4
-    again = shootout.main(["--report-from", str(tmp_path / "results.json"), "--no-plot",
-                           "--out", str(tmp_path / "b")])
-    strip = lambda t: [l for l in t.splitlines() if not l.startswith(("- date", "- versions"))]
-    assert strip(again["table"]) == strip(table)
 
 
 def test_resume_reuses_the_runs_of_a_run_cut_short(tmp_path):
