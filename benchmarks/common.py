@@ -87,11 +87,9 @@ def load_corpus(path: Optional[str] = None, val_fraction: float = 0.05,
 
 
 class Batches:
-    """Random training windows (seeded: every method sees the same data in the same order)
-    and fixed, evenly spaced validation windows (``val``). ``select``: as many windows
-    less one, each halfway between two of ``val``'s (no byte in common with them when the
-    validation split holds at least two windows' worth per ``val`` window,
-    ``select_disjoint``), for choosing hyperparameters on other data than the reported."""
+    """Seeded random training windows and fixed, evenly spaced validation windows (``val``);
+    ``select``: the windows halfway between ``val``'s (``select_disjoint``: no byte in
+    common with them), for choosing hyperparameters on other data than the reported."""
 
     def __init__(self, corpus: Corpus, batch_size: int, seq_len: int, seed: int,
                  eval_batches: int, device: torch.device):
@@ -155,8 +153,8 @@ def get_config(name: str, **overrides) -> ModelConfig:
     key = name if name in CONFIGS else f"llama_{name}"
     if key not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(CONFIGS[key], **overrides)
+    return dataclasses.replace(CONFIGS[key], **{k: v for k, v in overrides.items()
+                                                if v is not None})
 
 
 class RMSNorm(nn.Module):
@@ -540,8 +538,7 @@ def state_bytes(optimizer: torch.optim.Optimizer, held: bool = False) -> int:
                 tensor_bytes(t) for t in _state_tensors(optimizer)}.values())
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+_cdiv = lambda a, b: -(-a // b)   # ceil(a / b)
 
 
 def matrix_shapes(model: nn.Module, target_modules=("attn", "mlp")) -> list[tuple]:

@@ -3,11 +3,9 @@ loss, time per step, exact bytes and peak memory. What it measures and how: the
 "shootout.py" section of docs/benchmarks.md.
 
     python benchmarks/shootout.py                      # the default methods, ~17 min on 2 CPU cores
-    python benchmarks/shootout.py --methods adamw,galore --steps 200
-    python benchmarks/shootout.py --config small --device cuda --steps 2000
-    python benchmarks/shootout.py --data ~/my_text_folder --config llama_60m --vocab-size 256
+    python benchmarks/shootout.py --methods adamw,galore,galore+state_on_refresh=keep --steps 200
+    python benchmarks/shootout.py --config small --device cuda --steps 2000 --data ~/my_text
     python benchmarks/shootout.py --lr-sweep 0.5,1,2 --seeds 0,1,2   # tuned rates, 3 seeds
-    python benchmarks/shootout.py --methods galore+state_on_refresh=keep,galore+state_on_refresh=project
 """
 from __future__ import annotations
 
@@ -253,8 +251,7 @@ def _run_guarded(name: str, args: argparse.Namespace, corpus=None) -> dict:
 def _worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     args = argparse.Namespace(**spec["args"])     # the parent's resolved arguments
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     Path(spec["result"]).write_text(json.dumps(_run_guarded(spec["method"], args)))
     return 0
 
@@ -292,14 +289,12 @@ def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
     for name in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == name]
-        bad = next((r for r in rs if r.get("error")), None)
+        seeds, bad = [r["seed"] for r in rs], next((r for r in rs if r.get("error")), None)
         if len(rs) == 1 or bad:
             rows.append(rs[0] if len(rs) == 1 else dict(
-                method=name, seeds=[r["seed"] for r in rs],
-                error=f"seed {bad['seed']}: {bad['error']}"))
+                method=name, seeds=seeds, error=f"seed {bad['seed']}: {bad['error']}"))
             continue
-        row = dict(rs[0], seeds=[r["seed"] for r in rs],
-                   val_ppl_seeds=[r["val_ppl"] for r in rs],
+        row = dict(rs[0], seeds=seeds, val_ppl_seeds=[r["val_ppl"] for r in rs],
                    val_ppl_std=statistics.stdev(r["val_ppl"] for r in rs),
                    diverged_at=next((r["diverged_at"] for r in rs if r["diverged_at"]), None))
         for k in _MEAN_KEYS:
@@ -420,8 +415,8 @@ NOTES = ("¹ per-layer mode (`opt.register_hooks(model)`): the update runs insid
 
 
 def _loss_cell(r: dict) -> str:
-    return f"{r['val_loss']:.4f}" + (f" (diverged at {r['diverged_at']})"
-                                     if r.get("diverged_at") else "")
+    div = f" (diverged at {r['diverged_at']})" if r.get("diverged_at") else ""
+    return f"{r['val_loss']:.4f}{div}"
 
 
 def _clip_row(r: dict) -> list:
@@ -557,10 +552,8 @@ def make_plot(results: list[dict], args, path: Path) -> bool:
     for x in (ax, bx):
         x.legend(fontsize=9)
         x.grid(alpha=0.3)
-    cfg = C.get_config(args.config)
-    fig.suptitle(f"{args.config} (dim {cfg.dim}, {cfg.n_layers} layers, "
-                 f"{ok[0]['params'] / 1e6:.2f}M params), {args.steps} steps x {args.batch_size}"
-                 f" x {args.seq_len} bytes, {args.device}")
+    fig.suptitle(f"{args.config} ({ok[0]['params'] / 1e6:.2f}M params), {args.steps} steps x "
+                 f"{args.batch_size} x {args.seq_len} bytes, {args.device}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
