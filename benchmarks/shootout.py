@@ -9,7 +9,7 @@ loss, time per step, exact bytes and peak memory. What it measures and how: the
 """
 from __future__ import annotations
 
-import argparse, datetime, gc, json, math, os, statistics, subprocess, sys, time
+import argparse, dataclasses, datetime, gc, json, math, os, statistics, subprocess, sys, time
 import traceback
 from pathlib import Path
 
@@ -70,9 +70,8 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
         methods = {n: C.method(n) for n in names}
     except ValueError as e:
         raise SystemExit(str(e))
-    missing = [f"{n} (needs {', '.join(m.requires)})" for n, m in methods.items()
-               if not m.available()]
-    if missing:
+    if missing := [f"{n} (needs {', '.join(m.requires)})" for n, m in methods.items()
+                   if not m.available()]:
         raise SystemExit(f"not available here: {', '.join(missing)}")
     a.seq_len, a.rank, a.method_list = a.seq_len or cfg.seq_len, a.rank or cfg.dim // 4, names
     a.warmup = max(1, a.steps // 10) if a.warmup is None else a.warmup
@@ -440,7 +439,7 @@ def sections(results: list[dict], args, sweep: list[dict]) -> list[str]:
     if seeded := [r for r in results if "val_ppl_seeds" in r]:
         rest = args.seed_list[1:] if sweep else []   # the seeds that did not choose the rate
         extra = [f"mean of seed{'s' * (len(rest) > 1)} {', '.join(map(str, rest))} (not used "
-                 "to choose the rate)"] if rest else []
+                 "to choose the rate)"] * bool(rest)
         out += ["", "Validation perplexity per seed:", "", C.md_table(
             ["method", *(f"seed {s}" for s in args.seed_list), "mean", *extra],
             [[r["method"], *(f"{v:.3f}" for v in r["val_ppl_seeds"]), f"{r['val_ppl']:.3f}"]
@@ -488,8 +487,7 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float,
         "versions": C.versions(),
         "device": f"{first.get('device_name', args.device)}; parameters {args.dtype}",
         "corpus": f"{first.get('corpus', '?')} (byte tokens)",
-        "model": f"`{args.config}` dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
-                 f"mlp {cfg.mlp_hidden}, vocab {cfg.vocab_size}"
+        "model": f"`{args.config}` {dataclasses.asdict(cfg)}"
                  + (f", {first['params'] / 1e6:.3f}M parameters" if ok else ""),
         "budget": f"{args.steps} steps x {args.batch_size} x {args.seq_len} = "
                   f"{args.steps * args.batch_size * args.seq_len:,} tokens per method and seed, "
@@ -577,8 +575,7 @@ def main(argv=None) -> dict:
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> dict:
-    out = Path(args.out or ROOT / "runs" / datetime.datetime.now().strftime(
-        "shootout-%Y%m%d-%H%M%S"))
+    out = Path(args.out or ROOT / "runs" / time.strftime("shootout-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     t0, log = time.perf_counter(), lambda msg: print(msg, file=sys.stderr, flush=True)
     log(f"shoot-out: {', '.join(args.method_list)} on {args.config}, {args.steps} steps x "
@@ -615,8 +612,6 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
             log(f"sweep {name} lr {lr:g}: select loss {r.get('select_loss')}")
         args.lrs[name] = best_rate(sweep, name)
     args.lrs.update({name: args.lrs[parent] for name, parent in args.inherits.items()})
-    if args.sweep_grid:
-        log("chosen rates: " + ", ".join(f"{n} {v:g}" for n, v in args.lrs.items()))
     # a sweep runs seed by seed, so that a run cut short leaves whole seeds
     order = [(n, s) for s in args.seed_list for n in args.method_list] if args.sweep_grid \
         else [(n, s) for n in args.method_list for s in args.seed_list]
@@ -629,10 +624,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
     return written
 
 
-# what two runs must share for one to reuse the other's measurements (--resume)
-_SAME = ("config", "vocab_size", "steps", "batch_size", "seq_len", "lr", "clip", "warmup",
-         "weight_decay", "rank", "update_proj_gap", "scale", "eval_every", "eval_batches",
-         "device", "dtype", "threads", "data", "in_process", "malloc_default")
+# the arguments two runs may differ in when one reuses the other's measurements (--resume)
+_FREE = ("methods", "lr_sweep", "seed", "seeds", "out", "no_plot", "quiet", "resume", "_worker")
 
 
 def load_resume(path: str, argv: list[str]) -> list[dict]:
@@ -643,7 +636,8 @@ def load_resume(path: str, argv: list[str]) -> list[dict]:
     except (OSError, ValueError) as e:
         raise SystemExit(f"--resume {path}: {e}")
     mine, theirs = resolve(parse_args(argv)), resolve(parse_args(saved["argv"]))
-    differ = [k for k in _SAME if getattr(mine, k) != getattr(theirs, k)]
+    differ = [k for k in vars(parse_args([])) if k not in _FREE
+              and getattr(mine, k) != getattr(theirs, k)]
     if bool(mine.sweep_grid) != bool(theirs.sweep_grid):   # only a sweep scores selection
         differ.append("--lr-sweep (one run sweeps, the other does not)")
     if differ:
