@@ -529,7 +529,7 @@ def make_plot(results: list[dict], args, path: Path) -> bool:
         steps, losses = zip(*r["curve"])
         ax.plot([s * args.batch_size * args.seq_len / 1e6 for s in steps], losses, marker="o",
                 ms=3, label=f"{r['method']}  (final {r['val_loss']:.3f}, ppl {r['val_ppl']:.2f})")
-    late = [v for r in ok for _, v in r["curve"][2:] if math.isfinite(v)]
+    late = [v for r in ok for _, v in r["curve"][2:] if math.isfinite(v) and len(r["curve"]) > 4]
     if late and max(late) > min(late):   # from the third point on: the first ones dwarf the rest
         ax.set_ylim(min(late) - 0.05 * (max(late) - min(late)), max(late))
     ax.set(xlabel="training tokens (M)", ylabel="validation loss (nats/byte)",
@@ -545,10 +545,11 @@ def make_plot(results: list[dict], args, path: Path) -> bool:
                 ha="center", va="bottom", fontsize=9)
     where = "GPU max allocated" if args.device.startswith("cuda") else "peak RSS"
     bx.set(ylabel="MiB", title=f"Peak memory: {where} above baseline",
-           ylim=(0, max(bottom) * 1.2 or 1))
+           ylim=(0, max(bottom) * 1.3 or 1))
     bx.tick_params(axis="x", labelrotation=12)
+    ax.legend(fontsize=9)
+    bx.legend(fontsize=9, ncol=4, loc="upper center")
     for x in (ax, bx):
-        x.legend(fontsize=9)
         x.grid(alpha=0.3)
     fig.suptitle(f"{args.config} ({ok[0]['params'] / 1e6:.2f}M params), {args.steps} steps x "
                  f"{args.batch_size} x {args.seq_len} bytes, {args.device}")
