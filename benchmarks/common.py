@@ -1,37 +1,12 @@
-"""Shared pieces of the benchmarks: an offline corpus, a LLaMA-style model, the optimizer
-registry and measurement helpers.
-
-* Corpus: by default the Python standard library's own ``.py`` files (found through
-  ``sysconfig``; ``site-packages`` and test directories skipped), read in sorted order and
-  split by a hash of each file's relative path into train (~95%) and validation (~5%).
-  Tokens are bytes (vocabulary 256): nothing to download, nothing to train. ``load_corpus
-  (path)`` takes any other text file or folder instead.
-* Model: :class:`LlamaLM`, a compact LLaMA-style causal LM (RMSNorm, rotary positions,
-  SwiGLU MLP, ``scaled_dot_product_attention``, untied embedding and head) whose attention
-  and MLP modules are called ``attn`` and ``mlp``, so ``lowrank_optim.param_groups(model,
-  target_modules=("attn", "mlp"))`` picks exactly the papers' matrices. :data:`CONFIGS`
-  holds the papers' sizes and small CPU ones.
-* :data:`METHODS`: the one method registry of every script (name -> :class:`Method`: the
-  model swap, the optimizer factory, the default learning rate). Adding a method is one
-  ``Method(name, factory, lr, description)`` entry; ``method("NAME+key=value")`` adds
-  optimizer keywords to an entry.
-* Measurement: exact bytes of weights / gradients / optimizer state, the one closed form of
-  those bytes (:func:`closed_form`), the one memory meter (:class:`MemoryMeter`: VmHWM on
-  CPU, ``torch.cuda.max_memory_allocated`` on CUDA), a synchronising timer.
-* Reports: :func:`md_table` and :func:`write_report` (title, ``- key: value`` header lines
-  with command, versions and device, body).
+"""Shared pieces of the benchmarks (docs/benchmarks.md): the offline corpus (the Python
+stdlib's sources as byte tokens), the one LLaMA-style model (:class:`LlamaLM`), the one
+method registry (:data:`METHODS`, :func:`method`), exact byte counts and their one closed
+form (:func:`closed_form`), the one memory meter (:class:`MemoryMeter`), a timer, and the
+Markdown writer (:func:`md_table`, :func:`write_report`).
 """
 from __future__ import annotations
 
-import ast
-import dataclasses
-import hashlib
-import math
-import os
-import platform
-import subprocess
-import sysconfig
-import time
+import ast, dataclasses, hashlib, math, os, platform, shlex, subprocess, sys, sysconfig, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,9 +17,7 @@ from torch import Tensor, nn
 
 from _paths import ROOT  # also puts the checkout's package first on sys.path
 
-# ---------------------------------------------------------------------------------------
-# Corpus
-# ---------------------------------------------------------------------------------------
+# --- Corpus ---
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
@@ -66,57 +39,42 @@ class Corpus:
                 f", {size(self.val.numel())} validation bytes{files(self.n_val_files)}")
 
 
-def _is_val(rel: str, val_fraction: float) -> bool:
-    """Deterministic file-level split: the first 8 bytes of sha1(relative path)."""
-    h = int.from_bytes(hashlib.sha1(rel.encode()).digest()[:8], "big")
-    return h / 2 ** 64 < val_fraction
-
-
-def _text_files(root: Path, suffixes: Optional[tuple], skip_dirs: set) -> list[Path]:
+def _text_files(root: Path, suffixes, skip_dirs: set) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
-        for f in sorted(filenames):
-            if suffixes is None or f.endswith(suffixes):
-                out.append(Path(dirpath) / f)
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
+        out += [Path(dirpath) / f for f in filenames if f.endswith(suffixes)]
     return sorted(out)
 
 
 def load_corpus(path: Optional[str] = None, val_fraction: float = 0.05,
                 min_val_bytes: int = 1 << 16) -> Corpus:
-    """The default corpus (stdlib sources) or the text file / folder at ``path``.
-
-    Folders are split by file (hash of the relative path); files that look binary (a NUL
-    byte) are skipped. A single file, or a folder whose hash split leaves fewer than
-    ``min_val_bytes`` of validation text, is split by position instead: the last
-    ``val_fraction`` of the bytes is validation.
-    """
+    """The stdlib's ``.py`` files, or the text file / folder at ``path``, split by file (a
+    hash of the relative path; binary files, with a NUL byte, skipped). A single file, or a
+    split with under ``min_val_bytes`` of validation text, is split by position instead:
+    the last ``val_fraction`` of the bytes is validation."""
+    root = Path(sysconfig.get_paths()["stdlib"] if path is None else path)
     if path is None:
-        root = Path(sysconfig.get_paths()["stdlib"])
-        files, name = _text_files(root, (".py",), SKIP_DIRS), f"python{sysconfig.get_python_version()} stdlib .py"
+        files, name = _text_files(root, ".py", SKIP_DIRS), \
+            f"python{sysconfig.get_python_version()} stdlib .py"
+    elif not root.exists():
+        raise FileNotFoundError(f"--data {path}: no such file or folder")
     else:
-        root = Path(path)
-        if not root.exists():
-            raise FileNotFoundError(f"--data {path}: no such file or folder")
-        if root.is_file():
-            files, root, name = [root], root.parent, str(path)
-        else:
-            files, name = _text_files(root, None, {"__pycache__"}), str(path)
-    train, val, n_train, n_val = [], [], 0, 0
+        files = [root] if root.is_file() else _text_files(root, "", {"__pycache__"})
+        name = str(path)
+        root = root.parent if root.is_file() else root
+    split = {False: [], True: []}   # is validation -> the files' bytes
     for f in files:
         try:
             data = f.read_bytes()
         except OSError:
             continue
-        if not data or b"\x00" in data:
-            continue
-        data = data if data.endswith(b"\n") else data + b"\n"
-        if _is_val(f.relative_to(root).as_posix(), val_fraction):
-            val.append(data)
-            n_val += 1
-        else:
-            train.append(data)
-            n_train += 1
+        if data and b"\x00" not in data:
+            h = hashlib.sha1(f.relative_to(root).as_posix().encode()).digest()[:8]
+            split[int.from_bytes(h, "big") / 2 ** 64 < val_fraction].append(
+                data if data.endswith(b"\n") else data + b"\n")
+    train, val = split[False], split[True]
+    n_train, n_val = len(train), len(val)
     if not train and not val:
         raise ValueError(f"no text found in {name}")
     if sum(map(len, val)) < min_val_bytes:  # too few files for a file-level split
@@ -129,11 +87,9 @@ def load_corpus(path: Optional[str] = None, val_fraction: float = 0.05,
 
 
 class Batches:
-    """Random training windows (seeded: every method sees the same data in the same order)
-    and fixed, evenly spaced validation windows (``val``). ``select``: as many windows
-    less one, each halfway between two of ``val``'s (no byte in common with them when the
-    validation split holds at least two windows' worth per ``val`` window,
-    ``select_disjoint``), for choosing hyperparameters on other data than the reported."""
+    """Seeded random training windows and fixed, evenly spaced validation windows (``val``);
+    ``select``: the windows halfway between ``val``'s (``select_disjoint``: no byte in
+    common with them), for choosing hyperparameters on other data than the reported."""
 
     def __init__(self, corpus: Corpus, batch_size: int, seq_len: int, seed: int,
                  eval_batches: int, device: torch.device):
@@ -163,9 +119,7 @@ class Batches:
         return self._windows(self.corpus.train, starts)
 
 
-# ---------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------
+# --- Model ---
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -199,8 +153,8 @@ def get_config(name: str, **overrides) -> ModelConfig:
     key = name if name in CONFIGS else f"llama_{name}"
     if key not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(CONFIGS[key], **overrides)
+    return dataclasses.replace(CONFIGS[key], **{k: v for k, v in overrides.items()
+                                                if v is not None})
 
 
 class RMSNorm(nn.Module):
@@ -228,20 +182,16 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.dim % cfg.n_heads:
-            raise ValueError(f"dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}")
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
-        self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.n_heads = cfg.n_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(cfg.dim, cfg.dim, bias=False) for _ in range(4))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, t, d = x.shape
-        split = lambda y: y.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        split = lambda y: y.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin),
+                                           v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -250,8 +200,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
+        self.gate_proj, self.up_proj = (nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)
+                                        for _ in range(2))
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -270,13 +220,10 @@ class Block(nn.Module):
 
 
 class LlamaLM(nn.Module):
-    """LLaMA-style causal LM. Parameter names: ``embed``, ``layers.{i}.attn.{q,k,v,o}_proj``,
-    ``layers.{i}.mlp.{gate,up,down}_proj``, ``layers.{i}.{attn,mlp}_norm``, ``norm``,
-    ``lm_head``. Initialisation: normal(0, 0.02), residual outputs (``o_proj``,
-    ``down_proj``) scaled by 1/sqrt(2·n_layers); seed it with ``torch.manual_seed``.
-    ``checkpointing=True`` (or setting ``model.checkpointing``) recomputes each block in
-    backward (``torch.utils.checkpoint``, non-reentrant) instead of keeping its
-    activations; only the blocks' inputs are kept."""
+    """LLaMA-style causal LM (RMSNorm, rotary positions, SwiGLU, untied head); attention and
+    MLP modules named ``attn`` and ``mlp`` (``param_groups(target_modules=("attn", "mlp"))``
+    picks the papers' matrices). Init normal(0, 0.02), ``o_proj``/``down_proj`` scaled by
+    1/sqrt(2·n_layers). ``checkpointing``: recompute each block in backward."""
 
     def __init__(self, cfg: ModelConfig, checkpointing: bool = False):
         super().__init__()
@@ -290,9 +237,8 @@ class LlamaLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(
-                    ("o_proj.weight", "down_proj.weight")) else 0.02
-                nn.init.normal_(p, 0.0, std)
+                residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers) if residual else 0.02)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None):
         t = idx.shape[1]
@@ -301,10 +247,8 @@ class LlamaLM(nn.Module):
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.embed(idx)
         for layer in self.layers:
-            if self.checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin)
+            x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False) \
+                if self.checkpointing and torch.is_grad_enabled() else layer(x, cos, sin)
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
@@ -315,9 +259,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ---------------------------------------------------------------------------------------
-# Method registry: name -> how to swap the model's layers and build the optimizer
-# ---------------------------------------------------------------------------------------
+# --- Method registry: name -> how to swap the model's layers and build the optimizer ---
 
 @dataclass
 class Prepared:
@@ -535,31 +477,23 @@ def method(spec: str) -> Method:
                                    f"{k}={v!r}" for k, v in kw.items()))
 
 
-# ---------------------------------------------------------------------------------------
-# Measurement
-# ---------------------------------------------------------------------------------------
+# --- Measurement ---
 
 def tensor_bytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's ``state_dict()``: the parameters plus persistent buffers such as
-    the scales of quantized weights (not the rotary table, which is not persistent)."""
-    seen, total = set(), 0
-    for t in model.state_dict(keep_vars=True).values():
-        if isinstance(t, Tensor) and id(t) not in seen:
-            seen.add(id(t))
-            total += tensor_bytes(t)
-    return total
+    """Bytes of the model's ``state_dict()``: parameters and persistent buffers (the scales
+    of quantized weights; not the rotary table)."""
+    return sum(tensor_bytes(t) for t in {id(t): t for t in model.state_dict(
+        keep_vars=True).values() if isinstance(t, Tensor)}.values())
 
 
 def stored_tensors(model: nn.Module):
     """``(name, kind, tensor)`` for every tensor the model stores, ``kind`` "p" (parameter)
-    or "b" (buffer). An INT8 weight (``lo.nn.QuantWeight``) is stored as its uint8 codes
-    ("p") and float32 ``_scale``/``_offset`` ("b"), as in ``QuantLinear.state_dict()``."""
+    or "b" (buffer); an INT8 weight as its uint8 codes ("p") and float32 scale/offset ("b")."""
     import lowrank_optim as lo
-
     for name, p in model.named_parameters():
         if isinstance(p, lo.nn.QuantWeight):
             yield name, "p", p.codes
@@ -572,39 +506,31 @@ def stored_tensors(model: nn.Module):
 
 
 def grad_bytes(model: nn.Module, per_layer: bool = False) -> int:
-    """Bytes the gradients take: all trainable parameters' in normal stepping; in per-layer
-    mode only the largest one's, since each gradient is freed right after its update.
-    An INT8 weight (``QuantLinear``) gets a float32 gradient like any float32 parameter."""
+    """Bytes of the trainable parameters' gradients; per-layer mode: the largest one's (each
+    is freed right after its update)."""
     sizes = [tensor_bytes(p) for p in model.parameters() if p.requires_grad]
-    return (max(sizes, default=0) if per_layer else sum(sizes))
+    return max(sizes, default=0) if per_layer else sum(sizes)
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer):
-    """Every tensor reachable from ``optimizer.state``: dicts, lists and plain objects (such
-    as galore-torch's projector) walked, 6 levels deep at most."""
+    """Every tensor reachable from ``optimizer.state`` through dicts, lists and plain
+    objects, 6 levels deep at most."""
     def walk(v, depth=0):
-        if depth > 6:
-            return
         if isinstance(v, Tensor):
             yield v
-        elif isinstance(v, dict):
-            for x in v.values():
-                yield from walk(x, depth + 1)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                yield from walk(x, depth + 1)
-        elif hasattr(v, "__dict__") and not isinstance(v, type):
-            for x in vars(v).values():
-                yield from walk(x, depth + 1)
+            return
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) \
+            else vars(v).values() if hasattr(v, "__dict__") and not isinstance(v, type) else ()
+        for x in children if depth < 6 else ():
+            yield from walk(x, depth + 1)
     for st in optimizer.state.values():
         yield from walk(st)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, held: bool = False) -> int:
-    """Bytes of every tensor in ``optimizer.state``; a tensor shared between parameters
-    (bitsandbytes' quantization maps) is counted once. ``held=True``: the bytes of the
-    distinct storages behind them instead, what memory (and ``torch.save``) really holds: a
-    view keeps its whole base alive (a basis sliced from a full SVD)."""
+    """Bytes of every tensor in ``optimizer.state``, a shared one (bitsandbytes' maps) once.
+    ``held=True``: the bytes of the distinct storages behind them, what memory really holds
+    (a view keeps its whole base alive)."""
     if held:
         return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
                     for t in _state_tensors(optimizer)}.values())
@@ -612,13 +538,12 @@ def state_bytes(optimizer: torch.optim.Optimizer, held: bool = False) -> int:
                 tensor_bytes(t) for t in _state_tensors(optimizer)}.values())
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+_cdiv = lambda a, b: -(-a // b)   # ceil(a / b)
 
 
 def matrix_shapes(model: nn.Module, target_modules=("attn", "mlp")) -> list[tuple]:
-    """``(name, shape, projected)`` of every parameter; projected: the weights of the Linear
-    (or INT8 ``QuantLinear``) modules whose name contains one of ``target_modules``."""
+    """``(name, shape, projected)`` of every parameter; projected: the weight of a (Quant)Linear
+    whose name contains one of ``target_modules``."""
     import lowrank_optim as lo
     proj = {id(m.weight) for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, lo.QuantLinear)) and any(t in name for t in target_modules)}
@@ -633,25 +558,14 @@ CLOSED_FORM = ("AdamW", "AdamW8bit", "GaLoreAdamW", "GaLoreAdamW8bit", "QGaLoreA
 
 def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int]:
     """The one closed form of the benchmarks: exact (weights, state) bytes that the dtypes of
-    torch, bitsandbytes and the package imply, for the optimizer class named ``optimizer``
-    (AdamW, AdamW8bit, GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit, LoQTAdamW,
-    LoQTAdamW8bit) on parameters ``shapes`` (:func:`matrix_shapes` of the float model) whose
-    float tensors take ``esize`` bytes per element. Buffers (the rotary table) not included.
-
-    8-bit moments: 2 uint8 codes + 2 float32 absmax per 256 elements, float32 (bitsandbytes)
-    or model-dtype (the package) moments below 4096 elements; GaLore: float32 low-rank
-    moments and basis (``4·(2·r·max(m,n) + r·min(m,n))``); Q-GaLore: INT8 weight codes + float32
-    scale and offset per 256, INT4 packed bases + scale and offset per 256; LoQT: NF4 codes
-    two per byte + a uint8 absmax per 32 + float32 scale and offset per 256 absmaxes, INT8
-    P + scale and offset per 64, B in the model dtype; torch AdamW: a 4-byte step per
-    parameter. Fira: GaLore's state and a float32 scalar per matrix (the norm-growth
-    limiter's last norm); APOLLO: the same without a basis (drawn again from its seed), at
-    rank 1 for APOLLO-Mini (its registry entry's rank, whatever ``rank`` is)."""
+    torch, bitsandbytes and the package imply for the optimizer class ``optimizer`` (one of
+    :data:`CLOSED_FORM`) on ``shapes`` (:func:`matrix_shapes` of the float model) with
+    ``esize``-byte floats; buffers not included. APOLLO-Mini counts at rank 1 (its registry
+    entry's), whatever ``rank`` is; the formats are in the comments below."""
     if optimizer not in CLOSED_FORM:
         raise ValueError(f"no closed form for {optimizer!r}; known: {', '.join(CLOSED_FORM)}")
     q8 = lambda n: 2 * n + 2 * 4 * _cdiv(n, 256)                 # 2 uint8 moments + 2 absmax/256
-    w = s = 0
-    any8 = False
+    w = s = any8 = 0
     for _, shape, proj in shapes:
         n = math.prod(shape)
         if optimizer in LOQT and proj:
@@ -698,57 +612,52 @@ def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int
 def _proc_status_kb(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")),
+                        None)
     except OSError:
-        pass
-    return None
+        return None
 
 
 class MemoryMeter:
     """The one memory meter of the benchmarks: this process's peak since :meth:`reset`,
-    ``torch.cuda.max_memory_allocated`` on CUDA (every reading synchronised first), peak RSS
-    on the CPU (VmHWM of /proc/self/status, reset through /proc/self/clear_refs, Linux >=
-    4.0). :meth:`start` resets and takes ``baseline``, the memory in use then (on the CPU:
-    the Python/torch runtime and whatever was loaded)."""
+    ``torch.cuda.max_memory_allocated`` on CUDA (synchronised first), peak RSS (VmHWM,
+    reset through /proc/self/clear_refs) on the CPU. :meth:`start` resets and takes
+    ``baseline``, the memory in use then (on the CPU: the runtime and what was loaded)."""
 
     def __init__(self, device):
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device}: torch.cuda.is_available() is False")
         self.cuda = self.device.type == "cuda"
+        if self.cuda and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device}: torch.cuda.is_available() is False")
         self.kind = "cuda max_memory_allocated" if self.cuda else "peak RSS (VmHWM)"
-        self.what = "allocated" if self.cuda else "RSS"
-        self.baseline = 0
+        self.what, self.baseline = "allocated" if self.cuda else "RSS", 0
 
     def sync(self) -> None:
         sync(self.device)
 
     def trim(self) -> None:
-        """Collect garbage and give freed memory back (``malloc_trim``, the CUDA cache), so
-        that a reading next is not inflated by memory the allocator merely keeps."""
+        """Collect garbage and give freed memory back, so that the next reading does not
+        count memory the allocator merely keeps."""
         import gc
         gc.collect()
         self.sync()
         release_memory(self.device)
 
     def current(self) -> int:
-        if self.cuda:
-            self.sync()
-            return torch.cuda.memory_allocated(self.device)
-        return (_proc_status_kb("VmRSS") or 0) * 1024
+        self.sync()
+        return torch.cuda.memory_allocated(self.device) if self.cuda else \
+            (_proc_status_kb("VmRSS") or 0) * 1024
 
     def reset(self) -> bool:
         """Restart the peak here; False when the kernel refused (the CPU peak then counts
         from the process start)."""
-        if self.cuda:
-            self.sync()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return True
+        self.sync()
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            else:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
             return True
         except OSError:
             return False
@@ -758,26 +667,22 @@ class MemoryMeter:
         self.baseline = self.current()
 
     def peak(self) -> Optional[int]:
+        self.sync()
         if self.cuda:
-            self.sync()
             return torch.cuda.max_memory_allocated(self.device)
         kb = _proc_status_kb("VmHWM")
         return None if kb is None else kb * 1024
 
     def reserved(self) -> Optional[int]:
         """The CUDA allocator's peak with its cache (``max_memory_reserved``); None on CPU."""
-        if not self.cuda:
-            return None
         self.sync()
-        return torch.cuda.max_memory_reserved(self.device)
+        return torch.cuda.max_memory_reserved(self.device) if self.cuda else None
 
 
 def release_memory(device: torch.device) -> None:
-    """Give freed memory back (``malloc_trim`` on glibc, the CUDA cache on GPU) so that a
-    baseline taken next is not inflated by memory the allocator merely keeps."""
+    """Give freed memory back: ``malloc_trim`` on glibc, the CUDA cache on GPU."""
     if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-        return
+        return torch.cuda.empty_cache()
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -803,69 +708,42 @@ class Timer:
 
     def __exit__(self, *exc):
         sync(self.device)
-        self.last = time.perf_counter() - self._t0
-        self.total += self.last
+        self.total += time.perf_counter() - self._t0
         self.count += 1
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
     """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` (GaLore's
-    schedule), as a multiplier for ``torch.optim.lr_scheduler.LambdaLR``."""
+    schedule), a multiplier for ``LambdaLR``."""
     def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return (step + 1) / warmup if step < warmup else \
+            min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
 
 
-# ---------------------------------------------------------------------------------------
-# Result-file headers
-# ---------------------------------------------------------------------------------------
+# --- Results files: header lines and Markdown ---
 
 def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``), for the device line of a results file."""
+    """The CPU model (``/proc/cpuinfo``)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
 
 
 def git_rev() -> str:
     """Short commit of the repository, marked when ``lowrank_optim`` has local changes."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowrank_optim"],
-                               cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        rev, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--",
+                                                              "lowrank_optim")
         return rev + (" (lowrank_optim modified)" if dirty else "") if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-# ---------------------------------------------------------------------------------------
-# Markdown reports
-# ---------------------------------------------------------------------------------------
-
-def md_table(header: list, rows: list) -> str:
-    """A Markdown table; ``None`` cells print as an empty cell."""
-    cell = lambda c: "" if c is None else str(c)
-    return "\n".join(["| " + " | ".join(map(cell, header)) + " |",
-                      "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
-
-
-def command_line(script: str, argv: Optional[list] = None) -> str:
-    """``python benchmarks/SCRIPT ARGS`` as typed (shell-quoted)."""
-    import shlex
-    import sys
-    args = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(shlex.quote(x) for x in ["python", f"benchmarks/{script}", *args])
 
 
 def versions() -> str:
@@ -885,9 +763,22 @@ def device_name(device) -> str:
     return f"cpu ({cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
+def command_line(script: str, argv: Optional[list] = None) -> str:
+    """``python benchmarks/SCRIPT ARGS`` as typed (shell-quoted)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(shlex.quote(x) for x in ["python", f"benchmarks/{script}", *args])
+
+
+def md_table(header: list, rows) -> str:
+    """A Markdown table; ``None`` cells print as an empty cell."""
+    line = lambda cells: "| " + " | ".join("" if c is None else str(c) for c in cells) + " |"
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
 def write_report(path, title: str, meta: dict, body: str) -> str:
     """``# title``, a ``- key: value`` line per ``meta`` entry, then ``body``; written to
-    ``path`` (folders created) unless it is empty, and returned."""
+    ``path`` (relative: to the repository root; folders created) unless it is empty, and
+    returned."""
     text = f"# {title}\n\n" + "".join(f"- {k}: {v}\n" for k, v in meta.items()) \
         + "\n" + body.rstrip() + "\n"
     if path:

@@ -182,17 +182,6 @@ def test_quantized_methods_match_the_estimator(tmp_path):
                                                                 abs=1e-5)
 
 
-def test_report_from_saved_json(tmp_path):
-    first = shootout.main(MICRO + ["--steps", "2", "--methods", "adamw", "--in-process",
-                                   "--no-plot", "--out", str(tmp_path / "a")])
-    again = shootout.main(["--report-from", str(tmp_path / "a" / "results.json"), "--no-plot",
-                           "--out", str(tmp_path / "b")])
-    assert again["results"][0]["val_loss"] == first["results"][0]["val_loss"]
-    strip = lambda t: [l for l in t.splitlines() if not l.startswith(("- date", "- versions"))]
-    assert strip(again["table"]) == strip(first["table"])
-    assert "--report-from" in again["table"]
-
-
 def test_peak_models_block_is_the_block_that_activation_bytes_counts():
     """The peak model walks backward block by block with ``block_bytes``: one more layer
     adds exactly that many saved bytes to ``activation_bytes`` (both with flash
@@ -218,7 +207,7 @@ def test_clipping_global_and_per_parameter(tmp_path):
     assert clipped["args"].clip == 1.0                        # the default
     adamw, hooks = by["adamw"], by["galore_per_layer"]
     assert (adamw["clipping"], hooks["clipping"]) == ("global", "per-parameter")
-    assert adamw["unclipped_params"] == hooks["unclipped_params"] == 0
+    assert adamw["trained_params"] == hooks["trained_params"] > 0
     # the micro model's gradient norm starts above 1: the clip acts, and changes the run
     assert adamw["grad_norm_mean"] > 1 and 0 < adamw["clipped_frac"] <= 1
     assert hooks["grad_norm_mean"] is None                     # no global norm in that mode
@@ -245,11 +234,10 @@ def test_global_clip_covers_int8_weights(tmp_path):
                                  "--in-process", "--no-plot", "--out", str(tmp_path)])
     by = {r["method"]: r for r in out["results"]}
     trained = len(common.LlamaLM(common.get_config("micro")).state_dict())
-    assert by["qgalore"]["unclipped_params"] == by["qgalore_per_layer"]["unclipped_params"] == 0
-    assert by["qgalore"]["trained_params"] == trained
+    assert by["qgalore"]["trained_params"] == by["qgalore_per_layer"]["trained_params"] == trained
     table = out["table"]
     assert f"| qgalore | {common.METHODS['qgalore'].lr:g} | global 1 |" in table
-    assert f"all {trained} trained tensors" in table and "**not all**" not in table
+    assert f"all {trained} trained tensors" in table
 
 
 def test_parse_sweep():
@@ -263,8 +251,6 @@ def test_parse_sweep():
     assert grid == {"adamw": [1e-3, 2e-3], "galore": [2e-2], "galore_per_layer": [1e-2],
                     "loqt_nq": [2e-2]}                         # no multipliers: own rate only
     assert inherits == {"adamw8bit": "adamw"}                  # an explicit grid is swept
-    grid, inherits = shootout.parse_sweep("1,2", names, lrs, variants=True)
-    assert inherits == {} and set(grid) == set(names)
     for bad in ("0,1", "x", "nope=1e-3", "adamw=-1"):
         with pytest.raises(SystemExit, match="--lr-sweep"):
             shootout.parse_sweep(bad, names, lrs)
@@ -308,10 +294,6 @@ def test_lr_sweep_picks_on_the_selection_windows(tmp_path):
     assert not (tmp_path / "partial.json").exists()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["sweep"]) == 4
-    again = shootout.main(["--report-from", str(tmp_path / "results.json"), "--no-plot",
-                           "--out", str(tmp_path / "b")])
-    strip = lambda t: [l for l in t.splitlines() if not l.startswith(("- date", "- versions"))]
-    assert strip(again["table"]) == strip(table)
 
 
 def test_resume_reuses_the_runs_of_a_run_cut_short(tmp_path):
