@@ -29,15 +29,13 @@ def block_shapes(d: int, h: int) -> list[tuple[int, int]]:
     return [(d, d)] * 4 + [(h, d), (h, d), (d, h)]
 
 
-def galore_state(shapes, plain: int, rank: int, world: int) -> int:
-    """Per rank: replicated basis, sharded moments (docs/benchmarks.md)."""
-    total = sum(min(m, n) * min(rank, m, n) + 2 * max(m, n) * min(rank, m, n) / world
+def state_per_rank(shapes, plain: int, rank, world: int) -> int:
+    """GaLoreAdamW: a replicated basis min(m,n)·r and 2 sharded moments max(m,n)·r per
+    matrix; torch AdamW (``rank`` None): 2 sharded moments per element; plain: AdamW."""
+    total = sum(2 * m * n / world if rank is None else
+                min(m, n) * min(rank, m, n) + 2 * max(m, n) * min(rank, m, n) / world
                 for m, n in shapes)
     return int(F32 * (total + 2 * plain / world))
-
-
-def adamw_state(numel: int, world: int) -> int:
-    return int(F32 * 2 * numel / world)
 
 
 def refresh_bytes(m: int, n: int, rank: int, world: int, svd: str) -> int:
@@ -155,14 +153,13 @@ def main(argv=None) -> None:
              f"{got[k]['refresh'][1]}, {got[k]['refresh'][0] / MB:.3f} MB",
              "-" if k == "adamw" else f"{refresh(k) / MB:.3f} MB", got[k]["between"][1]]
             for k, label, closed in (
-                ("adamw", "torch AdamW", adamw_state(sum(m * n for m, n in shapes) + plain, a.world)),
-                ("exact", "GaLoreAdamW, svd=exact", galore_state(shapes, plain, a.rank, a.world)),
+                ("adamw", "torch AdamW", state_per_rank(shapes, plain, None, a.world)),
+                ("exact", "GaLoreAdamW, svd=exact", state_per_rank(shapes, plain, a.rank, a.world)),
                 ("randomized", "GaLoreAdamW, svd=randomized",
-                 galore_state(shapes, plain, a.rank, a.world)))]
+                 state_per_rank(shapes, plain, a.rank, a.world)))]
     d, h, L, vocab = LLAMA_7B.values()
     mats = block_shapes(d, h) * L
     plain7b = 2 * vocab * d + (2 * L + 1) * d
-    total7b = sum(m * n for m, n in mats) + plain7b
     body = "\n\n".join([
         f"## Measured: {a.layers} blocks, d={a.width}, h={a.hidden}, rank {a.rank}, "
         f"{a.world} ranks (rank 0)",
@@ -171,8 +168,8 @@ def main(argv=None) -> None:
                     "next step: collectives"], rows),
         "## LLaMA-7B, closed form (per rank, GB; projected: attention and MLP)",
         C.md_table(["ranks", "torch AdamW", "GaLore r=128", "r=512", "r=1024"], [
-            [w] + [f"{b / 2 ** 30:.2f}" for b in [adamw_state(total7b, w)] + [
-                galore_state(mats, plain7b, r, w) for r in (128, 512, 1024)]] for w in (8, 64)]),
+            [w] + [f"{state_per_rank(mats, plain7b, r, w) / 2 ** 30:.2f}"
+                   for r in (None, 128, 512, 1024)] for w in (8, 64)]),
         "## LLaMA-7B, one refresh per matrix, closed form (payload per rank, MB, 8 ranks)",
         C.md_table(["matrix", "exact (all-gather)", "randomized r=128", "r=512"], [
             [label] + [f"{refresh_bytes(m, n, r, 8, svd) / MB:.1f}" for r, svd in

@@ -25,33 +25,23 @@ from lowrank_optim.projector import LEFT, choose_side, compute_basis
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = p.add_argument
-    add("--shapes", help="comma list of MxN (default 2048x2048,2048x5461; --quick: 256x256,256x683)")
-    add("--ranks", help="comma list (default 128,512; --quick: 16,64; --real: the first)")
-    add("--quick", action="store_true", help="small shapes and ranks, for smoke tests")
-    add("--repeats", type=int, default=3, help="timed calls per method (median reported)")
-    add("--warmup", type=int, default=1, help="untimed calls per method first")
-    add("--oversample", type=int, default=8, help="randomized: rank + this many columns")
-    add("--niter", type=int, default=1, help="randomized: power iterations")
-    add("--decay", type=float, default=1.0, help="singular values s_k = k ** -decay")
-    add("--noise", type=float, default=0.05, help="||noise||_F / ||low-rank part||_F")
-    add("--seed", type=int, default=0)
-    add("--threads", type=int)
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--out", help="default results/svd.md (svd_quick.md, svd_real.md)")
-    add("--real", metavar="CONFIG", help="real gradients of a LlamaLM config")
-    add("--real-steps", type=int, default=100, help="--real: GaLore steps before the first")
-    add("--lag", type=int, default=20, help="--real: steps between the two gradients kept")
-    add("--niters", default="0,1,2", help="--real: comma list of power iterations")
-    add("--batch-size", type=int, default=4, help="--real: sequences per step")
-    add("--seq-len", type=int, help="--real: default the config's")
+    p.add_argument("--quick", action="store_true", help="small shapes and ranks, for smoke tests")
+    p.add_argument("--shapes", help="comma list of MxN (default 2048x2048,2048x5461; --quick: "
+                   "256x256,256x683)")
+    p.add_argument("--ranks", help="comma list (default 128,512; --quick: 16,64; --real: the first)")
+    p.add_argument("--real", metavar="CONFIG", help="real gradients of a LlamaLM config")
+    p.add_argument("--niters", default="0,1,2", help="--real: comma list of power iterations")
+    for key, default in dict(repeats=3, warmup=1, oversample=8, niter=1, decay=1.0, noise=0.05,
+                             seed=0, threads=0, real_steps=100, lag=20, batch_size=4,
+                             seq_len=0).items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="default results/svd.md (svd_quick.md, svd_real.md)")
     a = p.parse_args(argv)
     a.shapes = a.shapes or ("256x256,256x683" if a.quick else "2048x2048,2048x5461")
     a.ranks = [int(r) for r in (a.ranks or ("16,64" if a.quick else "128,512")).split(",")]
     a.out = a.out or os.path.join(C.ROOT, "benchmarks", "results", "svd_real.md" if a.real
                                   else "svd_quick.md" if a.quick else "svd.md")
-    if a.repeats < 1 or a.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
     return a
 
 
@@ -79,37 +69,26 @@ def energy(g: torch.Tensor, p: torch.Tensor) -> float:
     return float(low.double().square().sum() / g.double().square().sum())
 
 
-def real_gradients(a, dev: torch.device, rank: int) -> tuple[list, list, str]:
-    """The projected matrices' gradients at step ``a.real_steps`` and ``a.lag`` steps later
-    of a LlamaLM trained with GaLoreAdamW at ``rank``."""
+def real_rows(a, dev: torch.device) -> tuple[str, str]:
+    """Train a LlamaLM with GaLoreAdamW, keep its projected matrices' gradients at step
+    ``a.real_steps`` (*now*) and ``a.lag`` steps later; the energy of each basis of the
+    *now* gradients, on them and on the *later* ones."""
     torch.manual_seed(a.seed)
-    cfg = C.get_config(a.real)
+    cfg, rank, corpus = C.get_config(a.real), a.ranks[0], C.load_corpus()
     model = C.LlamaLM(cfg).to(dev)
-    corpus = C.load_corpus()
-    seq_len = a.seq_len or cfg.seq_len
-    batches = C.Batches(corpus, a.batch_size, seq_len, a.seed, 1, dev)
+    batches = C.Batches(corpus, a.batch_size, a.seq_len or cfg.seq_len, a.seed, 1, dev)
     groups = lo.param_groups(model, rank=rank, target_modules=("attn", "mlp"))
     opt = lo.GaLoreAdamW(groups, lr=1e-2)
     mats = [p for g in groups if g.get("rank") for p in g["params"]]
-    kept = {}
+    kept = []
     for step in range(a.real_steps + a.lag + 1):
         x, y = batches.next_train()
         model(x, y).backward()
         if step in (a.real_steps, a.real_steps + a.lag):
-            kept[step] = [p.grad.detach().clone() for p in mats]
+            kept.append([p.grad.detach().clone() for p in mats])
         opt.step()
         opt.zero_grad(set_to_none=True)
-    what = (f"`{a.real}` LlamaLM (byte vocabulary), {len(mats)} attention/MLP matrices, "
-            f"trained with GaLoreAdamW (rank {rank}, lr 1e-2) on {corpus.describe()}, "
-            f"{a.batch_size}×{seq_len} tokens per step; gradients at step {a.real_steps} "
-            f"(*now*) and {a.real_steps + a.lag} (*later*)")
-    return kept[a.real_steps], kept[a.real_steps + a.lag], what
-
-
-def real_rows(a, dev: torch.device) -> tuple[str, str]:
-    """Energy of each basis of the *now* gradients, on them and on the *later* ones."""
-    rank = a.ranks[0]
-    now, later, what = real_gradients(a, dev, rank)
+    now, later = kept
     methods = [("exact", dict(svd="exact"))] + [
         (f"randomized, niter {k}", dict(svd="randomized", oversample=a.oversample, niter=int(k)))
         for k in a.niters.split(",")]
@@ -121,15 +100,16 @@ def real_rows(a, dev: torch.device) -> tuple[str, str]:
         e_now = sum(energy(g, p) for g, (_, p) in zip(now, timed)) / len(now)
         e_later = sum(energy(g, p) for g, (_, p) in zip(later, timed)) / len(now)
         rows.append((name, e_now, e_later, sum(t for t, _ in timed)))
-        print(f"{name}: energy now {e_now:.5f}, later {e_later:.5f}, {rows[-1][3]:.2f} s",
-              flush=True)
     ex_now, ex_later = rows[0][1], rows[0][2]
     table = C.md_table(["basis", "energy now", "now / exact", "energy later", "later / exact",
                         "time s"], [[n, f"{en:.5f}", f"{en / ex_now:.5f}", f"{el:.5f}",
                                      f"{el / ex_later:.5f}", f"{t:.2f}"] for n, en, el, t in rows])
     return "exact vs randomized SVD on real gradients", (
-        f"{what}; rank {rank}, sketches of rank + {a.oversample} columns. Columns: "
-        "docs/benchmarks.md, bench_svd.py.\n\n" + table)
+        f"`{a.real}` LlamaLM (byte vocabulary), {len(mats)} attention/MLP matrices, trained "
+        f"with GaLoreAdamW (rank {rank}, lr 1e-2) on {corpus.describe()}, {a.batch_size}×"
+        f"{batches.t} tokens per step; gradients at step {a.real_steps} (*now*) and "
+        f"{a.real_steps + a.lag} (*later*); randomized sketches of rank + {a.oversample} "
+        "columns. Columns: docs/benchmarks.md, bench_svd.py.\n\n" + table)
 
 
 def synthetic_rows(a, dev: torch.device) -> tuple[str, str]:
@@ -155,8 +135,7 @@ def synthetic_rows(a, dev: torch.device) -> tuple[str, str]:
             rows.append([f"{m}×{n}", r, "left" if choose_side((m, n), "std") == LEFT else
                          "right", f"{t_ex:.3f}", f"{t_rd:.3f}", f"{t_ex / t_rd:.2f}",
                          f"{e_ex:.5f}", f"{e_rd:.5f}", f"{e_rd / e_ex:.5f}", f"{ov:.4f}"])
-            print(f"{m}x{n} rank {r}: exact {t_ex:.3f} s, randomized {t_rd:.3f} s, energy "
-                  f"{e_ex:.5f} / {e_rd:.5f}", flush=True)
+            print(" | ".join(map(str, rows[-1])), flush=True)
     table = C.md_table(["shape (m×n)", "rank", "basis side", "exact s", "randomized s",
                         "exact / randomized time", "energy exact (optimum)",
                         "energy randomized", "randomized / exact energy", "subspace overlap"],
