@@ -1,5 +1,5 @@
-"""FSDP2: per-rank optimizer state and bytes communicated per refresh, measured on 2 gloo
-ranks and in closed form, plus LLaMA-7B in closed form (docs/benchmarks.md).
+"""FSDP2: per-rank optimizer state and bytes communicated per refresh, measured on gloo
+ranks and in closed form (docs/benchmarks.md).
 
     python benchmarks/bench_fsdp.py                       # 2 ranks on CPU (gloo), results/fsdp.md
     python benchmarks/bench_fsdp.py --layers=2 --out=/tmp/fsdp.md
@@ -20,13 +20,9 @@ import lowrank_optim as lo
 
 F32, MB = 4, 2 ** 20
 cdiv = lambda a, b: -(-a // b)  # noqa: E731
-LLAMA_7B = dict(d=4096, h=11008, layers=32, vocab=32000)
 MATRICES_7B = (("q/k/v/o 4096×4096", (4096, 4096)), ("gate/up 11008×4096", (11008, 4096)),
                ("down 4096×11008", (4096, 11008)))
-
-
-def block_shapes(d: int, h: int) -> list[tuple[int, int]]:
-    return [(d, d)] * 4 + [(h, d), (h, d), (d, h)]
+block_shapes = lambda d, h: [(d, d)] * 4 + [(h, d), (h, d), (d, h)]  # noqa: E731 - q k v o gate up down
 
 
 def state_per_rank(shapes, plain: int, rank, world: int) -> int:
@@ -107,7 +103,6 @@ def worker(rank: int, port: int, a, out: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=a.world)
-    res = {}
     for name in ("adamw", "exact", "randomized"):
         torch.manual_seed(0)
         model = nn.Sequential(*(Block(a.width, a.hidden) for _ in range(a.layers)))
@@ -124,30 +119,23 @@ def worker(rank: int, port: int, a, out: dict) -> None:
                 opt.step()
             opt.zero_grad()
             steps.append((p.bytes, p.ops))
-        res[name] = dict(state=local_state_bytes(opt), refresh=steps[0], between=steps[1])
-    if rank == 0:
-        out.update(res)
+        if rank == 0:
+            out[name] = dict(state=local_state_bytes(opt), refresh=steps[0], between=steps[1])
     dist.destroy_process_group()
-
-
-def measure(a) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.start_processes(worker, args=(port, a, out), nprocs=a.world, start_method="fork")
-    return dict(out)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for flag, default in (("--layers", 2), ("--width", 256), ("--hidden", 688), ("--rank", 32),
-                          ("--world", 2)):
-        ap.add_argument(flag, type=int, default=default)
+    for flag, default in dict(layers=2, width=256, hidden=688, rank=32, world=2).items():
+        ap.add_argument(f"--{flag}", type=int, default=default)
     ap.add_argument("--out", default="benchmarks/results/fsdp.md")
     a = ap.parse_args(argv)
     shapes, plain = block_shapes(a.width, a.hidden) * a.layers, a.width * a.layers
-    got = measure(a)
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    got = mp.Manager().dict()
+    mp.start_processes(worker, args=(port, a, got), nprocs=a.world, start_method="fork")
     refresh = lambda svd: sum(refresh_bytes(m, n, a.rank, a.world, svd) for m, n in shapes)  # noqa: E731
     rows = [[label, f"{got[k]['state'] / MB:.3f} MB", f"{closed / MB:.3f} MB",
              f"{got[k]['refresh'][1]}, {got[k]['refresh'][0] / MB:.3f} MB",
@@ -157,9 +145,8 @@ def main(argv=None) -> None:
                 ("exact", "GaLoreAdamW, svd=exact", state_per_rank(shapes, plain, a.rank, a.world)),
                 ("randomized", "GaLoreAdamW, svd=randomized",
                  state_per_rank(shapes, plain, a.rank, a.world)))]
-    d, h, L, vocab = LLAMA_7B.values()
-    mats = block_shapes(d, h) * L
-    plain7b = 2 * vocab * d + (2 * L + 1) * d
+    mats = block_shapes(4096, 11008) * 32                # LLaMA-7B: 32 blocks, vocabulary 32000,
+    plain7b = 2 * 32000 * 4096 + (2 * 32 + 1) * 4096    # embedding, head and 65 norms plain
     body = "\n\n".join([
         f"## Measured: {a.layers} blocks, d={a.width}, h={a.hidden}, rank {a.rank}, "
         f"{a.world} ranks (rank 0)",

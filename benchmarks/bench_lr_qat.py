@@ -20,8 +20,7 @@ import common as C
 from lowrank_optim.lr_qat import export_lr_qat, init_scale, lr_qat_param_groups, prepare_lr_qat
 
 TARGETS = ("attn", "mlp")
-SETTINGS = {"w4pc": (4, None), "w4g128": (4, 128), "w3pc": (3, None), "w3g128": (3, 128),
-            "w4g64": (4, 64), "w2g64": (2, 64)}
+SETTINGS = {"w4pc": (4, None), "w4g128": (4, 128), "w3pc": (3, None), "w3g128": (3, 128)}
 BETAS = (0.9, 0.95)  # the paper's AdamW betas, for every QAT run
 CPU = torch.device("cpu")
 grid = lambda bits: (-2 ** (bits - 1), 2 ** (bits - 1) - 1)  # noqa: E731 - signed b-bit range
@@ -263,34 +262,32 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     for key in ("settings", "runs", "full_qat_settings", "memory_configs", "memory_batches"):
         setattr(a, key, [s.strip() for s in getattr(a, key).split(",") if s.strip()])
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if set(a.settings) - set(SETTINGS):
         ap.error(f"unknown setting in {a.settings}; choose from {', '.join(SETTINGS)}")
-    t0, date = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    corpus = C.load_corpus(a.data or None)
-    cfg = C.get_config(a.config, mlp_hidden=a.mlp_hidden,
-                       seq_len=max(a.seq_len, C.get_config(a.config).seq_len))
-    meta = {"command": f"`{C.command_line('bench_lr_qat.py', argv)}`", "date": date,
-            "versions": C.versions(), "device": C.device_name(CPU)}
-    sections = []
+    torch.set_num_threads(a.threads or torch.get_num_threads())
+    t0, sections = time.time(), []
+    meta = {"command": f"`{C.command_line('bench_lr_qat.py', argv)}`",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": C.versions(),
+            "device": C.device_name(CPU)}
     if a.settings:
+        corpus = C.load_corpus(a.data or None)
+        cfg = C.get_config(a.config, mlp_hidden=a.mlp_hidden,
+                           seq_len=max(a.seq_len, C.get_config(a.config).seq_len))
         fp_model, fp_note = pretrained(a, cfg, corpus)
         sections.append(quality(a, fp_model, corpus))
-        meta["model"] = (f"config `{a.config}`, MLP width {cfg.mlp_hidden} "
-                         f"({C.count_params(fp_model) / 1e6:.2f}M parameters); FP model: "
-                         f"{a.pretrain_steps} steps of AdamW (lr {a.pretrain_lr}), {fp_note}")
-        meta["data"] = (f"{corpus.describe()}; batches of {a.batch_size} × {a.seq_len} bytes; "
-                        f"validation: {a.eval_batches} × {a.batch_size} fixed windows")
-        meta["QAT"] = (f"{a.qat_steps} steps distilling the FP model; LR-QAT rank {a.rank}, "
-                       f"alpha {a.alpha}, lr {a.lr}, scale_lr {a.scale_lr}; full QAT lr "
-                       f"{a.full_qat_lr}; AdamW betas {BETAS}")
+        meta["setup"] = (
+            f"config `{a.config}`, MLP width {cfg.mlp_hidden} ({C.count_params(fp_model) / 1e6:.2f}M "
+            f"parameters); FP model: {a.pretrain_steps} steps of AdamW (lr {a.pretrain_lr}), "
+            f"{fp_note}; data: {corpus.describe()}, batches of {a.batch_size} × {a.seq_len} "
+            f"bytes, validation {a.eval_batches} × {a.batch_size} fixed windows; QAT: "
+            f"{a.qat_steps} steps distilling the FP model, AdamW betas {BETAS}; LR-QAT rank "
+            f"{a.rank}, alpha {a.alpha}, lr {a.lr}, scale_lr {a.scale_lr}; full QAT lr "
+            f"{a.full_qat_lr}")
     if a.memory_configs and a.memory_batches:
         sections.append(memory(a))
     meta["total time"] = f"{time.time() - t0:.0f} s"
     print(C.write_report(a.out, "bench_lr_qat: LR-QAT vs round-to-nearest and full QAT", meta,
                          "\n\n".join(sections)))
-
 
 if __name__ == "__main__":
     main()

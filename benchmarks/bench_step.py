@@ -1,14 +1,10 @@
 """Optimizer step time and optimizer-state bytes, side by side, on the blocks of
-``common.LlamaLM`` (default LLaMA-60M shapes) with fixed random gradients; ``floor`` (the
-projection GEMMs only) and ``galore_torch`` (galore-torch 1.0) beside the registry's
-methods (docs/benchmarks.md).
+``common.LlamaLM`` with fixed random gradients (docs/benchmarks.md).
 
     python benchmarks/bench_step.py --threads 1            # LLaMA-60M shapes, rank 128, 2 windows of 200 steps
     python benchmarks/bench_step.py --quick                # smoke test, about a minute
     python benchmarks/bench_step.py --optimizers adamw_fused,galore,qgalore --device cuda
 """
-from __future__ import annotations
-
 import argparse
 import copy
 import gc
@@ -31,9 +27,8 @@ QUICK = dict(n_layers=1, update_proj_gap=8, repeats=1, warmup=2, pool=2,
 
 
 class ProjectionFloor(torch.optim.Optimizer):
-    """Not an optimizer: the two GEMMs GaLore cannot avoid, on a fixed orthonormal basis of
-    the ``std`` side (``R = G Q`` or ``P^T G``, then the back projection); plain parameters
-    get ``p -= lr g``."""
+    """The ``floor`` row: only the two GEMMs GaLore cannot avoid, on a fixed orthonormal
+    basis of the ``std`` side; plain parameters get ``p -= lr g``."""
 
     def __init__(self, model, a):
         projected = {n for n, _, pr in C.matrix_shapes(model) if pr}
@@ -41,22 +36,21 @@ class ProjectionFloor(torch.optim.Optimizer):
         gen = torch.Generator().manual_seed(0)
         for name, p in model.named_parameters():
             if name in projected:
-                m, n = p.shape
-                b = torch.linalg.qr(torch.randn(n if m >= n else m, min(a.rank, m, n),
-                                                generator=gen))[0]
+                k = min(p.shape)
+                b = torch.linalg.qr(torch.randn(k, min(a.rank, k), generator=gen))[0]
                 self.state[p]["basis"] = b.to(p.device)
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
-                st, g = self.state[p], p.grad
-                if "basis" not in st:
-                    p.add_(g, alpha=-group["lr"])
+                b, g, lr = self.state[p].get("basis"), p.grad, -group["lr"]
+                if b is None:
+                    p.add_(g, alpha=lr)
                 elif p.shape[0] >= p.shape[1]:
-                    p.addmm_(g @ st["basis"], st["basis"].T, alpha=-group["lr"])
+                    p.addmm_(g @ b, b.T, alpha=lr)       # R = G Q, then R Qᵀ
                 else:
-                    p.addmm_(st["basis"], st["basis"].T @ g, alpha=-group["lr"])
+                    p.addmm_(b, b.T @ g, alpha=lr)       # R = Pᵀ G, then P R
 
 
 def build(spec: str, model: nn.Module, a):
@@ -68,17 +62,17 @@ def build(spec: str, model: nn.Module, a):
         import galore_torch
         groups = lo.param_groups(model, rank=a.rank, update_proj_gap=a.update_proj_gap,
                                  scale=a.scale, proj_type="std")
-        return model, galore_torch.GaLoreAdamW(groups, lr=a.lr), "galore_torch (GaLoreAdamW 1.0)", "GaLoreAdamW"
+        return model, galore_torch.GaLoreAdamW(groups, lr=a.lr), \
+            "galore_torch (GaLoreAdamW 1.0)", "GaLoreAdamW"
     prep = C.method(spec).build(model, C.MethodArgs(
         lr=a.lr, rank=a.rank, update_proj_gap=a.update_proj_gap, scale=a.scale))
     return prep.model, prep.optimizer, spec, type(prep.optimizer).__name__
 
 
-def refresh_counter(opt, gt_row: bool):
+def refresh_counter(opt, galore_torch: bool):
     """Cumulative number of basis refreshes (to tell steady steps from SVD steps)."""
-    if not gt_row:
-        return lambda: sum(int(st.get("refresh_count", 0)) for st in opt.state.values()
-                           if isinstance(st, dict))
+    if not galore_torch:
+        return lambda: sum(int(st.get("refresh_count", 0)) for st in opt.state.values())
     # galore-torch refreshes at steps 0, T, 2T, ... of each matrix
     return lambda: sum(0 if (s := opt.state[p].get("step", 0)) == 0 else
                        1 + (s - 1) // g["update_proj_gap"]
@@ -91,12 +85,9 @@ def bench(a, dev):
     cfg = C.ModelConfig(a.hidden, a.n_layers, a.n_heads, a.intermediate)
     torch.manual_seed(a.seed)
     master = nn.ModuleDict(dict(layers=nn.ModuleList(C.Block(cfg) for _ in range(a.n_layers))))
-    master = master.to(dev)
-    shapes = C.matrix_shapes(master)
+    shapes = C.matrix_shapes(master.to(dev))
     gen = torch.Generator().manual_seed(a.seed)
     grads = [[torch.randn(s, generator=gen).to(dev) for _, s, _ in shapes] for _ in range(a.pool)]
-    print(f"{len(shapes)} tensors, {C.count_params(master) / 1e6:.1f}M params "
-          f"({sum(pr for *_, pr in shapes)} projected), pool of {a.pool} gradient sets")
     rows = []
     for spec in a.optimizers.split(","):
         try:
@@ -108,20 +99,19 @@ def bench(a, dev):
             continue
         rows.append(dict(label=label, opt=opt, cls=cls, params=list(model.parameters()),
                          count=refresh_counter(opt, spec == "galore_torch"),
-                         times=[], refreshed=[], warm=[], cpu=[]))
+                         times=[], cpu=[], refreshed=[], warm=[]))
     if not rows:
         raise SystemExit("no optimizer could be built")
 
-    def one_step(r, k):
+    def one_step(r, k):  # (wall s, CPU s, whether a basis was refreshed)
         for p, g in zip(r["params"], grads[k % a.pool]):
             p.grad = g
         c0 = r["count"]()
         C.sync(dev)
-        c_0, t0 = time.process_time(), time.perf_counter()
+        cpu, t0 = time.process_time(), time.perf_counter()
         r["opt"].step()
         C.sync(dev)
-        r["cpu"].append(time.process_time() - c_0)
-        return time.perf_counter() - t0, r["count"]() > c0
+        return time.perf_counter() - t0, time.process_time() - cpu, r["count"]() > c0
 
     for s in range(a.warmup):
         for r in rows:
@@ -132,9 +122,9 @@ def bench(a, dev):
         t0 = time.perf_counter()
         for s in range(a.steps):
             for r in rows[s % len(rows):] + rows[:s % len(rows)]:
-                dt, refreshed = one_step(r, a.warmup + rep * a.steps + s)
-                r["times"].append(dt)
-                r["refreshed"].append(refreshed)
+                for key, x in zip(("times", "cpu", "refreshed"),
+                                  one_step(r, a.warmup + rep * a.steps + s)):
+                    r[key].append(x)
         gc.collect()
         print(f"  window {rep + 1}/{a.repeats}: {a.steps} steps x {len(rows)} optimizers "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -143,36 +133,33 @@ def bench(a, dev):
 
 
 def tables(rows, shapes, a):
+    """The step-time and the state tables (columns: docs/benchmarks.md)."""
     ms = lambda x: "" if x is None else f"{1e3 * x:.1f}"  # noqa: E731
-    n = a.steps
+    mean = lambda r: sum(r["times"]) / len(r["times"])  # noqa: E731
+    ratio = lambda r, key: next((f"{mean(r) / mean(o):.2f}" for o in rows  # noqa: E731
+                                 if o["label"].startswith(key)), "n/a")
+    ref, time_rows, state_rows = rows[0], [], []
     for r in rows:
-        t = r["times"]
-        r["amortized"] = sum(t) / len(t)
-        r["steady"] = statistics.median([x for x, f in zip(t, r["refreshed"]) if not f] or t)
+        t, n = r["times"], a.steps
+        steady = statistics.median([x for x, f in zip(t, r["refreshed"]) if not f] or t)
         svd = [x for x, f in zip(t, r["refreshed"]) if f]
-        r["svd"] = statistics.median(svd) if svd else None
-        r["windows"] = [sum(t[i:i + n]) / n for i in range(0, len(t), n)]
-    ref = rows[0]
-    by = lambda key: next((r for r in rows if r["label"].startswith(key)), None)  # noqa: E731
-    ratio = lambda r, o: f"{r['amortized'] / o['amortized']:.2f}" if o else "n/a"  # noqa: E731
-    time_rows = [[r["label"], ms(r["amortized"]),
-                  "–".join(ms(f(r["windows"])) for f in (min, max)) if len(r["windows"]) > 1 else "",
-                  ms(sum(r["cpu"][a.warmup:]) / len(r["times"])), ms(r["steady"]), ms(r["svd"]),
-                  ms(max(r["times"])), f"{max(r['times']) / r['steady']:.2f}",
-                  sum(r["refreshed"]), f"{1e3 * r['warm'][0]:.0f}" if r["warm"] else "",
-                  ratio(r, ref), ratio(r, by("adamw_fused")), ratio(r, by("galore_torch"))]
-                 for r in rows]
-    state_rows = []
-    for r in rows:
+        windows = [sum(t[i:i + n]) / n for i in range(0, len(t), n)]
+        time_rows.append([
+            r["label"], ms(mean(r)),
+            "–".join(ms(f(windows)) for f in (min, max)) if len(windows) > 1 else "",
+            ms(sum(r["cpu"]) / len(t)), ms(steady), ms(statistics.median(svd) if svd else None),
+            ms(max(t)), f"{max(t) / steady:.2f}", sum(r["refreshed"]),
+            f"{1e3 * r['warm'][0]:.0f}" if r["warm"] else "", ratio(r, ref["label"]),
+            ratio(r, "adamw_fused"), ratio(r, "galore_torch")])
         state, held = C.state_bytes(r["opt"]), C.state_bytes(r["opt"], held=True)
-        closed = C.closed_form(r["cls"], shapes, a.rank, 4)[1] \
-            if r["cls"] in C.CLOSED_FORM else None
-        state_rows.append([r["label"], f"{state:,}", f"{state / 2 ** 20:.2f}",
-                           "n/a" if closed is None else f"{closed:,}",
-                           "n/a" if closed is None else "yes" if closed == state
-                           else f"no ({state - closed:+,})",
-                           f"{state / C.state_bytes(ref['opt']):.3f}", f"{held:,}",
-                           f"{held / 2 ** 20:.2f}", f"{held / state:.2f}" if state else ""])
+        closed = C.closed_form(r["cls"], shapes, a.rank, 4)[1] if r["cls"] in C.CLOSED_FORM \
+            else None
+        state_rows.append([
+            r["label"], f"{state:,}", f"{state / 2 ** 20:.2f}",
+            "n/a" if closed is None else f"{closed:,}",
+            "n/a" if closed is None else "yes" if closed == state else f"no ({state - closed:+,})",
+            f"{state / C.state_bytes(ref['opt']):.3f}", f"{held:,}", f"{held / 2 ** 20:.2f}",
+            f"{held / state:.2f}" if state else ""])
     return (C.md_table(["optimizer", "amortized ms/step", "window means ms", "amortized CPU ms",
                         "steady median ms", "SVD-step median ms", "max step ms", "max / steady",
                         "steps with SVD", "first step ms", f"× {ref['label']}",
@@ -187,29 +174,26 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK}")
     for key, default in dict(hidden=512, intermediate=1376, n_layers=8, n_heads=8, rank=128,
-                             update_proj_gap=200, steps=None, repeats=2, warmup=3, pool=4,
-                             seed=0, threads=None).items():
-        ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=default)
-    ap.add_argument("--scale", type=float, default=0.25)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--optimizers", default=DEFAULT, help="comma list: common.METHODS names "
-                    "(NAME+key=value allowed), floor, galore_torch; the first is the reference")
-    ap.add_argument("--out", default="benchmarks/results/step.md")
+                             update_proj_gap=200, steps=0, repeats=2, warmup=3, pool=4,
+                             seed=0, threads=0, scale=0.25, lr=1e-3, device="auto",
+                             optimizers=DEFAULT, out="benchmarks/results/step.md").items():
+        ap.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default)
     if ap.parse_args(argv).quick:
         ap.set_defaults(**QUICK)
     a = ap.parse_args(argv)
     a.steps = a.steps or a.update_proj_gap  # default: one refresh gap per window
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     dev, t0, load = torch.device(a.device), time.perf_counter(), os.getloadavg()[0]
     rows, shapes = bench(a, dev)
+    t_table, s_table = tables(rows, shapes, a)
+    load = max(load, os.getloadavg()[0])
     try:
         gt_version = importlib.metadata.version("galore-torch")
     except importlib.metadata.PackageNotFoundError:
         gt_version = "not installed"
-    t_table, s_table = tables(rows, shapes, a)
-    load = max(load, os.getloadavg()[0])
     meta = {"command": f"`{C.command_line('bench_step.py', argv)}`",
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": f"{C.versions()}, galore-torch {gt_version}",

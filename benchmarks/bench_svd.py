@@ -1,14 +1,10 @@
-"""Exact vs randomized SVD for GaLore's projector basis (``projector.compute_basis``): time,
-captured gradient energy and subspace overlap at LLaMA-1B matrix shapes, or on the real
-gradients of a trained LlamaLM with ``--real`` (docs/benchmarks.md).
+"""Exact vs randomized SVD for GaLore's projector basis: time, captured gradient energy and
+subspace overlap, at LLaMA-1B shapes or on real gradients (docs/benchmarks.md).
 
     python benchmarks/bench_svd.py --quick      # smoke test: small shapes, seconds
     python benchmarks/bench_svd.py              # 2048x2048 and 2048x5461, ranks 128, 512
-    python benchmarks/bench_svd.py --niter 0 --oversample 16 --device cuda
     python benchmarks/bench_svd.py --real llama_60m --ranks 128 --threads 1
 """
-from __future__ import annotations
-
 import argparse
 import os
 import statistics
@@ -20,29 +16,6 @@ import torch
 
 import lowrank_optim as lo
 from lowrank_optim.projector import LEFT, choose_side, compute_basis
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes and ranks, for smoke tests")
-    p.add_argument("--shapes", help="comma list of MxN (default 2048x2048,2048x5461; --quick: "
-                   "256x256,256x683)")
-    p.add_argument("--ranks", help="comma list (default 128,512; --quick: 16,64; --real: the first)")
-    p.add_argument("--real", metavar="CONFIG", help="real gradients of a LlamaLM config")
-    p.add_argument("--niters", default="0,1,2", help="--real: comma list of power iterations")
-    for key, default in dict(repeats=3, warmup=1, oversample=8, niter=1, decay=1.0, noise=0.05,
-                             seed=0, threads=0, real_steps=100, lag=20, batch_size=4,
-                             seq_len=0).items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="default results/svd.md (svd_quick.md, svd_real.md)")
-    a = p.parse_args(argv)
-    a.shapes = a.shapes or ("256x256,256x683" if a.quick else "2048x2048,2048x5461")
-    a.ranks = [int(r) for r in (a.ranks or ("16,64" if a.quick else "128,512")).split(",")]
-    a.out = a.out or os.path.join(C.ROOT, "benchmarks", "results", "svd_real.md" if a.real
-                                  else "svd_quick.md" if a.quick else "svd.md")
-    return a
 
 
 def gradient_like(m: int, n: int, a, dev: torch.device) -> torch.Tensor:
@@ -135,7 +108,6 @@ def synthetic_rows(a, dev: torch.device) -> tuple[str, str]:
             rows.append([f"{m}×{n}", r, "left" if choose_side((m, n), "std") == LEFT else
                          "right", f"{t_ex:.3f}", f"{t_rd:.3f}", f"{t_ex / t_rd:.2f}",
                          f"{e_ex:.5f}", f"{e_rd:.5f}", f"{e_rd / e_ex:.5f}", f"{ov:.4f}"])
-            print(" | ".join(map(str, rows[-1])), flush=True)
     table = C.md_table(["shape (m×n)", "rank", "basis side", "exact s", "randomized s",
                         "exact / randomized time", "energy exact (optimum)",
                         "energy randomized", "randomized / exact energy", "subspace overlap"],
@@ -148,7 +120,25 @@ def synthetic_rows(a, dev: torch.device) -> tuple[str, str]:
 
 
 def main(argv=None) -> str:
-    a = parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes and ranks, for smoke tests")
+    p.add_argument("--shapes", help="comma list of MxN (default 2048x2048,2048x5461; --quick: "
+                   "256x256,256x683)")
+    p.add_argument("--ranks", help="comma list (default 128,512; --quick: 16,64; --real: the first)")
+    p.add_argument("--real", metavar="CONFIG", help="real gradients of a LlamaLM config")
+    p.add_argument("--niters", default="0,1,2", help="--real: comma list of power iterations")
+    for key, default in dict(repeats=3, warmup=1, oversample=8, niter=1, decay=1.0, noise=0.05,
+                             seed=0, threads=0, real_steps=100, lag=20, batch_size=4,
+                             seq_len=0).items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="default results/svd.md (svd_quick.md, svd_real.md)")
+    a = p.parse_args(argv)
+    a.shapes = a.shapes or ("256x256,256x683" if a.quick else "2048x2048,2048x5461")
+    a.ranks = [int(r) for r in (a.ranks or ("16,64" if a.quick else "128,512")).split(",")]
+    a.out = a.out or os.path.join(C.ROOT, "benchmarks", "results", "svd_real.md" if a.real
+                                  else "svd_quick.md" if a.quick else "svd.md")
     if a.threads:
         torch.set_num_threads(a.threads)
     dev, started, load = torch.device(a.device), time.perf_counter(), os.getloadavg()[0]
