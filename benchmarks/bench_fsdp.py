@@ -47,10 +47,9 @@ def blocks_line_up(m: int, n: int, rank: int, world: int, block: int = 256) -> s
     if m < n:  # left basis: sharded on dim 1, each rank holds r×(n/W): rows interleave
         return "no (columns split: a rank's slice is not contiguous in the moment)"
     r, rows = min(rank, m, n), cdiv(m, world)
-    per_rank = rows * r
-    if per_rank % block or cdiv(cdiv(m * r, block), world) != per_rank // block:
-        return f"no ({rows} rows × {r} = {per_rank} elements per rank)"
-    return f"yes ({per_rank // block} blocks per rank)"
+    if rows * r % block == 0 and cdiv(cdiv(m * r, block), world) == rows * r // block:
+        return f"yes ({rows * r // block} blocks per rank)"
+    return f"no ({rows} rows × {r} = {rows * r} elements per rank)"
 
 
 class Block(nn.Module):
@@ -59,8 +58,8 @@ class Block(nn.Module):
     def __init__(self, d: int, h: int):
         super().__init__()
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
-        self.gate, self.up = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
-        self.down = nn.Linear(h, d, bias=False)
+        self.gate, self.up, self.down = (nn.Linear(i, o, bias=False) for i, o in
+                                         ((d, h), (d, h), (h, d)))
         self.norm = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
@@ -71,10 +70,7 @@ class Block(nn.Module):
 
 class Payload(TorchDispatchMode):
     """Collectives dispatched and their payload (all-gather: output; all-reduce: tensors)."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes, self.ops = 0, 0
+    bytes = ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
@@ -90,14 +86,8 @@ class Payload(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def local_state_bytes(opt) -> int:  # a DTensor's local shard
-    return sum(C.tensor_bytes(v.to_local() if lo.fsdp.is_sharded(v) else v)
-               for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
-
-
 def worker(rank: int, port: int, a, out: dict) -> None:
-    """Each optimizer on a fresh ``fully_shard``-ed stack, 2 steps (no stagger: every
-    matrix refreshes at the first)."""
+    """Each optimizer on a fresh sharded stack, 2 steps; every matrix refreshes at the first."""
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)
@@ -119,8 +109,10 @@ def worker(rank: int, port: int, a, out: dict) -> None:
                 opt.step()
             opt.zero_grad()
             steps.append((p.bytes, p.ops))
+        state = sum(C.tensor_bytes(v.to_local() if lo.fsdp.is_sharded(v) else v)  # local shard
+                    for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
         if rank == 0:
-            out[name] = dict(state=local_state_bytes(opt), refresh=steps[0], between=steps[1])
+            out[name] = dict(state=state, refresh=steps[0], between=steps[1])
     dist.destroy_process_group()
 
 

@@ -24,11 +24,8 @@ SETTINGS = {"w4pc": (4, None), "w4g128": (4, 128), "w3pc": (3, None), "w3g128": 
 BETAS = (0.9, 0.95)  # the paper's AdamW betas, for every QAT run
 CPU = torch.device("cpu")
 grid = lambda bits: (-2 ** (bits - 1), 2 ** (bits - 1) - 1)  # noqa: E731 - signed b-bit range
-
-
-def targets(model):
-    return [(n, m) for n, m in model.named_modules()
-            if type(m) is nn.Linear and any(t in n for t in TARGETS)]
+targets = lambda model: [(n, m) for n, m in model.named_modules()  # noqa: E731 - the quantized
+                         if type(m) is nn.Linear and any(t in n for t in TARGETS)]
 
 
 @torch.no_grad()
@@ -43,8 +40,7 @@ def rtn_absmax_(model, bits, group_size):
 
 
 class FakeQuantLinear(nn.Module):
-    """Full QAT (LSQ-style): a trainable float weight, quantized in every forward by
-    round-STE with learnable scales (initialised by the same range search)."""
+    """Full QAT (LSQ-style): a float weight fake-quantized by round-STE, learnable scales."""
 
     def __init__(self, linear, bits, group_size):
         super().__init__()
@@ -79,8 +75,7 @@ def build(kind, fp_model, bits, group_size, a):
 
 
 def train(model, opt, steps, batches, log, teacher=None):
-    """``steps`` steps, warmup 10% + cosine; next-byte loss, or with ``teacher``
-    distillation: KL(teacher || model) per token."""
+    """Warmup 10% + cosine; next-byte loss, or KL(teacher || model) per token."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, C.lr_lambda(steps // 10, steps))
     t0 = time.time()
     for step in range(steps):
@@ -96,9 +91,8 @@ def train(model, opt, steps, batches, log, teacher=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
-            print(f"  {log} step {step + 1}/{steps} train loss {loss.item():.4f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+        if (step + 1) % max(1, steps // 5) == 0:
+            print(f"  {log} {step + 1}/{steps}: loss {loss.item():.4f}, {time.time() - t0:.0f} s")
     return time.time() - t0
 
 
@@ -109,8 +103,7 @@ def evaluate(model, batches):  # LlamaLM has no dropout: no eval mode to set
 
 def pretrained(a, cfg, corpus):
     """The FP model: loaded from ``--ckpt``, else pretrained with AdamW and saved there."""
-    path = C.ROOT / a.ckpt.format(config=a.config, mlp_hidden=a.mlp_hidden,
-                                  pretrain_steps=a.pretrain_steps, seed=a.seed)
+    path = C.ROOT / a.ckpt.format(**vars(a))
     torch.manual_seed(a.seed)
     model = C.LlamaLM(cfg)
     if path.exists():
@@ -129,7 +122,6 @@ def quality(a, fp_model, corpus):
     new_batches = lambda: C.Batches(corpus, a.batch_size, a.seq_len, a.seed + 1,  # noqa: E731
                                     a.eval_batches, CPU)
     val = new_batches()
-    x_check = val.val[0][0][:4]
     fp = evaluate(fp_model.requires_grad_(False), val)
     ppl = lambda loss: f"{math.exp(loss):.3f}"  # noqa: E731
     gap = lambda loss: math.exp(loss) - math.exp(fp)  # noqa: E731
@@ -144,14 +136,13 @@ def quality(a, fp_model, corpus):
         if "lrqat" in a.runs:
             secs = train(model, opt, a.qat_steps, new_batches(), f"{name} LR-QAT", fp_model)
             with torch.no_grad():
-                exported = export_lr_qat(copy.deepcopy(model))
-                equal = torch.equal(exported(x_check), model(x_check))
+                exported, x = export_lr_qat(copy.deepcopy(model)), val.val[0][0][:4]
+                equal = torch.equal(exported(x), model(x))
             lrqat = evaluate(exported, val)
             ratio = gap(lrqat) / gap(rtn)
             rows[-1][3:5] = [ppl(lrqat) + ("" if equal else " (export differs!)"), f"{ratio:.0%}"]
             note = [f"**LR-QAT's perplexity gap is {gap(lrqat):+.3f}, {ratio:.0%} of RTN's "
                     f"{gap(rtn):+.3f} (target ≤ 50%: {'met' if ratio <= 0.5 else 'NOT met'})**",
-                    f"exported logits equal the trained model's bit for bit: {equal}",
                     f"LR-QAT {secs:.0f} s"]
         if "fullqat" in a.runs and name in a.full_qat_settings:
             model, opt = build("fullqat", fp_model, bits, group, a)
@@ -159,9 +150,9 @@ def quality(a, fp_model, corpus):
             rows[-1][5] = ppl(evaluate(model, val))
             note.append(f"full QAT {secs:.0f} s")
         notes += [f"- {name}: " + "; ".join(note)] if note else []
-        print(" | ".join(rows[-1]), flush=True)
     return "\n\n".join([
-        f"## Validation perplexity (bytes)\n\nFP model: **{ppl(fp)}**. Columns: "
+        f"## Validation perplexity (bytes)\n\nFP model: **{ppl(fp)}**. Exported integer "
+        "models whose logits differ from the trained ones are flagged. Columns: "
         "docs/benchmarks.md, bench_lr_qat.py.",
         C.md_table(["setting", "RTN absmax", "RTN searched", "LR-QAT", "gap ratio",
                     "full QAT"], rows), "\n".join(notes)])
@@ -210,22 +201,16 @@ def probe(kind, cfg_name, batch, seq_len, a):
     return dict(out, peak_rss=meter.peak() - rss0, params=n_params)
 
 
-def in_fresh_process(fn, *args):
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
-
-
 def memory(a):
-    """The memory section: LR-QAT and full QAT per config and batch, each probe in a fresh
-    process."""
+    """The memory section: LR-QAT and full QAT per config and batch."""
     total = lambda m: m["weights"] + m["grads"] + m["state"] + m["saved"]  # noqa: E731
     mib = lambda n: f"{n / 2 ** 20:.2f}"  # noqa: E731
     rows, verdicts = [], []
+    pool = mp.get_context("spawn").Pool(1, maxtasksperchild=1)  # a fresh process per probe
     for c in a.memory_configs:
         for shape in a.memory_batches:
-            lr, full = (in_fresh_process(probe, kind, c, *map(int, shape.split("x")), a)
+            lr, full = (pool.apply(probe, (kind, c, *map(int, shape.split("x")), a))
                         for kind in ("lrqat", "fullqat"))
-            print(f"memory {c} {shape}: LR-QAT {lr}, full QAT {full}", flush=True)
             lean = total(full) - full["saved"] + lr["saved"]
             for m, label in ((lr, "LR-QAT"), (full, "full QAT")):
                 rows.append([f"{c} ({m['params'] / 1e6:.1f}M)", shape, label,
@@ -237,6 +222,7 @@ def memory(a):
             r, p = total(lr) / total(full), lr["peak_rss"] / full["peak_rss"]
             verdicts.append(f"{c} {shape}: {r:.0%} exact ({total(lr) / lean:.0%} of lean), "
                             f"{p:.0%} peak RSS ({'met' if max(r, p) < 0.5 else 'NOT met'})")
+    pool.close()
     return "\n\n".join([
         f"## Training memory, LR-QAT vs full QAT (W4 per-channel)\n\nTwo training steps, "
         f"each method in its own process; LR-QAT rank {a.rank}, int8 Φ₀; AdamW for both; "

@@ -8,11 +8,9 @@
 import argparse
 import copy
 import gc
-import importlib.metadata
 import os
 import statistics
 import time
-import warnings
 
 import torch
 from torch import nn
@@ -53,35 +51,34 @@ class ProjectionFloor(torch.optim.Optimizer):
                     p.addmm_(b, b.T @ g, alpha=lr)       # R = Pᵀ G, then P R
 
 
-def build(spec: str, model: nn.Module, a):
-    """(model, optimizer, label, closed-form class name or None) of one ``--optimizers``
-    entry; the model may be swapped (Q-GaLore's INT8 weights)."""
+def build(spec: str, model: nn.Module, a) -> dict:
+    """The row of one ``--optimizers`` entry: its optimizer (on the model, which may be
+    swapped: Q-GaLore's INT8 weights), label, closed-form class and refresh counter."""
     if spec == "floor":
-        return model, ProjectionFloor(model, a), "floor (projection GEMMs only)", None
-    if spec == "galore_torch":  # pip install --no-deps galore-torch==1.0 (needs transformers)
+        opt, label, cls = ProjectionFloor(model, a), "floor (projection GEMMs only)", None
+    elif spec == "galore_torch":  # pip install --no-deps galore-torch==1.0 (needs transformers)
         import galore_torch
-        groups = lo.param_groups(model, rank=a.rank, update_proj_gap=a.update_proj_gap,
-                                 scale=a.scale, proj_type="std")
-        return model, galore_torch.GaLoreAdamW(groups, lr=a.lr), \
-            "galore_torch (GaLoreAdamW 1.0)", "GaLoreAdamW"
-    prep = C.method(spec).build(model, C.MethodArgs(
-        lr=a.lr, rank=a.rank, update_proj_gap=a.update_proj_gap, scale=a.scale))
-    return prep.model, prep.optimizer, spec, type(prep.optimizer).__name__
+        opt = galore_torch.GaLoreAdamW(lo.param_groups(
+            model, rank=a.rank, update_proj_gap=a.update_proj_gap, scale=a.scale,
+            proj_type="std"), lr=a.lr)
+        label, cls = "galore_torch (GaLoreAdamW 1.0)", "GaLoreAdamW"
+    else:
+        prep = C.method(spec).build(model, C.MethodArgs(
+            lr=a.lr, rank=a.rank, update_proj_gap=a.update_proj_gap, scale=a.scale))
+        model, opt, label, cls = prep.model, prep.optimizer, spec, type(prep.optimizer).__name__
 
-
-def refresh_counter(opt, galore_torch: bool):
-    """Cumulative number of basis refreshes (to tell steady steps from SVD steps)."""
-    if not galore_torch:
-        return lambda: sum(int(st.get("refresh_count", 0)) for st in opt.state.values())
-    # galore-torch refreshes at steps 0, T, 2T, ... of each matrix
-    return lambda: sum(0 if (s := opt.state[p].get("step", 0)) == 0 else
-                       1 + (s - 1) // g["update_proj_gap"]
-                       for g in opt.param_groups if "rank" in g for p in g["params"])
+    def count():  # basis refreshes so far (galore-torch: at steps 0, T, 2T, ... of a matrix)
+        if spec != "galore_torch":
+            return sum(int(st.get("refresh_count", 0)) for st in opt.state.values())
+        return sum(0 if (s := opt.state[p].get("step", 0)) == 0 else
+                   1 + (s - 1) // g["update_proj_gap"]
+                   for g in opt.param_groups if "rank" in g for p in g["params"])
+    return dict(label=label, opt=opt, cls=cls, params=list(model.parameters()), count=count,
+                times=[], cpu=[], refreshed=[], warm=[])
 
 
 def bench(a, dev):
-    """Warm-up steps, then ``a.repeats`` windows of steps interleaved across the optimizers
-    (order rotated each step, so that a noisy stretch hits all of them alike)."""
+    """Warm-up steps, then windows of steps interleaved across the optimizers."""
     cfg = C.ModelConfig(a.hidden, a.n_layers, a.n_heads, a.intermediate)
     torch.manual_seed(a.seed)
     master = nn.ModuleDict(dict(layers=nn.ModuleList(C.Block(cfg) for _ in range(a.n_layers))))
@@ -91,15 +88,9 @@ def bench(a, dev):
     rows = []
     for spec in a.optimizers.split(","):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model, opt, label, cls = build(spec.strip(), copy.deepcopy(master), a)
+            rows.append(build(spec.strip(), copy.deepcopy(master), a))
         except Exception as exc:  # noqa: BLE001 - reported in the log, the row left out
             print(f"  skip {spec}: {exc!r}")
-            continue
-        rows.append(dict(label=label, opt=opt, cls=cls, params=list(model.parameters()),
-                         count=refresh_counter(opt, spec == "galore_torch"),
-                         times=[], cpu=[], refreshed=[], warm=[]))
     if not rows:
         raise SystemExit("no optimizer could be built")
 
@@ -175,7 +166,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK}")
     for key, default in dict(hidden=512, intermediate=1376, n_layers=8, n_heads=8, rank=128,
                              update_proj_gap=200, steps=0, repeats=2, warmup=3, pool=4,
-                             seed=0, threads=0, scale=0.25, lr=1e-3, device="auto",
+                             seed=0, threads=0, scale=0.25, lr=1e-3,
+                             device="cuda" if torch.cuda.is_available() else "cpu",
                              optimizers=DEFAULT, out="benchmarks/results/step.md").items():
         ap.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default)
     if ap.parse_args(argv).quick:
@@ -184,19 +176,13 @@ def main(argv=None):
     a.steps = a.steps or a.update_proj_gap  # default: one refresh gap per window
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     dev, t0, load = torch.device(a.device), time.perf_counter(), os.getloadavg()[0]
     rows, shapes = bench(a, dev)
     t_table, s_table = tables(rows, shapes, a)
     load = max(load, os.getloadavg()[0])
-    try:
-        gt_version = importlib.metadata.version("galore-torch")
-    except importlib.metadata.PackageNotFoundError:
-        gt_version = "not installed"
     meta = {"command": f"`{C.command_line('bench_step.py', argv)}`",
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": f"{C.versions()}, galore-torch {gt_version}",
+            "versions": C.versions(),
             "device": f"{C.device_name(dev)}; load average up to {load:.2f}" + (
                 " (**busy machine: timings are noisy**)" if load > 0.75 * os.cpu_count() else ""),
             "total time": f"{time.perf_counter() - t0:.0f} s"}

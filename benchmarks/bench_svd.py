@@ -43,9 +43,8 @@ def energy(g: torch.Tensor, p: torch.Tensor) -> float:
 
 
 def real_rows(a, dev: torch.device) -> tuple[str, str]:
-    """Train a LlamaLM with GaLoreAdamW, keep its projected matrices' gradients at step
-    ``a.real_steps`` (*now*) and ``a.lag`` steps later; the energy of each basis of the
-    *now* gradients, on them and on the *later* ones."""
+    """Gradients of a LlamaLM trained with GaLoreAdamW, now and later; the energy of each
+    basis of the *now* gradients, on them and on the *later* ones."""
     torch.manual_seed(a.seed)
     cfg, rank, corpus = C.get_config(a.real), a.ranks[0], C.load_corpus()
     model = C.LlamaLM(cfg).to(dev)
@@ -119,21 +118,16 @@ def synthetic_rows(a, dev: torch.device) -> tuple[str, str]:
         f"niter = {a.niter}. Columns: docs/benchmarks.md, bench_svd.py.\n\n" + table)
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and ranks, for smoke tests")
-    p.add_argument("--shapes", help="comma list of MxN (default 2048x2048,2048x5461; --quick: "
-                   "256x256,256x683)")
-    p.add_argument("--ranks", help="comma list (default 128,512; --quick: 16,64; --real: the first)")
-    p.add_argument("--real", metavar="CONFIG", help="real gradients of a LlamaLM config")
-    p.add_argument("--niters", default="0,1,2", help="--real: comma list of power iterations")
-    for key, default in dict(repeats=3, warmup=1, oversample=8, niter=1, decay=1.0, noise=0.05,
-                             seed=0, threads=0, real_steps=100, lag=20, batch_size=4,
-                             seq_len=0).items():
+    for key, default in dict(  # "": the default of the mode (docs/benchmarks.md)
+            shapes="", ranks="", repeats=3, warmup=1, oversample=8, niter=1, decay=1.0,
+            noise=0.05, seed=0, threads=0, real="", real_steps=100, lag=20, niters="0,1,2",
+            batch_size=4, seq_len=0, device="cuda" if torch.cuda.is_available() else "cpu",
+            out="").items():
         p.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="default results/svd.md (svd_quick.md, svd_real.md)")
     a = p.parse_args(argv)
     a.shapes = a.shapes or ("256x256,256x683" if a.quick else "2048x2048,2048x5461")
     a.ranks = [int(r) for r in (a.ranks or ("16,64" if a.quick else "128,512")).split(",")]
@@ -143,14 +137,12 @@ def main(argv=None) -> str:
         torch.set_num_threads(a.threads)
     dev, started, load = torch.device(a.device), time.perf_counter(), os.getloadavg()[0]
     title, body = (real_rows if a.real else synthetic_rows)(a, dev)
-    doc = C.write_report(a.out, f"bench_svd: {title}", {
+    print(C.write_report(a.out, f"bench_svd: {title}", {
         "command": f"`{C.command_line('bench_svd.py', argv)}`",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": C.versions(),
         "device": f"{C.device_name(dev)}; load average {load:.2f} at start, "
                   f"{os.getloadavg()[0]:.2f} at end",
-        "total time": f"{time.perf_counter() - started:.0f} s"}, body)
-    print(doc + f"\nwritten to {a.out}")
-    return doc
+        "total time": f"{time.perf_counter() - started:.0f} s"}, body))
 
 
 if __name__ == "__main__":
