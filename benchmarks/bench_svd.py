@@ -33,7 +33,7 @@ def basis(g: torch.Tensor, rank: int, dev, **kw) -> tuple[float, torch.Tensor]:
     """(seconds, the basis of the side ``proj_type="std"`` keeps) of one compute_basis."""
     with C.Timer(dev) as t:
         u, v = compute_basis(g, rank, **kw)
-    return t.last, u if choose_side(g.shape, "std") == LEFT else v
+    return t.total, u if choose_side(g.shape, "std") == LEFT else v
 
 
 def energy(g: torch.Tensor, p: torch.Tensor) -> float:
