@@ -30,10 +30,18 @@ writes the update into the layer's weight (``LowRankOptimizer._matrix``); its st
 moments, counters) is normal GaLore's for that weight, so ``state_dict`` round trips
 (``weights_only=True``) and the load checks work unchanged.
 
-Activations: on a step without refresh the forward of a layer with a right basis saves
+Activations: on a step without refresh the eager forward of a layer with a right basis saves
 :math:`XQ` (``r`` floats per token) for its backward instead of :math:`X` (``n``); a left
 basis needs :math:`X` itself. Weights' gradients: none; low-rank gradients: :math:`r`
 per row or column, as GaLore's state.
+
+**torch.compile** (inductor, ``fullgraph=True`` too) traces forward and backward whole:
+the low-rank gradient, and at a refresh the dense gradient, its SVD and the optimizer's
+state update, run inside the custom op ``lowrank_optim::galore_grad_lowrank``, opaque to
+the compiler, so a refresh changes no guard and recompiles nothing; the compiled forward
+reads no optimizer state and saves ``X`` rather than ``X·Q``; under ``torch.no_grad`` the
+layer is a plain linear (``tests/test_lowrank_backward.py``: equal to eager across
+refreshes, both sides, one graph).
 
 **Refresh.** At a refresh step of a layer (the optimizer's policy for its
 ``weight_lowrank``: ``update_proj_gap``, ``stagger``, Q-GaLore's lazy refresh) its backward
