@@ -393,6 +393,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("adamw8bit", _adamw8bit, 1.5e-3, "bitsandbytes.optim.AdamW8bit", requires=BNB,
            parent="adamw"),
     Method("galore", _GALORE, 4e-2, "lowrank_optim.GaLoreAdamW on param_groups(attn, mlp)"),
+    Method("galore_lowrank", _GALORE, 4e-2, "GaLoreAdamW with a low-rank backward (issue #20: "
+           "prepare_galore swaps the target Linears for GaLoreLinear; no dense weight gradient)",
+           prepare=lambda model, a: __import__("lowrank_optim").prepare_galore(
+               model, rank=a.rank, target_modules=a.target_modules),
+           default=False, parent="galore"),
     Method("galore_randomized", _GALORE, 4e-2,
            "GaLoreAdamW with svd=\"randomized\" (range finder, 1 power iteration)",
            kwargs=dict(svd="randomized"), default=False, parent="galore"),

@@ -30,10 +30,18 @@ writes the update into the layer's weight (``LowRankOptimizer._matrix``); its st
 moments, counters) is normal GaLore's for that weight, so ``state_dict`` round trips
 (``weights_only=True``) and the load checks work unchanged.
 
-Activations: on a step without refresh the forward of a layer with a right basis saves
+Activations: on a step without refresh the eager forward of a layer with a right basis saves
 :math:`XQ` (``r`` floats per token) for its backward instead of :math:`X` (``n``); a left
 basis needs :math:`X` itself. Weights' gradients: none; low-rank gradients: :math:`r`
 per row or column, as GaLore's state.
+
+**torch.compile** (inductor, ``fullgraph=True`` too) traces forward and backward whole:
+the low-rank gradient, and at a refresh the dense gradient, its SVD and the optimizer's
+state update, run inside the custom op ``lowrank_optim::galore_grad_lowrank``, opaque to
+the compiler, so a refresh changes no guard and recompiles nothing; the compiled forward
+reads no optimizer state and saves ``X`` rather than ``X·Q``; under ``torch.no_grad`` the
+layer is a plain linear (``tests/test_lowrank_backward.py``: equal to eager across
+refreshes, both sides, one graph).
 
 **Refresh.** At a refresh step of a layer (the optimizer's policy for its
 ``weight_lowrank``: ``update_proj_gap``, ``stagger``, Q-GaLore's lazy refresh) its backward
@@ -78,6 +86,7 @@ made over it.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from typing import Iterable, Optional
@@ -92,6 +101,9 @@ from .projector import BOTH, LEFT, PROJ_TYPES, RIGHT, choose_side
 __all__ = ["GaLoreLinear", "prepare_galore", "bind"]
 
 _ZEROS: dict = {}  # (device, dtype) -> the shared zeros the weight_lowrank values view
+# Every live GaLoreLinear by its key: the backward's custom op (below) finds its layer here.
+_LAYERS: "weakref.WeakValueDictionary[int, GaLoreLinear]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
 
 
 def _zeros(shape, device, dtype) -> Tensor:
@@ -107,27 +119,52 @@ def _zeros(shape, device, dtype) -> Tensor:
     return buf[:numel].view(shape)
 
 
+@torch.library.custom_op("lowrank_optim::galore_grad_lowrank", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
+def _grad_lowrank(d2: Tensor, x2: Tensor, lowrank: Tensor, key: int, projected: bool) -> Tensor:
+    """The gradient of layer ``key``'s ``weight_lowrank`` (``lowrank``: passed for its shape
+    and dtype only) from ``∂L/∂y`` and ``x`` (or ``x·Q`` when ``projected``), flattened to
+    2-D: :meth:`GaLoreLinear._projected_grad`, contiguous.
+
+    A custom op, so that ``torch.compile`` keeps this call opaque inside the compiled
+    backward: the optimizer's Python state it reads (refresh due or not, the basis) and
+    the refresh it may run (the dense gradient, its finiteness check, the SVD, the
+    optimizer's state update) stay out of the graph, with no graph break and no guard on
+    them (no recompilation at refreshes). It runs Python at every call, so it is tagged
+    unsafe for CUDA graphs (as LoQT's ``loqt_grad_b``). Its fake depends on its inputs
+    only (``lowrank``'s shape and dtype), never on the layer's state: compiled graphs and
+    inductor's caches stay valid for any layer of that shape."""
+    return _LAYERS[key]._projected_grad(d2, x2, projected).contiguous()
+
+
+@_grad_lowrank.register_fake
+def _(d2, x2, lowrank, key, projected):
+    return torch.empty_like(lowrank, memory_format=torch.contiguous_format)
+
+
 class _LowRankGradFn(torch.autograd.Function):
     """``y = x·Wᵀ + b``; backward returns ``∂L/∂x``, ``∂L/∂b`` and, for ``weight_lowrank``,
-    the projected weight gradient (:meth:`GaLoreLinear._projected_grad`); none for ``W``.
-    Given the right basis ``Q`` (a step without refresh), it saves ``x·Q`` instead of ``x``."""
+    the projected weight gradient (:func:`_grad_lowrank`); none for ``W``. Given the right
+    basis ``Q`` (a step without refresh, eager only), it saves ``x·Q`` instead of ``x``."""
 
     @staticmethod
-    def forward(ctx, x, weight, lowrank, bias, layer, right):
-        ctx.layer, ctx.has_bias, ctx.projected = layer, bias is not None, right is not None
+    def forward(ctx, x, weight, lowrank, bias, key, right):
+        ctx.key, ctx.has_bias, ctx.projected = key, bias is not None, right is not None
         saved = x if right is None else x @ right.to(x.dtype)
-        ctx.save_for_backward(saved, weight)  # weight: autograd checks it is unchanged
+        # weight: autograd checks it is unchanged; lowrank: a view of the shared zeros
+        ctx.save_for_backward(saved, weight, lowrank)
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, weight, lowrank = ctx.saved_tensors
         grad_x = grad_low = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ weight.to(grad_out.dtype)
         d2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[2]:
-            grad_low = ctx.layer._projected_grad(d2, x2, ctx.projected)
+            grad_low = torch.ops.lowrank_optim.galore_grad_lowrank(d2, x2, lowrank, ctx.key,
+                                                                    ctx.projected)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = d2.sum(0)
         return grad_x, None, grad_low, grad_bias, None, None
@@ -172,7 +209,14 @@ class GaLoreLinear(nn.Linear):
         w = self.weight
         self.weight_lowrank = nn.Parameter(_zeros(shape, w.device, w.dtype))
         self._optimizer = None  # weakref to the optimizer that serves this layer (bind)
+        self._register()
         self._link()
+
+    def _register(self) -> None:
+        """A key of its own in ``_LAYERS`` (the backward's custom op looks the layer up
+        there); a copy (deepcopy, unpickling) gets its own."""
+        self._key = next(_KEYS)
+        _LAYERS[self._key] = self
 
     def _link(self) -> None:
         # the parameter names its layer (the optimizer finds the weight through it);
@@ -185,6 +229,7 @@ class GaLoreLinear(nn.Linear):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._register()
         self._link()
 
     def _apply(self, fn, recurse=True):
@@ -290,9 +335,13 @@ class GaLoreLinear(nn.Linear):
         return (d.T @ x.to(d.dtype)).to(dtype)  # (autocast: dY may be bf16, X float32)
 
     def forward(self, x: Tensor) -> Tensor:
-        train = torch.is_grad_enabled() and self.weight_lowrank.requires_grad
-        right = self._saved_basis() if train else None
-        return _LowRankGradFn.apply(x, self.weight, self.weight_lowrank, self.bias, self, right)
+        if not (torch.is_grad_enabled() and self.weight_lowrank.requires_grad):
+            return nn.functional.linear(x, self.weight, self.bias)
+        # under torch.compile the forward reads no optimizer state (it would be guarded on
+        # and recompile at every refresh): it saves X, and backward projects it
+        right = None if torch.compiler.is_compiling() else self._saved_basis()
+        return _LowRankGradFn.apply(x, self.weight, self.weight_lowrank, self.bias, self._key,
+                                    right)
 
     # ---- storage ------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
