@@ -5,11 +5,7 @@ at W4/W3, and training memory of LR-QAT vs full QAT (docs/benchmarks.md).
     python benchmarks/bench_lr_qat.py --pretrain-steps 50 --qat-steps 20 --memory-configs tiny \\
         --out /tmp/lr_qat.md                                         # smoke test
 """
-import argparse
-import copy
-import math
-import os
-import time
+import copy, math, os, time
 
 import torch
 import torch.multiprocessing as mp
@@ -234,17 +230,14 @@ def memory(a):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, default in dict(
-            config="tiny", mlp_hidden=384, pretrain_steps=1000, pretrain_lr=1.5e-3,
-            qat_steps=200, lr=3e-2, scale_lr=1e-4, rank=32, alpha=1.0, full_qat_lr=1e-4,
-            batch_size=16, seq_len=128, eval_batches=32, settings="w4pc,w4g128,w3pc",
-            runs="lrqat,fullqat", full_qat_settings="w4pc,w3pc",
-            memory_configs="tiny,small,llama_60m", memory_batches="16x128,1x128", seed=0,
-            threads=1, ckpt="runs/lr_qat_fp_{config}_{mlp_hidden}_{pretrain_steps}_{seed}.pt",
-            data="", out="benchmarks/results/lr_qat.md").items():
-        ap.add_argument(f"--{key.replace('_', '-')}", default=default, type=type(default))
+    ap = C.parser(
+        __doc__, config="tiny", mlp_hidden=384, pretrain_steps=1000, pretrain_lr=1.5e-3,
+        qat_steps=200, lr=3e-2, scale_lr=1e-4, rank=32, alpha=1.0, full_qat_lr=1e-4,
+        batch_size=16, seq_len=128, eval_batches=32, settings="w4pc,w4g128,w3pc",
+        runs="lrqat,fullqat", full_qat_settings="w4pc,w3pc",
+        memory_configs="tiny,small,llama_60m", memory_batches="16x128,1x128", seed=0,
+        threads=1, ckpt="runs/lr_qat_fp_{config}_{mlp_hidden}_{pretrain_steps}_{seed}.pt",
+        data="", out="benchmarks/results/lr_qat.md")
     a = ap.parse_args(argv)
     for key in ("settings", "runs", "full_qat_settings", "memory_configs", "memory_batches"):
         setattr(a, key, [s.strip() for s in getattr(a, key).split(",") if s.strip()])
@@ -252,9 +245,7 @@ def main(argv=None) -> None:
         ap.error(f"unknown setting in {a.settings}; choose from {', '.join(SETTINGS)}")
     torch.set_num_threads(a.threads or torch.get_num_threads())
     t0, sections = time.time(), []
-    meta = {"command": f"`{C.command_line('bench_lr_qat.py', argv)}`",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": C.versions(),
-            "device": C.device_name(CPU)}
+    meta = C.report_meta("bench_lr_qat.py", argv, C.device_name(CPU))
     if a.settings:
         corpus = C.load_corpus(a.data or None)
         cfg = C.get_config(a.config, mlp_hidden=a.mlp_hidden,

@@ -9,12 +9,7 @@ device for every config (the two counts must be equal), against the package's cl
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import gc
-import math
-import sys
-import time
+import gc, math, sys, time
 
 import _paths  # noqa: F401  (puts the checkout first on sys.path)
 
@@ -324,17 +319,9 @@ def render(rows: dict, fp32: dict, alt, names, meths) -> str:
 
 def main(argv=None) -> int:
     global SVD
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="60m,130m,350m,1b,7b")
-    ap.add_argument("--ranks", default="", help=f"overrides, e.g. 1b=1024 (defaults {RANKS})")
-    ap.add_argument("--real", default="60m,130m,350m", help="configs also run on the CPU")
-    ap.add_argument("--methods", default=",".join(REGISTRY))
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    ap.add_argument("--svd", default=SVD, choices=("exact", "randomized"))
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
-    ap.add_argument("--out", default="benchmarks/results/memory.md", help="'' to skip writing")
+    ap = C.parser(__doc__, configs="60m,130m,350m,1b,7b", ranks="", real="60m,130m,350m",
+                  methods=",".join(REGISTRY), vocab=32000, dtype="bfloat16", svd=SVD, threads=1,
+                  out="benchmarks/results/memory.md")
     a = ap.parse_args(argv)
     SVD = a.svd
     if a.threads:
@@ -351,7 +338,6 @@ def main(argv=None) -> int:
         if c not in rank_of:
             ap.error(f"no rank for config {c!r}: pass --ranks {c}=R")
     t_start = time.time()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows, fp32 = {}, {}
     for c in names:
         cfg, rank = get_config(c, vocab_size=a.vocab), rank_of[c]
@@ -366,12 +352,11 @@ def main(argv=None) -> int:
     alt = None  # Q-GaLore's 1B *script* rank (1024), next to Table 1's 512
     if "1b" in names and rank_of["1b"] != 1024 and "QGaLoreAdamW8bit" in meths:
         alt = row("QGaLoreAdamW8bit", get_config("1b", vocab_size=a.vocab), 1024, dt, False)
-    meta = {
-        "command": f"`{C.command_line('bench_memory.py', argv)}`",
-        "date": f"{date}; total time {time.time() - t_start:.0f} s",
-        "versions": C.versions(),
-        "device": f"{C.device_name('cpu')} for the real runs "
-                  f"({', '.join(c for c in names if c in real_set) or 'none'}); `meta` for all",
+    meta = C.report_meta("bench_memory.py", argv, f"{C.device_name('cpu')} for the real runs "
+                         f"({', '.join(c for c in names if c in real_set) or 'none'}); `meta` "
+                         "for all")
+    meta["date"] += f"; total time {time.time() - t_start:.0f} s"
+    meta.update({
         "model": f"`benchmarks/common.py` LlamaLM, vocabulary {a.vocab}, weights in {dt}; ranks "
                  + ", ".join(f"{c} {rank_of[c]}" for c in names) + f"; update_proj_gap "
                  f"{UPDATE_PROJ_GAP}, scale 0.25; projected = attention and MLP matrices; svd "
@@ -380,7 +365,7 @@ def main(argv=None) -> int:
                    "the rotary table: " + ", ".join(
                        f"{c} {rope_bytes(get_config(c), esize) / 1e3:.1f} kB" for c in names)
                    + "), **state** = every tensor in `optimizer.state` (shared ones once); what "
-                     "the methods store and how the meta counts are made: docs/benchmarks.md"}
+                     "the methods store and how the meta counts are made: docs/benchmarks.md"})
     print(C.write_report(a.out, "bench_memory: bytes of weights and optimizer state", meta,
                          render(rows, fp32, alt, names, meths)))
     ok = [r["pkg_ok"] for r in list(rows.values()) + list(fp32.values()) + [alt] if r] + \

@@ -12,18 +12,7 @@ case, the model built block by block. What is measured and how: docs/benchmarks.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import math
-import os
-import platform
-import re
-import shlex
-import subprocess
-import sys
-import tempfile
-import time
+import argparse, datetime, json, math, os, re, shlex, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -104,14 +93,6 @@ class Case:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _kb(field: str, path: str = "/proc/meminfo") -> int:
-    try:
-        with open(path) as f:
-            return next((int(ln.split()[1]) for ln in f if ln.startswith(field + ":")), 0)
-    except OSError:
-        return 0
 
 
 # ---- the child: one measurement -----------------------------------------------------------
@@ -314,16 +295,7 @@ def cuda_env(device) -> dict:
     props = torch.cuda.get_device_properties(device)
     return dict(gpu=torch.cuda.get_device_name(device), gpu_memory=props.total_memory,
                 capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                torch=torch.__version__, bitsandbytes=bnb_version(),
-                python=platform.python_version())
-
-
-def bnb_version() -> str:
-    try:
-        import bitsandbytes as bnb
-        return bnb.__version__
-    except ImportError:
-        return "not installed"
+                versions=C.versions())
 
 
 def estimate(case: Case, rank: int, a) -> dict:
@@ -355,8 +327,8 @@ def run_case(case: Case, a, argv: list) -> dict:
         proc = subprocess.Popen(cmd, stdout=fout, cwd=ROOT)
         max_seen, stop = 0, None
         while proc.poll() is None and not stop:
-            rss = _kb("VmRSS", f"/proc/{proc.pid}/status") * 1024
-            avail = _kb("MemAvailable") * 1024
+            rss = (C.proc_kb("VmRSS", f"/proc/{proc.pid}/status") or 0) * 1024
+            avail = (C.proc_kb("MemAvailable", "/proc/meminfo") or 0) * 1024
             max_seen = max(max_seen, rss)
             if a.device == "cpu" and rss > a.max_rss_gb * GB:
                 stop = f"RSS {rss / GB:.2f} GB passed --max-rss-gb {a.max_rss_gb}"
@@ -500,48 +472,26 @@ def read_rows(path) -> list:
 
 
 def select_cases(a) -> list:
-    if a.cases:
-        chosen = [Case.parse(c) for c in a.cases.split(",") if c.strip()]
-    else:
-        methods = a.methods.split(",") if a.methods else list(ISSUE_METHODS)
-        bad = [m for m in methods if m not in METHODS]
-        if bad:
-            raise SystemExit(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
-        chosen = ([Case.parse(f"{m}:{c}") for c in a.configs.split(",") for m in methods]
-                  if a.configs else [c for c in map(Case.parse, CASES.split(","))
-                                     if c.method in methods])
+    """``--cases``, else each of ``--methods`` on each of ``--configs``, else the default
+    cases of ``--methods``; ``--seq`` for all."""
+    methods = a.methods.split(",") if a.methods else ISSUE_METHODS
+    if bad := [m for m in methods if m not in METHODS]:
+        raise SystemExit(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    chosen = [Case.parse(c) for c in a.cases.split(",") if c.strip()] if a.cases else \
+        [Case.parse(f"{m}:{c}") for c in a.configs.split(",") for m in methods] if a.configs \
+        else [c for c in map(Case.parse, CASES.split(",")) if c.method in methods]
     for c in chosen:
         c.seq = a.seq or c.seq
     return chosen
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", help=f"METHOD:CONFIG[:SEQ][:ckpt],...; default: {CASES}")
-    p.add_argument("--configs", help="configs (common.CONFIGS) to run --methods on")
-    p.add_argument("--methods", help=f"from {', '.join(METHODS)}; default: {ISSUE_METHODS}")
-    p.add_argument("--seq", type=int, help="sequence length for every case")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2, help="step 0 (bases/merge), 1 (ordinary)")
-    p.add_argument("--rank", type=int, help="instead of the config's (RANKS)")
-    p.add_argument("--svd", choices=("exact", "randomized"), default="randomized")
-    p.add_argument("--svd-niter", type=int, default=0,
-                   help="randomized SVD power iterations (-1: the package's default)")
-    p.add_argument("--ec-iters", type=int, help="LoQT error-compensation rounds (default: 1; "
-                                                "on cuda the package's 5)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--timeout", type=float, default=5400, help="seconds per case")
-    p.add_argument("--jobs", type=int, default=0, help="cases at once (default: 2 if all are "
-                                                       "small, else 1)")
-    p.add_argument("--max-rss-gb", type=float, default=21.5, help="kill a child past this")
-    p.add_argument("--min-free-gb", type=float, default=0.6, help="... or past this free")
-    p.add_argument("--out", help=f"results file (default: {OUT})")
-    p.add_argument("--merge", action="store_true", help="keep --out's rows of other cases")
-    p.add_argument("--estimate-only", metavar="REASON", help="add meta-count rows only")
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    a.ec_iters = a.ec_iters if a.ec_iters is not None else 5 if a.device == "cuda" else 1
+    """The options (docs/benchmarks.md); ``--one CASE``: the child that measures CASE."""
+    a = C.parser(__doc__, cases="", configs="", methods="", seq=0,
+                 threads=1, steps=2, rank=0, svd="randomized", svd_niter=0, ec_iters=-1,
+                 device="cpu", timeout=5400.0, jobs=0, max_rss_gb=21.5, min_free_gb=0.6,
+                 out="", merge=False, estimate_only="", one="").parse_args(argv)
+    a.ec_iters = a.ec_iters if a.ec_iters >= 0 else 5 if a.device == "cuda" else 1
     a.svd_niter = None if a.svd_niter < 0 else a.svd_niter
     a.out = a.out or OUT[a.device]
     return a
@@ -549,23 +499,20 @@ def parse_args(argv=None):
 
 def header(rows: list, a, t0: float, load0: float) -> dict:
     env = next((r["env"] for r in reversed(rows) if r.get("env")), {})  # cuda: the child's
-    cuda = a.device == "cuda"
-    host = f"{os.cpu_count()} CPUs, {_kb('MemTotal') / 2 ** 20:.1f} GiB RAM"
+    host = (f"{C.cpu_name()}, {os.cpu_count()} CPUs, "
+            f"{(C.proc_kb('MemTotal', '/proc/meminfo') or 0) / 2 ** 20:.1f} GiB RAM")
+    gpu = f"{env['gpu']} ({env['gpu_memory'] / GIB:.1f} GiB, compute capability " \
+          f"{env['capability']}, CUDA {env['cuda']})" if env else "?"
     return {
         "command(s)": "; ".join(f"`{c}` ({d})" for c, d in {
             r.get("command", "(not recorded)"): r.get("date", "?") for r in rows}.items()),
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         + f" (this invocation: {time.time() - t0:.0f} s; each row's date is beside its command)",
-        "versions": f"torch {env.get('torch', torch.__version__)}"
-        + (f" (CUDA {env.get('cuda', '?')})" if cuda else "") + ", bitsandbytes "
-        + f"{env.get('bitsandbytes', bnb_version())}, Python "
-          f"{env.get('python', platform.python_version())}, git {C.git_rev()}",
-        "device": ((f"cuda: {env['gpu']} ({env['gpu_memory'] / GIB:.1f} GiB, compute capability "
-                    f"{env['capability']})" if env else "cuda") + f"; host {C.cpu_name()}, "
-                   f"{host}, {a.threads} torch CPU thread(s)" if cuda else
-                   f"cpu ({C.cpu_name()}), {a.threads} torch thread(s), {host}, no GPU; load "
-                   f"average {load0:.2f} / {os.getloadavg()[0]:.2f} at the start / end of the "
-                   "last invocation (a shared machine)"),
+        "versions": env.get("versions") or C.versions(),
+        "device": f"cuda: {gpu}; host {host}, {a.threads} torch CPU thread(s)"
+        if a.device == "cuda" else f"cpu ({host}), {a.threads} torch thread(s), no GPU; load "
+        f"average {load0:.2f} / {os.getloadavg()[0]:.2f} at the start / end of the last "
+        "invocation (a shared machine)",
         "settings": f"vocabulary {VOCAB}, batch {BATCH}, bf16; svd={a.svd}, randomized-SVD power "
                     f"iterations {'package default (1)' if a.svd_niter is None else a.svd_niter}"
                     f", LoQT ec_iters={a.ec_iters} (package default 5), LoQT update_proj_gap 100 "

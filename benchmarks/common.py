@@ -6,7 +6,7 @@ Markdown writer (:func:`md_table`, :func:`write_report`).
 """
 from __future__ import annotations
 
-import ast, dataclasses, hashlib, math, os, platform, shlex, subprocess, sys, sysconfig, time
+import argparse, ast, dataclasses, hashlib, math, os, platform, shlex, subprocess, sys, sysconfig, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -609,11 +609,11 @@ def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int
     return w, s
 
 
-def _proc_status_kb(field: str) -> Optional[int]:
+def proc_kb(field: str, path: str = "/proc/self/status") -> Optional[int]:
+    """A ``FIELD: N kB`` line of a /proc file (None when absent)."""
     try:
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")),
-                        None)
+        with open(path) as f:
+            return next((int(ln.split()[1]) for ln in f if ln.startswith(field + ":")), None)
     except OSError:
         return None
 
@@ -646,7 +646,7 @@ class MemoryMeter:
     def current(self) -> int:
         self.sync()
         return torch.cuda.memory_allocated(self.device) if self.cuda else \
-            (_proc_status_kb("VmRSS") or 0) * 1024
+            (proc_kb("VmRSS") or 0) * 1024
 
     def reset(self) -> bool:
         """Restart the peak here; False when the kernel refused (the CPU peak then counts
@@ -670,7 +670,7 @@ class MemoryMeter:
         self.sync()
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device)
-        kb = _proc_status_kb("VmHWM")
+        kb = proc_kb("VmHWM")
         return None if kb is None else kb * 1024
 
     def reserved(self) -> Optional[int]:
@@ -775,6 +775,13 @@ def md_table(header: list, rows) -> str:
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
+def report_meta(script: str, argv, device: str, **more) -> dict:
+    """The first lines of a results file: command, date, versions, ``device``, ``more``."""
+    return {"command": f"`{command_line(script, argv)}`",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
+            "device": device, **more}
+
+
 def write_report(path, title: str, meta: dict, body: str) -> str:
     """``# title``, a ``- key: value`` line per ``meta`` entry, then ``body``; written to
     ``path`` (relative: to the repository root; folders created) unless it is empty, and
@@ -786,3 +793,28 @@ def write_report(path, title: str, meta: dict, body: str) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return text
+
+
+def parser(doc: str, **defaults) -> argparse.ArgumentParser:
+    """A script's parser: ``doc``'s first paragraph, then one ``--key-name`` option per
+    keyword, of its default's type (a ``False`` default: a flag)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, default in defaults.items():
+        flag = "--" + key.replace("_", "-")
+        if default is False:
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+    return p
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None (and a message) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)

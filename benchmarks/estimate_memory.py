@@ -9,10 +9,7 @@ and saved-activation bytes must equal the estimate. Details: docs/benchmarks.md.
 """
 from __future__ import annotations
 
-import argparse
-import functools
-import math
-import sys
+import functools, math, sys
 from unittest import mock
 
 from _paths import ROOT
@@ -233,20 +230,9 @@ def check(name: str, cfg, rank: int, dt, batch: int, seq: int, activations: int)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", default=CONFIGS)
-    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"from {', '.join(METHODS)}")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(bm.DTYPES))
-    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                    help="whose update temporaries the peak model counts")
-    ap.add_argument("--check", default="60m", help="configs to check for real ('' for none)")
-    ap.add_argument("--out", default="benchmarks/results/estimate.md")
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
+    a = C.parser(__doc__, configs=CONFIGS, methods=DEFAULT_METHODS, batch=1, seq=256,
+                 vocab=32000, dtype="bfloat16", checkpointing=False, device="cpu", check="60m",
+                 out="benchmarks/results/estimate.md", threads=1).parse_args(argv)
     torch.set_num_threads(a.threads)
     dt = bm.DTYPES[a.dtype]
     names, meths = bm.names_of(a.configs), [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -266,8 +252,7 @@ def main(argv=None) -> int:
             print(f"check {c} {m}: real {real} estimate {est} "
                   f"{'EQUAL' if real == est else 'DIFFER'}", flush=True)
     meta = {
-        "command": f"`{C.command_line('estimate_memory.py', argv)}`",
-        "settings": f"torch {torch.__version__}; weights in {dt}; batch {a.batch} x {a.seq} "
+        "command": f"`{C.command_line('estimate_memory.py', argv)}`", "settings": f"torch {torch.__version__}; weights in {dt}; batch {a.batch} x {a.seq} "
                     f"tokens; activation checkpointing {'on' if a.checkpointing else 'off'}; "
                     "ranks " + ", ".join(f"{c} {RANKS[c]}" for c in names),
         "counts": "weights and optimizer state: `common.closed_form` (checked against real "
@@ -300,12 +285,7 @@ def main(argv=None) -> int:
 
 
 def _plot(rows, names, meths, path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart")
+    if not (plt := C.pyplot()):
         return
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 4), squeeze=False)
     for ax, c in zip(axes[0], names):
