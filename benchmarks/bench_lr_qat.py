@@ -92,11 +92,6 @@ def train(model, opt, steps, batches, log, teacher=None):
     return time.time() - t0
 
 
-@torch.no_grad()
-def evaluate(model, batches):  # LlamaLM has no dropout: no eval mode to set
-    return sum(model(x, y).item() for x, y in batches.val) / len(batches.val)
-
-
 def pretrained(a, cfg, corpus):
     """The FP model: loaded from ``--ckpt``, else pretrained with AdamW and saved there."""
     path = C.ROOT / a.ckpt.format(**vars(a))
@@ -118,15 +113,15 @@ def quality(a, fp_model, corpus):
     new_batches = lambda: C.Batches(corpus, a.batch_size, a.seq_len, a.seed + 1,  # noqa: E731
                                     a.eval_batches, CPU)
     val = new_batches()
-    fp = evaluate(fp_model.requires_grad_(False), val)
+    fp = C.evaluate(fp_model.requires_grad_(False), val.val)
     ppl = lambda loss: f"{math.exp(loss):.3f}"  # noqa: E731
     gap = lambda loss: math.exp(loss) - math.exp(fp)  # noqa: E731
     rows, notes = [], []
     for name in a.settings:
         bits, group = SETTINGS[name]
-        absmax = evaluate(rtn_absmax_(copy.deepcopy(fp_model), bits, group), val)
+        absmax = C.evaluate(rtn_absmax_(copy.deepcopy(fp_model), bits, group), val.val)
         model, opt = build("lrqat", fp_model, bits, group, a)
-        rtn = evaluate(model, val)
+        rtn = C.evaluate(model, val.val)
         rows.append([name, ppl(absmax), ppl(rtn), "–", "–", "–"])
         note = []
         if "lrqat" in a.runs:
@@ -134,7 +129,7 @@ def quality(a, fp_model, corpus):
             with torch.no_grad():
                 exported, x = export_lr_qat(copy.deepcopy(model)), val.val[0][0][:4]
                 equal = torch.equal(exported(x), model(x))
-            lrqat = evaluate(exported, val)
+            lrqat = C.evaluate(exported, val.val)
             ratio = gap(lrqat) / gap(rtn)
             rows[-1][3:5] = [ppl(lrqat) + ("" if equal else " (export differs!)"), f"{ratio:.0%}"]
             note = [f"**LR-QAT's perplexity gap is {gap(lrqat):+.3f}, {ratio:.0%} of RTN's "
@@ -143,7 +138,7 @@ def quality(a, fp_model, corpus):
         if "fullqat" in a.runs and name in a.full_qat_settings:
             model, opt = build("fullqat", fp_model, bits, group, a)
             secs = train(model, opt, a.qat_steps, new_batches(), f"{name} full QAT", fp_model)
-            rows[-1][5] = ppl(evaluate(model, val))
+            rows[-1][5] = ppl(C.evaluate(model, val.val))
             note.append(f"full QAT {secs:.0f} s")
         notes += [f"- {name}: " + "; ".join(note)] if note else []
     return "\n\n".join([

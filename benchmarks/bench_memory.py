@@ -1,7 +1,5 @@
-"""Bytes of weights and optimizer state per method at the papers' LLaMA sizes, counted on the
-real tensors after one optimizer step: on the CPU for the ``--real`` configs, on the meta
-device for every config (the two counts must be equal), against the package's closed form
-(must be equal too) and the papers' BF16 estimates. Details: docs/benchmarks.md.
+"""Bytes of weights and optimizer state per method at the papers' LLaMA sizes after one step,
+counted on real (``--real``) and meta tensors, against the closed forms (docs/benchmarks.md).
 
     python benchmarks/bench_memory.py --svd randomized --threads 1   # memory.md (6-10 min)
     python benchmarks/bench_memory.py --real ""                      # meta only (seconds)
@@ -14,7 +12,7 @@ import gc, math, sys, time
 import _paths  # noqa: F401  (puts the checkout first on sys.path)
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import common as C
 import lowrank_optim as lo
@@ -59,9 +57,8 @@ def build_model(cfg, dt: torch.dtype, device: str, method: str, rank: int) -> nn
 
 @torch.no_grad()
 def meta_init(opt: lo.LowRankOptimizer) -> None:
-    """``step_param``'s lazy init without ``rule.update`` and ``_apply`` (they only write into
-    existing tensors; ``_apply`` needs a generator the meta device refuses): creates exactly
-    the state tensors a real first step creates."""
+    """The state tensors a real first step creates: ``step_param``'s lazy init without
+    ``rule.update`` and ``_apply`` (they write into existing tensors; meta has no generator)."""
     for group in opt.param_groups:
         for p in group["params"]:
             if p.grad is None:
@@ -76,38 +73,19 @@ def meta_init(opt: lo.LowRankOptimizer) -> None:
             state["step"] = 1
 
 
-def _storage_id(t: Tensor) -> int:
-    # the StorageImpl's address: the same for every view of one storage, on meta too
-    # (where data_ptr() is 0 for every tensor and cannot tell tensors apart)
-    return t.untyped_storage()._cdata
-
-
-def _walk(v, path=""):
-    if isinstance(v, Tensor):
-        yield path, v
-    elif isinstance(v, dict):
-        for k, x in v.items():
-            yield from _walk(x, str(k))
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            yield from _walk(x, path)
-
-
 def count(model: nn.Module, opt) -> dict:
-    """Bytes by category, each tensor once: weights (parameters + buffers) and optimizer
-    state; ``held_*``: the bytes of the distinct storages behind them (a view pinning a
-    larger storage shows there)."""
+    """Bytes by category, each tensor once; ``held_*``: of the distinct storages behind them."""
     out = dict(w_float=0, w_int=0, w_scales=0, w_buffers=0, s_moments=0, s_basis=0, s_other=0,
                held_weights=0, held_state=0)
     seen, storages = set(), set()
 
     def add(cat, t):
-        key = (_storage_id(t), t.storage_offset(), t.numel(), t.dtype)
+        key = (C.storage_id(t), t.storage_offset(), t.numel(), t.dtype)
         if key not in seen:
             seen.add(key)
             out[cat] += t.numel() * t.element_size()
-        if _storage_id(t) not in storages:
-            storages.add(_storage_id(t))
+        if C.storage_id(t) not in storages:
+            storages.add(C.storage_id(t))
             out["held_" + ("weights" if cat.startswith("w_") else "state")] += \
                 t.untyped_storage().nbytes()
 
@@ -115,21 +93,19 @@ def count(model: nn.Module, opt) -> dict:
         add("w_float" if kind == "p" and t.is_floating_point() else "w_int" if kind == "p"
             or name.endswith("_codes") else "w_scales" if name.endswith(("_scale", "_offset"))
             else "w_buffers", t)
-    for st in opt.state.values():
-        for key, t in _walk(st):
-            add("s_basis" if key.startswith("proj") else "s_other"
-                if key.startswith("qmap") or key == "step" else "s_moments", t)
+    for key, t in C.state_tensors(opt):
+        add("s_basis" if key.startswith("proj") else "s_other"
+            if key.startswith("qmap") or key == "step" else "s_moments", t)
     out["weights"] = out["w_float"] + out["w_int"] + out["w_scales"] + out["w_buffers"]
     out["state"] = out["s_moments"] + out["s_basis"] + out["s_other"]
     out["total"] = out["weights"] + out["state"]
     out["views_ok"] = (out["held_weights"], out["held_state"]) == (out["weights"], out["state"])
-    out["n_state_tensors"] = sum(1 for st in opt.state.values() for _ in _walk(st))
+    out["n_state_tensors"] = sum(1 for _ in C.state_tensors(opt))
     return out
 
 
 def measure(method: str, cfg, rank: int, dt: torch.dtype, device: str) -> dict:
-    """Build, set a random gradient on every parameter (float32 for INT8 weights), take one
-    step (on meta: :func:`meta_init` for the package's optimizers), count."""
+    """Build, a random gradient on every parameter, one step (or :func:`meta_init`), count."""
     t0 = time.perf_counter()
     model = build_model(cfg, dt, device, method, rank)
     opt = C.METHODS[REGISTRY[method]].optimizer(
@@ -189,8 +165,7 @@ def closed_form_papers(method: str, cfg, rank: int) -> tuple[float, float]:
 
 
 def row(m: str, cfg, rank: int, dt: torch.dtype, real: bool) -> dict:
-    """One method and config: the meta count (and the CPU count when ``real``: they must be
-    equal), and both closed forms (the package's must equal the count)."""
+    """One method and config: the meta (and ``real`` CPU) count and both closed forms."""
     meta = measure(m, cfg, rank, dt, "meta")
     real = measure(m, cfg, rank, dt, "cpu") if real else None
     esize = torch.empty((), dtype=dt).element_size()

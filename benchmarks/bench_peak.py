@@ -1,6 +1,5 @@
-"""Peak memory of ONE REAL training step of a big LLaMA model (peak RSS of a CPU process, or
-``torch.cuda.max_memory_allocated``): one fresh subprocess per METHOD:CONFIG[:SEQ][:ckpt]
-case, the model built block by block. What is measured and how: docs/benchmarks.md.
+"""Peak memory of ONE REAL training step of a big LLaMA model, one fresh process per
+METHOD:CONFIG[:SEQ][:ckpt] case (docs/benchmarks.md).
 
     python benchmarks/bench_peak.py                                 # the issues' cases (hours)
     python benchmarks/bench_peak.py --configs llama_60m             # smoke test (~2 min)
@@ -52,7 +51,7 @@ def family(name: str) -> str:
 
 
 def method_args(name: str, rank: int) -> C.MethodArgs:
-    """The papers' 7B/13B scripts' settings (LoQT merges every 100 steps: build_optimizer)."""
+    """The papers' 7B/13B scripts' settings (LoQT merges every 100 steps: run_one)."""
     return C.MethodArgs(rank=rank, **{"qgalore": dict(lr=0.004, update_proj_gap=500, scale=0.25),
                                       "apollo": dict(lr=1e-2, update_proj_gap=200),
                                       "loqt": dict(lr=1e-3, scale=0.5)}[family(name)])
@@ -97,9 +96,8 @@ def log(msg: str) -> None:
 
 # ---- the child: one measurement -----------------------------------------------------------
 class UpdateMeter:
-    """Splits a CPU step's peak at the 8-bit Adam updates of tensors of >= ``min_numel``
-    elements (wraps ``lowrank_optim.functional.adam8bit_``, resetting the high-water mark
-    around each call): the peak during those calls, outside them, and each call's rise."""
+    """Wraps ``lowrank_optim.functional.adam8bit_`` to split a CPU step's peak at the updates
+    of tensors of >= ``min_numel`` elements: during them, outside them, each call's rise."""
 
     def __init__(self, mem, min_numel: int = 1 << 20):
         self.mem, self.min_numel, self.inner = mem, min_numel, lo.functional.adam8bit_
@@ -190,30 +188,17 @@ def build_model(case: Case, rank: int, a, mem):
     return model, cfg
 
 
-def build_optimizer(model, name: str, rank: int, a):
-    kw = {"qgalore": dict(svd=a.svd, seed=SEED), "apollo": dict(seed=SEED),
-          "loqt": dict(update_proj_gap=100, ec_iters=a.ec_iters)}[family(name)]
-    prep = method(name).setup(model, method_args(name, rank), **kw)
-    return prep.optimizer, prep.hooks
-
-
 def weights_of(model) -> dict:
     """Bytes of the model's tensors, each storage once (on meta too): integer codes, float
     buffers (scales, offsets, absmax), float parameters, the rotary table."""
     w, seen = dict(codes=0, scales=0, float_params=0, rope=0), set()
     for name, kind, t in C.stored_tensors(model):
-        key = (t.untyped_storage()._cdata, t.storage_offset(), t.numel())
+        key = (C.storage_id(t), t.storage_offset(), t.numel())
         if key not in seen:
             seen.add(key)
             w["codes" if not t.is_floating_point() else "rope" if name.startswith("rope_")
               else "scales" if kind == "b" else "float_params"] += C.tensor_bytes(t)
     return dict(w, total=sum(w.values()))
-
-
-def state_of(opt) -> dict:
-    basis = sum(C.tensor_bytes(v) for st in opt.state.values() for k, v in st.items()
-                if k.startswith("proj") and isinstance(v, torch.Tensor))
-    return dict(total=C.state_bytes(opt), basis=basis)
 
 
 def run_one(case: Case, a) -> dict:
@@ -228,7 +213,10 @@ def run_one(case: Case, a) -> dict:
     log(f"{case.key}: building (runtime {mem.what} {runtime / GB:.2f} GB)")
     t0 = time.perf_counter()
     model, cfg = build_model(case, rank, a, mem)
-    opt, hooks = build_optimizer(model, case.method, rank, a)
+    prep = m.setup(model, method_args(case.method, rank), **{  # LoQT merges at step 0
+        "qgalore": dict(svd=a.svd, seed=SEED), "apollo": dict(seed=SEED),
+        "loqt": dict(update_proj_gap=100, ec_iters=a.ec_iters)}[family(case.method)])
+    opt = prep.optimizer
     build_peak, build_reserved, build_s = mem.peak(), mem.reserved(), time.perf_counter() - t0
     weights = weights_of(model)
     log(f"{case.key}: built in {build_s:.0f} s; weights {weights['total'] / GB:.2f} GB, "
@@ -241,13 +229,19 @@ def run_one(case: Case, a) -> dict:
         res = dict(case=asdict(case), key=case.key, method=case.method, rank=rank,
                    per_layer=m.per_layer, description=m.description,
                    n_params=sum(p.numel() for p in model.parameters()), runtime=runtime,
-                   build_peak=build_peak, build_s=build_s, weights=weights, state=state_of(opt),
+                   build_peak=build_peak, build_s=build_s, weights=weights, state=dict(
+                       total=C.state_bytes(opt), basis=sum(
+                           C.tensor_bytes(v) for st in opt.state.values() for k, v in st.items()
+                           if k.startswith("proj") and torch.is_tensor(v))),
                    grads=C.grad_bytes(model, m.per_layer), steps=steps,
                    peak=max([build_peak] + [s["peak"] for s in steps]), peak_reset=can_reset,
                    threads=a.threads, svd=a.svd, svd_niter=a.svd_niter, ec_iters=a.ec_iters,
                    batch=BATCH, vocab=VOCAB)
-        if mem.cuda:
-            res.update(device="cuda", env=cuda_env(mem.device), build_reserved=build_reserved,
+        if mem.cuda:  # the GPU and versions, for the table's header
+            gpu = torch.cuda.get_device_properties(mem.device)
+            env = dict(gpu=gpu.name, gpu_memory=gpu.total_memory, cuda=torch.version.cuda,
+                       capability=f"{gpu.major}.{gpu.minor}", versions=C.versions())
+            res.update(device="cuda", env=env, build_reserved=build_reserved,
                        reserved=max([build_reserved] + [s["reserved"] for s in steps]))
         return res
 
@@ -290,18 +284,9 @@ def run_one(case: Case, a) -> dict:
     return result()
 
 
-def cuda_env(device) -> dict:
-    """The GPU and versions the measuring process saw (for a CUDA table's header)."""
-    props = torch.cuda.get_device_properties(device)
-    return dict(gpu=torch.cuda.get_device_name(device), gpu_memory=props.total_memory,
-                capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                versions=C.versions())
-
-
 def estimate(case: Case, rank: int, a) -> dict:
-    """A lower bound of the peak from a meta count: weights after the registry's swap on the
-    ``meta`` device (same buffers and dtypes as a real build; no rotary table), optimizer
-    state from ``common.closed_form`` (bf16 parameters), gradients from the swapped model."""
+    """A lower bound of the peak from a meta count (weights, gradients) and the closed form
+    (state), bf16, without the rotary table."""
     cfg = C.get_config(case.config, vocab_size=VOCAB, seq_len=case.seq)
     with torch.device("meta"):
         model = C.LlamaLM(cfg)

@@ -6,7 +6,8 @@ Markdown writer (:func:`md_table`, :func:`write_report`).
 """
 from __future__ import annotations
 
-import argparse, ast, dataclasses, hashlib, math, os, platform, shlex, subprocess, sys, sysconfig, time
+import argparse, ast, dataclasses, hashlib, math, os, platform, shlex, subprocess, sys, sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -157,15 +158,6 @@ def get_config(name: str, **overrides) -> ModelConfig:
                                                 if v is not None})
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
 def rotary_table(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
@@ -211,8 +203,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
-        self.mlp_norm, self.mlp = RMSNorm(cfg.dim, cfg.norm_eps), MLP(cfg)
+        self.attn_norm, self.attn = nn.RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
+        self.mlp_norm, self.mlp = nn.RMSNorm(cfg.dim, cfg.norm_eps), MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -230,7 +222,7 @@ class LlamaLM(nn.Module):
         self.cfg, self.checkpointing = cfg, checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = nn.RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rotary_table(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -263,8 +255,7 @@ def count_params(model: nn.Module) -> int:
 
 @dataclass
 class Prepared:
-    """A built method: the model to train (possibly converted, e.g. with quantized
-    weights), one optimizer, and the hooks handle when it steps inside backward."""
+    """A built method: the model (its layers maybe swapped), the optimizer, the hooks."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -302,9 +293,8 @@ class Method:
     per_layer: bool = False          # stepped inside backward (opt.register_hooks(model))
     requires: tuple = ()             # importable modules it needs
     default: bool = True             # in the shoot-out's default set (when available)
-    parent: Optional[str] = None     # the method whose update rule this one shares (8-bit
-                                     # moments, per-layer stepping, other storage or options):
-                                     # the shoot-out's --lr-sweep lets it inherit that rate
+    parent: Optional[str] = None     # the method whose update rule it shares (its rate in a
+                                     # shoot-out --lr-sweep)
 
     @property
     def optimizer_class(self) -> Optional[str]:
@@ -512,17 +502,24 @@ def grad_bytes(model: nn.Module, per_layer: bool = False) -> int:
     return max(sizes, default=0) if per_layer else sum(sizes)
 
 
-def _state_tensors(optimizer: torch.optim.Optimizer):
-    """Every tensor reachable from ``optimizer.state`` through dicts, lists and plain
-    objects, 6 levels deep at most."""
-    def walk(v, depth=0):
+def storage_id(t: Tensor) -> int:
+    """The address of ``t``'s StorageImpl: one per storage, shared by its views, on meta too
+    (where ``data_ptr()`` is 0 for every tensor)."""
+    return t.untyped_storage()._cdata
+
+
+def state_tensors(optimizer: torch.optim.Optimizer):
+    """``(key, tensor)`` for every tensor in ``optimizer.state`` (through dicts, lists and
+    tuples; ``key``: the dict key it sits under)."""
+    def walk(v, key=""):
         if isinstance(v, Tensor):
-            yield v
-            return
-        children = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) \
-            else vars(v).values() if hasattr(v, "__dict__") and not isinstance(v, type) else ()
-        for x in children if depth < 6 else ():
-            yield from walk(x, depth + 1)
+            yield key, v
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                yield from walk(x, str(k))
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                yield from walk(x, key)
     for st in optimizer.state.values():
         yield from walk(st)
 
@@ -531,11 +528,11 @@ def state_bytes(optimizer: torch.optim.Optimizer, held: bool = False) -> int:
     """Bytes of every tensor in ``optimizer.state``, a shared one (bitsandbytes' maps) once.
     ``held=True``: the bytes of the distinct storages behind them, what memory really holds
     (a view keeps its whole base alive)."""
+    ts = [t for _, t in state_tensors(optimizer)]
     if held:
-        return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
-                    for t in _state_tensors(optimizer)}.values())
-    return sum({(t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()):
-                tensor_bytes(t) for t in _state_tensors(optimizer)}.values())
+        return sum({storage_id(t): t.untyped_storage().nbytes() for t in ts}.values())
+    return sum({(storage_id(t), t.storage_offset(), t.numel()): tensor_bytes(t)
+                for t in ts}.values())
 
 
 _cdiv = lambda a, b: -(-a // b)   # ceil(a / b)
@@ -710,6 +707,15 @@ class Timer:
         sync(self.device)
         self.total += time.perf_counter() - self._t0
         self.count += 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows) -> float:
+    """Mean loss over ``windows``' batches, in eval mode (the model is left training)."""
+    model.eval()
+    losses = [model(x, y).item() for x, y in windows]
+    model.train()
+    return sum(losses) / len(losses)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:

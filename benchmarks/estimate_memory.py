@@ -1,8 +1,6 @@
-"""Training-memory estimate per method for the LLaMA configs (60M ... 13B), in GB: weights and
-optimizer state (``common.closed_form``), gradients, the activations saved for backward
-(counted on the meta device), their sum, and a model of the step's peak
-(:func:`peak_model`). The ``--check`` configs also run for real on the CPU: their gradient
-and saved-activation bytes must equal the estimate. Details: docs/benchmarks.md.
+"""Training-memory estimate per method for the LLaMA configs (60M ... 13B): weights, state,
+gradients, saved activations, their sum and a model of the step's peak; ``--check`` configs
+also run for real and must match (docs/benchmarks.md).
 
     python benchmarks/estimate_memory.py                 # estimate.md + .png, 60m checked
     python benchmarks/estimate_memory.py --seq 256 --batch 1 --checkpointing
@@ -37,29 +35,19 @@ DEFAULT_METHODS = ("adamw,adamw8bit,galore,galore8bit_per_layer,qgalore_per_laye
 def _grads(method: str, cfg, rank: int, esize: int) -> list[tuple[str, tuple, bool, int]]:
     """(name, shape, projected, gradient bytes) of every parameter, in model order: float32
     for an INT8 weight, only B's for a LoQT layer."""
-    out = []
-    for name, shape, proj in bm.shapes_of(cfg):
-        b = (4 * math.prod(shape) if proj and method == "QGaLoreAdamW8bit" else
-             esize * max(shape) * min(rank, *shape) if proj and method in bm.LOQT else
-             esize * math.prod(shape))
-        out.append((name, shape, proj, b))
-    return out
-
-
-def grad_bytes(method: str, per_layer: bool, cfg, rank: int, esize: int) -> int:
-    """Bytes of the gradients alive at the optimizer step (all, or the largest one)."""
-    sizes = [b for *_, b in _grads(method, cfg, rank, esize)]
-    return max(sizes) if per_layer else sum(sizes)
+    return [(name, shape, proj, 4 * math.prod(shape) if proj and method == "QGaLoreAdamW8bit"
+             else esize * max(shape) * min(rank, *shape) if proj and method in bm.LOQT
+             else esize * math.prod(shape)) for name, shape, proj in bm.shapes_of(cfg)]
 
 
 def _saved(model, run):
     """(bytes of the storages autograd saves while ``run()`` runs, each once, the model's
     own parameters and buffers not counted; what ``run()`` returned)."""
-    seen, total = {bm._storage_id(t) for _, _, t in stored_tensors(model)}, [0]
+    seen, total = {C.storage_id(t) for _, _, t in stored_tensors(model)}, [0]
 
     def pack(t):
-        if bm._storage_id(t) not in seen:
-            seen.add(bm._storage_id(t))
+        if C.storage_id(t) not in seen:
+            seen.add(C.storage_id(t))
             total[0] += t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -68,9 +56,8 @@ def _saved(model, run):
 
 
 class _FlashSaved(torch.autograd.Function):
-    """What the CPU/GPU flash-attention kernels save for backward (q, k, v, output and a
-    float32 logsumexp per query); on meta, SDPA takes the math path, which would save the
-    t×t attention matrix instead. Forward only: meta graphs are never backpropagated."""
+    """What flash attention saves for backward (q, k, v, output, a float32 logsumexp per
+    query), not the math path's t×t matrix that meta would take. Forward only."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -118,7 +105,8 @@ def estimate(name: str, cfg, rank: int, dt, activations: int) -> dict:
     method, per_layer = METHODS[name]
     esize = torch.empty((), dtype=dt).element_size()
     w, s = bm.closed_form_package(method, cfg, rank, esize)
-    return dict(weights=w, grads=grad_bytes(method, per_layer, cfg, rank, esize), state=s,
+    sizes = [b for *_, b in _grads(method, cfg, rank, esize)]  # alive at the optimizer step
+    return dict(weights=w, grads=max(sizes) if per_layer else sum(sizes), state=s,
                 activations=activations)
 
 
@@ -252,7 +240,8 @@ def main(argv=None) -> int:
             print(f"check {c} {m}: real {real} estimate {est} "
                   f"{'EQUAL' if real == est else 'DIFFER'}", flush=True)
     meta = {
-        "command": f"`{C.command_line('estimate_memory.py', argv)}`", "settings": f"torch {torch.__version__}; weights in {dt}; batch {a.batch} x {a.seq} "
+        "command": f"`{C.command_line('estimate_memory.py', argv)}`",
+        "settings": f"torch {torch.__version__}; weights in {dt}; batch {a.batch} x {a.seq} "
                     f"tokens; activation checkpointing {'on' if a.checkpointing else 'off'}; "
                     "ranks " + ", ".join(f"{c} {RANKS[c]}" for c in names),
         "counts": "weights and optimizer state: `common.closed_form` (checked against real "

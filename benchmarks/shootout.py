@@ -104,15 +104,6 @@ def parse_sweep(spec: str, names: list[str], lrs: dict) -> tuple[dict, dict]:
 
 # --- One method's run ---
 
-@torch.no_grad()
-def evaluate(model, windows) -> float:
-    """Mean loss over ``windows``' batches, in eval mode (the model is left training)."""
-    model.eval()
-    losses = [model(x, y).item() for x, y in windows]
-    model.train()
-    return sum(losses) / len(losses)
-
-
 def _warm_up(method: C.Method, args: argparse.Namespace, device: torch.device) -> None:
     """Two steps of the method on a throwaway small model, before memory is measured: the
     kernels' code pages and CUDA's context then sit in the baseline, not in the peak."""
@@ -135,8 +126,7 @@ def _warm_up(method: C.Method, args: argparse.Namespace, device: torch.device) -
 
 
 def model_config(args: argparse.Namespace) -> C.ModelConfig:
-    """The run's model: ``args.config`` with its vocabulary and a rotary table long enough
-    for ``--seq-len``."""
+    """``args.config`` with its vocabulary and a rotary table long enough for ``--seq-len``."""
     seq_len = max(args.seq_len, C.get_config(args.config).seq_len)
     return C.get_config(args.config, vocab_size=args.vocab_size, seq_len=seq_len)
 
@@ -161,7 +151,7 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
     batches = C.Batches(corpus, args.batch_size, args.seq_len, args.seed, args.eval_batches,
                         device)
     t_fwd, t_bwd, t_opt, t_all = (C.Timer(device) for _ in range(4))
-    curve, train_loss, grad_norms, diverged = [(0, evaluate(model, batches.val))], [], [], None
+    curve, train_loss, grad_norms, diverged = [(0, C.evaluate(model, batches.val))], [], [], None
     every = max(1, args.steps // 10)
     for step in range(1, args.steps + 1):
         with t_all:
@@ -185,14 +175,14 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
         train_loss.append(loss_v)
         diverged = None if math.isfinite(loss_v) else step
         if step % args.eval_every == 0 or step == args.steps or diverged:
-            curve.append((step, evaluate(model, batches.val)))
+            curve.append((step, C.evaluate(model, batches.val)))
         if not args.quiet and (step % every == 0 or step == args.steps):
             print(f"  {name}: step {step}/{args.steps}  train {loss_v:.4f}  "
                   f"val {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
         if diverged:
             break
 
-    select = evaluate(model, batches.select) if getattr(args, "select_eval", False) else None
+    select = C.evaluate(model, batches.select) if getattr(args, "select_eval", False) else None
     ms = lambda t: 1000 * t.total / t.count if t.count else None
     peak, weights = meter.peak(), C.weight_bytes(model)
     grads, state = C.grad_bytes(model, per_layer=per_layer), C.state_bytes(opt)
@@ -283,9 +273,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def add_estimates(results: list[dict], args: argparse.Namespace) -> None:
-    """Set each result's ``estimate_b`` (weights + grads + state + saved activations, the
-    papers' sum) and ``peak_model_b`` from ``estimate_memory.py``; None for a method it
-    does not model."""
+    """Each result's ``estimate_b`` (the papers' sum) and ``peak_model_b`` from
+    ``estimate_memory.py`` (None for a method it does not model)."""
     import estimate_memory as E
     cfg, dt, dev = model_config(args), getattr(torch, args.dtype), args.device.split(":")[0]
     todo = [r for r in results if not r.get("error") and r["method"] in E.METHODS]
@@ -390,8 +379,7 @@ def _loss_cell(r: dict) -> str:
 
 
 def sections(results: list[dict], args, sweep: list[dict]) -> list[str]:
-    """The report after the tables: perplexity per seed, gradient clipping, the
-    learning-rate sweep, the targets."""
+    """Perplexity per seed, gradient clipping, the learning-rate sweep, the targets."""
     ok, out = [r for r in results if not r.get("error")], []
     if seeded := [r for r in results if "val_ppl_seeds" in r]:
         rest = args.seed_list[1:] if sweep else []   # the seeds that did not choose the rate
@@ -476,8 +464,7 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float,
 
 
 def make_plot(results: list[dict], args, path: Path) -> bool:
-    """Validation-loss curves, and peak memory above baseline split into weights,
-    gradients, optimizer state and activations+other (labels: the peak and tokens/s)."""
+    """Validation-loss curves, and peak memory above baseline split by kind."""
     if not (ok := [r for r in results if not r.get("error")]) or not (plt := C.pyplot()):
         return False
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(17, 6.5))
@@ -518,8 +505,7 @@ def make_plot(results: list[dict], args, path: Path) -> bool:
 # --- Driver: sweep, seeds, --resume ---
 
 def main(argv=None) -> dict:
-    """Run the shoot-out; returns ``{"results", "runs", "sweep", "table", "out", "files",
-    "wall_s", "args"}``."""
+    """Run the shoot-out; returns its results, runs, sweep, table, files and arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, threads = parse_args(argv), torch.get_num_threads()
     if args._worker:   # one run of _run_subprocess: the parent's resolved arguments
@@ -599,8 +585,8 @@ _FREE = ("methods", "lr_sweep", "seed", "seeds", "out", "no_plot", "quiet", "res
 
 
 def load_resume(path: str, argv: list[str]) -> list[dict]:
-    """The completed runs (sweep and seeds) of ``path`` (a ``partial.json``), after
-    checking that its arguments agree with ``argv``'s on everything that shapes a run."""
+    """The completed runs of ``path`` (a ``partial.json``) whose arguments shape runs as
+    ``argv``'s do."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
