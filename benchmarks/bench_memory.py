@@ -39,7 +39,6 @@ PUBLISHED = {"Full": dict(zip(SIZES, (0.36, 0.76, 2.06, 7.80))),
 PUBLISHED_SPLIT = {
     "Full": dict(zip(SIZES, ((0.12, 0.23), (0.25, 0.51), (0.68, 1.37), (2.60, 5.20)))),
     "GaLore": dict(zip(SIZES, ((0.12, 0.13), (0.25, 0.28), (0.68, 0.54), (2.60, 1.78))))}
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def _args(rank: int) -> C.MethodArgs:
@@ -301,7 +300,7 @@ def main(argv=None) -> int:
     SVD = a.svd
     if a.threads:
         torch.set_num_threads(a.threads)
-    dt = DTYPES[a.dtype]
+    dt = getattr(torch, a.dtype)
     esize = torch.empty((), dtype=dt).element_size()
     rank_of = {**parse_ranks(RANKS), **parse_ranks(a.ranks)}
     names, real_set = names_of(a.configs), set(names_of(a.real))

@@ -11,7 +11,7 @@ METHOD:CONFIG[:SEQ][:ckpt] case (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-import argparse, datetime, json, math, os, re, shlex, subprocess, sys, tempfile, time
+import datetime, json, os, re, shlex, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -162,18 +162,7 @@ def build_model(case: Case, rank: int, a, mem):
     with torch.device("meta"):
         model = C.LlamaLM(cfg, checkpointing=case.ckpt)
     model.to(torch.bfloat16)
-    std_res = 0.02 / math.sqrt(2 * cfg.n_layers)
-
-    @torch.no_grad()
-    def materialise(module) -> None:
-        module.to_empty(device=dev)
-        for name, p in module.named_parameters():
-            if p.dim() < 2:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std_res if name.endswith(("o_proj.weight", "down_proj.weight"))
-                          else 0.02)
-
+    materialise = lambda module: C.init_(module.to_empty(device=dev), cfg.n_layers)
     for i, block in enumerate(model.layers):
         materialise(block)
         swap(block, case.method, rank, a)
@@ -213,10 +202,9 @@ def run_one(case: Case, a) -> dict:
     log(f"{case.key}: building (runtime {mem.what} {runtime / GB:.2f} GB)")
     t0 = time.perf_counter()
     model, cfg = build_model(case, rank, a, mem)
-    prep = m.setup(model, method_args(case.method, rank), **{  # LoQT merges at step 0
+    _, opt, hooks = m.build(model, method_args(case.method, rank), True, **{  # LoQT merges at 0
         "qgalore": dict(svd=a.svd, seed=SEED), "apollo": dict(seed=SEED),
         "loqt": dict(update_proj_gap=100, ec_iters=a.ec_iters)}[family(case.method)])
-    opt = prep.optimizer
     build_peak, build_reserved, build_s = mem.peak(), mem.reserved(), time.perf_counter() - t0
     weights = weights_of(model)
     log(f"{case.key}: built in {build_s:.0f} s; weights {weights['total'] / GB:.2f} GB, "
@@ -450,12 +438,6 @@ def render(rows: list, meta: dict, device: str = "cpu", path: str = "") -> str:
     return C.write_report(path, title, meta, body)
 
 
-def read_rows(path) -> list:
-    text = path.read_text() if path.exists() else ""
-    m = re.search(r"<!-- bench_peak rows \(JSON, read by --merge\):\n(.*?)\n-->", text, re.S)
-    return [json.loads(ln) for ln in m.group(1).splitlines() if ln.strip()] if m else []
-
-
 def select_cases(a) -> list:
     """``--cases``, else each of ``--methods`` on each of ``--configs``, else the default
     cases of ``--methods``; ``--seq`` for all."""
@@ -520,7 +502,9 @@ def main(argv=None) -> int:
     chosen = select_cases(a)
     t0, load0 = time.time(), os.getloadavg()[0]
     command = shlex.join(["python", "benchmarks/bench_peak.py", *argv])
-    old = read_rows(ROOT / a.out) if a.merge else []
+    text = (ROOT / a.out).read_text() if a.merge and (ROOT / a.out).exists() else ""
+    m = re.search(r"<!-- bench_peak rows \(JSON, read by --merge\):\n(.*?)\n-->", text, re.S)
+    old = [json.loads(ln) for ln in m.group(1).splitlines() if ln.strip()] if m else []
     if any(r.get("device", "cpu") != a.device for r in old):  # RSS and CUDA peaks differ
         log(f"dropping the rows of another device than {a.device}")
         old = [r for r in old if r.get("device", "cpu") == a.device]

@@ -58,9 +58,9 @@ def build(spec: str, model: nn.Module, a) -> dict:
             proj_type="std"), lr=a.lr)
         label, cls = "galore_torch (GaLoreAdamW 1.0)", "GaLoreAdamW"
     else:
-        prep = C.method(spec).build(model, C.MethodArgs(
+        model, opt, _ = C.method(spec).build(model, C.MethodArgs(
             lr=a.lr, rank=a.rank, update_proj_gap=a.update_proj_gap, scale=a.scale))
-        model, opt, label, cls = prep.model, prep.optimizer, spec, type(prep.optimizer).__name__
+        label, cls = spec, type(opt).__name__
 
     def count():  # basis refreshes so far (galore-torch: at steps 0, T, 2T, ... of a matrix)
         if spec != "galore_torch":

@@ -214,8 +214,8 @@ class Block(nn.Module):
 class LlamaLM(nn.Module):
     """LLaMA-style causal LM (RMSNorm, rotary positions, SwiGLU, untied head); attention and
     MLP modules named ``attn`` and ``mlp`` (``param_groups(target_modules=("attn", "mlp"))``
-    picks the papers' matrices). Init normal(0, 0.02), ``o_proj``/``down_proj`` scaled by
-    1/sqrt(2·n_layers). ``checkpointing``: recompute each block in backward."""
+    picks the papers' matrices), initialised by :func:`init_`. ``checkpointing``: recompute
+    each block in backward."""
 
     def __init__(self, cfg: ModelConfig, checkpointing: bool = False):
         super().__init__()
@@ -227,10 +227,7 @@ class LlamaLM(nn.Module):
         cos, sin = rotary_table(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                residual = name.endswith(("o_proj.weight", "down_proj.weight"))
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers) if residual else 0.02)
+        init_(self, cfg.n_layers)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None):
         t = idx.shape[1]
@@ -247,21 +244,23 @@ class LlamaLM(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+@torch.no_grad()
+def init_(module: nn.Module, n_layers: int) -> None:
+    """LlamaLM's initialisation of ``module``'s parameters, in order: norms 1, matrices
+    normal(0, 0.02), ``o_proj``/``down_proj`` scaled by 1/sqrt(2·n_layers)."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            p.fill_(1.0)
+        else:
+            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+            p.normal_(0.0, 0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 # --- Method registry: name -> how to swap the model's layers and build the optimizer ---
-
-@dataclass
-class Prepared:
-    """A built method: the model (its layers maybe swapped), the optimizer, the hooks."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    per_layer: bool = False
-    hooks: object = None       # the handle register_hooks returned, if any
-
 
 @dataclass
 class MethodArgs:
@@ -310,16 +309,13 @@ class Method:
         """The model with this method's layers (the same object when nothing is swapped)."""
         return self.prepare(model, a, **self.prepare_kwargs) if self.prepare else model
 
-    def build(self, model: nn.Module, a: MethodArgs, **kwargs) -> Prepared:
-        """Swap the model's layers, then :meth:`setup`."""
-        return self.setup(self.swap(model, a), a, **kwargs)
-
-    def setup(self, model: nn.Module, a: MethodArgs, **kwargs) -> Prepared:
-        """The optimizer (and per-layer hooks) for a model already swapped."""
+    def build(self, model: nn.Module, a: MethodArgs, swapped: bool = False, **kwargs) -> tuple:
+        """``(model, optimizer, hooks)``: the model with this method's layers (swapped here
+        unless ``swapped``), its optimizer, the handle of its per-layer hooks (or None)."""
+        model = model if swapped else self.swap(model, a)
         opt = self.optimizer(model, a, **{**self.kwargs, **kwargs})
-        hooks = opt.register_hooks(model, max_grad_norm_per_param=a.max_grad_norm_per_param) \
-            if self.per_layer else None
-        return Prepared(model, opt, self.per_layer, hooks)
+        return model, opt, opt.register_hooks(
+            model, max_grad_norm_per_param=a.max_grad_norm_per_param) if self.per_layer else None
 
 
 def _adamw(model, a, **kw):

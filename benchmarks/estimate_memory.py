@@ -222,7 +222,7 @@ def main(argv=None) -> int:
                  vocab=32000, dtype="bfloat16", checkpointing=False, device="cpu", check="60m",
                  out="benchmarks/results/estimate.md", threads=1).parse_args(argv)
     torch.set_num_threads(a.threads)
-    dt = bm.DTYPES[a.dtype]
+    dt = getattr(torch, a.dtype)
     names, meths = bm.names_of(a.configs), [m.strip() for m in a.methods.split(",") if m.strip()]
     rows, peaks, checks = {}, {}, []
     for c in names:

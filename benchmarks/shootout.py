@@ -108,19 +108,19 @@ def _warm_up(method: C.Method, args: argparse.Namespace, device: torch.device) -
     """Two steps of the method on a throwaway small model, before memory is measured: the
     kernels' code pages and CUDA's context then sit in the baseline, not in the peak."""
     cfg = C.get_config("tiny", vocab_size=args.vocab_size, seq_len=32)
-    prep = method.build(C.LlamaLM(cfg).to(device=device, dtype=getattr(torch, args.dtype)),
-                        C.MethodArgs(lr=1e-4, rank=min(args.rank, cfg.dim // 4)))
+    model, opt, hooks = method.build(C.LlamaLM(cfg).to(device=device, dtype=getattr(
+        torch, args.dtype)), C.MethodArgs(lr=1e-4, rank=min(args.rank, cfg.dim // 4)))
     idx = torch.randint(0, 256, (2, 33), device=device)
     for _ in range(2):
-        prep.model(idx[:, :-1], idx[:, 1:]).backward()
-        if not prep.per_layer:
-            prep.optimizer.step()
-            prep.optimizer.zero_grad(set_to_none=True)
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        if not method.per_layer:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-        prep.model(idx[:, :-1], idx[:, 1:])
-    if prep.hooks is not None:
-        prep.hooks.remove()
-    del prep
+        model(idx[:, :-1], idx[:, 1:])
+    if hooks is not None:
+        hooks.remove()
+    del model, opt, hooks
     gc.collect()
     C.release_memory(device)
 
@@ -142,10 +142,10 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
 
     torch.manual_seed(args.seed)
     model = C.LlamaLM(model_config(args)).to(device=device, dtype=getattr(torch, args.dtype))
-    prep = method.build(model, C.MethodArgs(
+    model, opt, hooks = method.build(model, C.MethodArgs(
         lr=args.lrs[name], rank=args.rank, update_proj_gap=args.update_proj_gap,
         scale=args.scale, weight_decay=args.weight_decay, max_grad_norm_per_param=clip or None))
-    model, opt, per_layer = prep.model, prep.optimizer, prep.per_layer
+    per_layer = method.per_layer
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, C.lr_lambda(args.warmup, args.steps, MIN_LR_RATIO))
     batches = C.Batches(corpus, args.batch_size, args.seq_len, args.seed, args.eval_batches,
@@ -187,8 +187,8 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
     peak, weights = meter.peak(), C.weight_bytes(model)
     grads, state = C.grad_bytes(model, per_layer=per_layer), C.state_bytes(opt)
     above = None if peak is None else peak - meter.baseline
-    if prep.hooks is not None:
-        prep.hooks.remove()
+    if hooks is not None:
+        hooks.remove()
     return dict(
         method=name, description=method.description, lr=args.lrs[name], per_layer=per_layer,
         params=C.count_params(model), val_loss=curve[-1][1], curve=curve, diverged_at=diverged,
