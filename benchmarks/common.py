@@ -362,13 +362,9 @@ def _loqt_layers(model, a, **kw):
                            scale=a.scale, **{"bits": 4, **kw})
 
 
-# Default learning rates: the best of `--lr-sweep` on the shoot-out's defaults ("tiny", 500
-# steps of 16 x 128 bytes, warmup 10%, cosine to 0.1, gradient clipping at norm 1.0):
-#   python benchmarks/shootout.py --threads 1 --lr-sweep 0.5,1,2 --seeds 0,1,2
-# (benchmarks/results/shootout_3seeds.md, whose sweep table holds the losses). The 8-bit,
-# per-layer and other variants take their parent's rate. Larger models want smaller rates
-# (the papers: AdamW 1e-3, GaLore 1e-2 at 60M-1B): pass --lr.
-# Adding a method is one entry: Method(name, optimizer factory, default lr, description).
+# Default learning rates: the best of the shoot-out's --lr-sweep on its defaults (the sweep
+# table of benchmarks/results/shootout_3seeds.md); variants take their parent's. Larger
+# models want smaller rates: pass --lr. Adding a method is one Method(...) entry.
 BNB = ("bitsandbytes",)
 _GALORE = _lowrank("GaLoreAdamW")
 _LOQT = _lowrank("LoQTAdamW", grouped=False)

@@ -7,7 +7,7 @@ also run for real and must match (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-import functools, math, sys
+import contextlib, functools, math, sys
 from unittest import mock
 
 from _paths import ROOT
@@ -69,23 +69,22 @@ class _FlashSaved(torch.autograd.Function):
 _SDPA = F.scaled_dot_product_attention
 
 
+@contextlib.contextmanager
 def _meta_model(cfg, dt, checkpointing: bool = False):
+    """LlamaLM on meta, its attention saving what flash attention saves (:class:`_FlashSaved`)."""
     with torch.device("meta"):
-        return LlamaLM(cfg, checkpointing=checkpointing).to(dt)
-
-
-def _flash_on_meta():
-    return mock.patch.object(F, "scaled_dot_product_attention",
-                             lambda q, k, v, is_causal=True: _FlashSaved.apply(q, k, v))
+        model = LlamaLM(cfg, checkpointing=checkpointing).to(dt)
+    with mock.patch.object(F, "scaled_dot_product_attention",
+                           lambda q, k, v, is_causal=True: _FlashSaved.apply(q, k, v)):
+        yield model
 
 
 @functools.lru_cache(maxsize=None)  # the same count is asked for once per method
 def activation_bytes(cfg, batch: int, seq: int, dt, checkpointing: bool) -> int:
     """Saved-for-backward bytes of one forward, counted on the meta device; with
     checkpointing, plus one block's (backward recomputes one block at a time)."""
-    model = _meta_model(cfg, dt, checkpointing)
     idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with _flash_on_meta():
+    with _meta_model(cfg, dt, checkpointing) as model:
         total = _saved(model, lambda: model(idx, idx))[0]
     return total + (block_bytes(cfg, batch, seq, dt) if checkpointing else 0)
 
@@ -93,9 +92,8 @@ def activation_bytes(cfg, batch: int, seq: int, dt, checkpointing: bool) -> int:
 @functools.lru_cache(maxsize=None)
 def block_bytes(cfg, batch: int, seq: int, dt) -> int:
     """Saved-for-backward bytes of one block's forward, counted as :func:`activation_bytes`."""
-    model = _meta_model(cfg, dt)
     x = torch.zeros(batch, seq, cfg.dim, dtype=dt, device="meta", requires_grad=True)
-    with _flash_on_meta():
+    with _meta_model(cfg, dt) as model:
         return _saved(model, lambda: model.layers[0](x, model.rope_cos[:seq],
                                                      model.rope_sin[:seq]))[0]
 
