@@ -4,9 +4,7 @@ ranks and in closed form (docs/benchmarks.md).
     python benchmarks/bench_fsdp.py                       # 2 ranks on CPU (gloo), results/fsdp.md
     python benchmarks/bench_fsdp.py --layers=2 --out=/tmp/fsdp.md
 """
-import argparse
 import socket
-import time
 
 import common as C
 
@@ -117,11 +115,8 @@ def worker(rank: int, port: int, a, out: dict) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for flag, default in dict(layers=2, width=256, hidden=688, rank=32, world=2).items():
-        ap.add_argument(f"--{flag}", type=int, default=default)
-    ap.add_argument("--out", default="benchmarks/results/fsdp.md")
-    a = ap.parse_args(argv)
+    a = C.parser(__doc__, layers=2, width=256, hidden=688, rank=32, world=2,
+                 out="benchmarks/results/fsdp.md").parse_args(argv)
     shapes, plain = block_shapes(a.width, a.hidden) * a.layers, a.width * a.layers
     with socket.socket() as sock:  # a free port
         sock.bind(("127.0.0.1", 0))
@@ -159,11 +154,9 @@ def main(argv=None) -> None:
         C.md_table(["matrix", "8 ranks", "64 ranks"], [
             [label] + [blocks_line_up(m, n, 1024, w) for w in (8, 64)]
             for label, (m, n) in MATRICES_7B])])
-    meta = {"command": f"`{C.command_line('bench_fsdp.py', argv)}`",
-            "date": time.strftime("%Y-%m-%d"), "versions": C.versions(),
-            "device": f"cpu, gloo, {a.world} ranks, 1 torch thread each"}
     print(C.write_report(a.out, "bench_fsdp: FSDP2 optimizer state and refresh communication",
-                         meta, body))
+                         C.report_meta("bench_fsdp.py", argv,
+                                       f"cpu, gloo, {a.world} ranks, 1 torch thread each"), body))
 
 
 if __name__ == "__main__":

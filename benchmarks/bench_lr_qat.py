@@ -5,11 +5,7 @@ at W4/W3, and training memory of LR-QAT vs full QAT (docs/benchmarks.md).
     python benchmarks/bench_lr_qat.py --pretrain-steps 50 --qat-steps 20 --memory-configs tiny \\
         --out /tmp/lr_qat.md                                         # smoke test
 """
-import argparse
-import copy
-import math
-import os
-import time
+import copy, math, os, time
 
 import torch
 import torch.multiprocessing as mp
@@ -96,11 +92,6 @@ def train(model, opt, steps, batches, log, teacher=None):
     return time.time() - t0
 
 
-@torch.no_grad()
-def evaluate(model, batches):  # LlamaLM has no dropout: no eval mode to set
-    return sum(model(x, y).item() for x, y in batches.val) / len(batches.val)
-
-
 def pretrained(a, cfg, corpus):
     """The FP model: loaded from ``--ckpt``, else pretrained with AdamW and saved there."""
     path = C.ROOT / a.ckpt.format(**vars(a))
@@ -122,15 +113,15 @@ def quality(a, fp_model, corpus):
     new_batches = lambda: C.Batches(corpus, a.batch_size, a.seq_len, a.seed + 1,  # noqa: E731
                                     a.eval_batches, CPU)
     val = new_batches()
-    fp = evaluate(fp_model.requires_grad_(False), val)
+    fp = C.evaluate(fp_model.requires_grad_(False), val.val)
     ppl = lambda loss: f"{math.exp(loss):.3f}"  # noqa: E731
     gap = lambda loss: math.exp(loss) - math.exp(fp)  # noqa: E731
     rows, notes = [], []
     for name in a.settings:
         bits, group = SETTINGS[name]
-        absmax = evaluate(rtn_absmax_(copy.deepcopy(fp_model), bits, group), val)
+        absmax = C.evaluate(rtn_absmax_(copy.deepcopy(fp_model), bits, group), val.val)
         model, opt = build("lrqat", fp_model, bits, group, a)
-        rtn = evaluate(model, val)
+        rtn = C.evaluate(model, val.val)
         rows.append([name, ppl(absmax), ppl(rtn), "–", "–", "–"])
         note = []
         if "lrqat" in a.runs:
@@ -138,7 +129,7 @@ def quality(a, fp_model, corpus):
             with torch.no_grad():
                 exported, x = export_lr_qat(copy.deepcopy(model)), val.val[0][0][:4]
                 equal = torch.equal(exported(x), model(x))
-            lrqat = evaluate(exported, val)
+            lrqat = C.evaluate(exported, val.val)
             ratio = gap(lrqat) / gap(rtn)
             rows[-1][3:5] = [ppl(lrqat) + ("" if equal else " (export differs!)"), f"{ratio:.0%}"]
             note = [f"**LR-QAT's perplexity gap is {gap(lrqat):+.3f}, {ratio:.0%} of RTN's "
@@ -147,7 +138,7 @@ def quality(a, fp_model, corpus):
         if "fullqat" in a.runs and name in a.full_qat_settings:
             model, opt = build("fullqat", fp_model, bits, group, a)
             secs = train(model, opt, a.qat_steps, new_batches(), f"{name} full QAT", fp_model)
-            rows[-1][5] = ppl(evaluate(model, val))
+            rows[-1][5] = ppl(C.evaluate(model, val.val))
             note.append(f"full QAT {secs:.0f} s")
         notes += [f"- {name}: " + "; ".join(note)] if note else []
     return "\n\n".join([
@@ -234,17 +225,14 @@ def memory(a):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, default in dict(
-            config="tiny", mlp_hidden=384, pretrain_steps=1000, pretrain_lr=1.5e-3,
-            qat_steps=200, lr=3e-2, scale_lr=1e-4, rank=32, alpha=1.0, full_qat_lr=1e-4,
-            batch_size=16, seq_len=128, eval_batches=32, settings="w4pc,w4g128,w3pc",
-            runs="lrqat,fullqat", full_qat_settings="w4pc,w3pc",
-            memory_configs="tiny,small,llama_60m", memory_batches="16x128,1x128", seed=0,
-            threads=1, ckpt="runs/lr_qat_fp_{config}_{mlp_hidden}_{pretrain_steps}_{seed}.pt",
-            data="", out="benchmarks/results/lr_qat.md").items():
-        ap.add_argument(f"--{key.replace('_', '-')}", default=default, type=type(default))
+    ap = C.parser(
+        __doc__, config="tiny", mlp_hidden=384, pretrain_steps=1000, pretrain_lr=1.5e-3,
+        qat_steps=200, lr=3e-2, scale_lr=1e-4, rank=32, alpha=1.0, full_qat_lr=1e-4,
+        batch_size=16, seq_len=128, eval_batches=32, settings="w4pc,w4g128,w3pc",
+        runs="lrqat,fullqat", full_qat_settings="w4pc,w3pc",
+        memory_configs="tiny,small,llama_60m", memory_batches="16x128,1x128", seed=0,
+        threads=1, ckpt="runs/lr_qat_fp_{config}_{mlp_hidden}_{pretrain_steps}_{seed}.pt",
+        data="", out="benchmarks/results/lr_qat.md")
     a = ap.parse_args(argv)
     for key in ("settings", "runs", "full_qat_settings", "memory_configs", "memory_batches"):
         setattr(a, key, [s.strip() for s in getattr(a, key).split(",") if s.strip()])
@@ -252,9 +240,7 @@ def main(argv=None) -> None:
         ap.error(f"unknown setting in {a.settings}; choose from {', '.join(SETTINGS)}")
     torch.set_num_threads(a.threads or torch.get_num_threads())
     t0, sections = time.time(), []
-    meta = {"command": f"`{C.command_line('bench_lr_qat.py', argv)}`",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": C.versions(),
-            "device": C.device_name(CPU)}
+    meta = C.report_meta("bench_lr_qat.py", argv, C.device_name(CPU))
     if a.settings:
         corpus = C.load_corpus(a.data or None)
         cfg = C.get_config(a.config, mlp_hidden=a.mlp_hidden,

@@ -1,7 +1,5 @@
-"""Bytes of weights and optimizer state per method at the papers' LLaMA sizes, counted on the
-real tensors after one optimizer step: on the CPU for the ``--real`` configs, on the meta
-device for every config (the two counts must be equal), against the package's closed form
-(must be equal too) and the papers' BF16 estimates. Details: docs/benchmarks.md.
+"""Bytes of weights and optimizer state per method at the papers' LLaMA sizes after one step,
+counted on real (``--real``) and meta tensors, against the closed forms (docs/benchmarks.md).
 
     python benchmarks/bench_memory.py --svd randomized --threads 1   # memory.md (6-10 min)
     python benchmarks/bench_memory.py --real ""                      # meta only (seconds)
@@ -9,17 +7,12 @@ device for every config (the two counts must be equal), against the package's cl
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import gc
-import math
-import sys
-import time
+import gc, math, sys, time
 
 import _paths  # noqa: F401  (puts the checkout first on sys.path)
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import common as C
 import lowrank_optim as lo
@@ -46,7 +39,6 @@ PUBLISHED = {"Full": dict(zip(SIZES, (0.36, 0.76, 2.06, 7.80))),
 PUBLISHED_SPLIT = {
     "Full": dict(zip(SIZES, ((0.12, 0.23), (0.25, 0.51), (0.68, 1.37), (2.60, 5.20)))),
     "GaLore": dict(zip(SIZES, ((0.12, 0.13), (0.25, 0.28), (0.68, 0.54), (2.60, 1.78))))}
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def _args(rank: int) -> C.MethodArgs:
@@ -64,9 +56,8 @@ def build_model(cfg, dt: torch.dtype, device: str, method: str, rank: int) -> nn
 
 @torch.no_grad()
 def meta_init(opt: lo.LowRankOptimizer) -> None:
-    """``step_param``'s lazy init without ``rule.update`` and ``_apply`` (they only write into
-    existing tensors; ``_apply`` needs a generator the meta device refuses): creates exactly
-    the state tensors a real first step creates."""
+    """The state tensors a real first step creates: ``step_param``'s lazy init without
+    ``rule.update`` and ``_apply`` (they write into existing tensors; meta has no generator)."""
     for group in opt.param_groups:
         for p in group["params"]:
             if p.grad is None:
@@ -81,38 +72,19 @@ def meta_init(opt: lo.LowRankOptimizer) -> None:
             state["step"] = 1
 
 
-def _storage_id(t: Tensor) -> int:
-    # the StorageImpl's address: the same for every view of one storage, on meta too
-    # (where data_ptr() is 0 for every tensor and cannot tell tensors apart)
-    return t.untyped_storage()._cdata
-
-
-def _walk(v, path=""):
-    if isinstance(v, Tensor):
-        yield path, v
-    elif isinstance(v, dict):
-        for k, x in v.items():
-            yield from _walk(x, str(k))
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            yield from _walk(x, path)
-
-
 def count(model: nn.Module, opt) -> dict:
-    """Bytes by category, each tensor once: weights (parameters + buffers) and optimizer
-    state; ``held_*``: the bytes of the distinct storages behind them (a view pinning a
-    larger storage shows there)."""
+    """Bytes by category, each tensor once; ``held_*``: of the distinct storages behind them."""
     out = dict(w_float=0, w_int=0, w_scales=0, w_buffers=0, s_moments=0, s_basis=0, s_other=0,
                held_weights=0, held_state=0)
     seen, storages = set(), set()
 
     def add(cat, t):
-        key = (_storage_id(t), t.storage_offset(), t.numel(), t.dtype)
+        key = (C.storage_id(t), t.storage_offset(), t.numel(), t.dtype)
         if key not in seen:
             seen.add(key)
             out[cat] += t.numel() * t.element_size()
-        if _storage_id(t) not in storages:
-            storages.add(_storage_id(t))
+        if C.storage_id(t) not in storages:
+            storages.add(C.storage_id(t))
             out["held_" + ("weights" if cat.startswith("w_") else "state")] += \
                 t.untyped_storage().nbytes()
 
@@ -120,21 +92,19 @@ def count(model: nn.Module, opt) -> dict:
         add("w_float" if kind == "p" and t.is_floating_point() else "w_int" if kind == "p"
             or name.endswith("_codes") else "w_scales" if name.endswith(("_scale", "_offset"))
             else "w_buffers", t)
-    for st in opt.state.values():
-        for key, t in _walk(st):
-            add("s_basis" if key.startswith("proj") else "s_other"
-                if key.startswith("qmap") or key == "step" else "s_moments", t)
+    for key, t in C.state_tensors(opt):
+        add("s_basis" if key.startswith("proj") else "s_other"
+            if key.startswith("qmap") or key == "step" else "s_moments", t)
     out["weights"] = out["w_float"] + out["w_int"] + out["w_scales"] + out["w_buffers"]
     out["state"] = out["s_moments"] + out["s_basis"] + out["s_other"]
     out["total"] = out["weights"] + out["state"]
     out["views_ok"] = (out["held_weights"], out["held_state"]) == (out["weights"], out["state"])
-    out["n_state_tensors"] = sum(1 for st in opt.state.values() for _ in _walk(st))
+    out["n_state_tensors"] = sum(1 for _ in C.state_tensors(opt))
     return out
 
 
 def measure(method: str, cfg, rank: int, dt: torch.dtype, device: str) -> dict:
-    """Build, set a random gradient on every parameter (float32 for INT8 weights), take one
-    step (on meta: :func:`meta_init` for the package's optimizers), count."""
+    """Build, a random gradient on every parameter, one step (or :func:`meta_init`), count."""
     t0 = time.perf_counter()
     model = build_model(cfg, dt, device, method, rank)
     opt = C.METHODS[REGISTRY[method]].optimizer(
@@ -194,8 +164,7 @@ def closed_form_papers(method: str, cfg, rank: int) -> tuple[float, float]:
 
 
 def row(m: str, cfg, rank: int, dt: torch.dtype, real: bool) -> dict:
-    """One method and config: the meta count (and the CPU count when ``real``: they must be
-    equal), and both closed forms (the package's must equal the count)."""
+    """One method and config: the meta (and ``real`` CPU) count and both closed forms."""
     meta = measure(m, cfg, rank, dt, "meta")
     real = measure(m, cfg, rank, dt, "cpu") if real else None
     esize = torch.empty((), dtype=dt).element_size()
@@ -324,22 +293,14 @@ def render(rows: dict, fp32: dict, alt, names, meths) -> str:
 
 def main(argv=None) -> int:
     global SVD
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="60m,130m,350m,1b,7b")
-    ap.add_argument("--ranks", default="", help=f"overrides, e.g. 1b=1024 (defaults {RANKS})")
-    ap.add_argument("--real", default="60m,130m,350m", help="configs also run on the CPU")
-    ap.add_argument("--methods", default=",".join(REGISTRY))
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    ap.add_argument("--svd", default=SVD, choices=("exact", "randomized"))
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
-    ap.add_argument("--out", default="benchmarks/results/memory.md", help="'' to skip writing")
+    ap = C.parser(__doc__, configs="60m,130m,350m,1b,7b", ranks="", real="60m,130m,350m",
+                  methods=",".join(REGISTRY), vocab=32000, dtype="bfloat16", svd=SVD, threads=1,
+                  out="benchmarks/results/memory.md")
     a = ap.parse_args(argv)
     SVD = a.svd
     if a.threads:
         torch.set_num_threads(a.threads)
-    dt = DTYPES[a.dtype]
+    dt = getattr(torch, a.dtype)
     esize = torch.empty((), dtype=dt).element_size()
     rank_of = {**parse_ranks(RANKS), **parse_ranks(a.ranks)}
     names, real_set = names_of(a.configs), set(names_of(a.real))
@@ -351,7 +312,6 @@ def main(argv=None) -> int:
         if c not in rank_of:
             ap.error(f"no rank for config {c!r}: pass --ranks {c}=R")
     t_start = time.time()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows, fp32 = {}, {}
     for c in names:
         cfg, rank = get_config(c, vocab_size=a.vocab), rank_of[c]
@@ -366,12 +326,11 @@ def main(argv=None) -> int:
     alt = None  # Q-GaLore's 1B *script* rank (1024), next to Table 1's 512
     if "1b" in names and rank_of["1b"] != 1024 and "QGaLoreAdamW8bit" in meths:
         alt = row("QGaLoreAdamW8bit", get_config("1b", vocab_size=a.vocab), 1024, dt, False)
-    meta = {
-        "command": f"`{C.command_line('bench_memory.py', argv)}`",
-        "date": f"{date}; total time {time.time() - t_start:.0f} s",
-        "versions": C.versions(),
-        "device": f"{C.device_name('cpu')} for the real runs "
-                  f"({', '.join(c for c in names if c in real_set) or 'none'}); `meta` for all",
+    meta = C.report_meta("bench_memory.py", argv, f"{C.device_name('cpu')} for the real runs "
+                         f"({', '.join(c for c in names if c in real_set) or 'none'}); `meta` "
+                         "for all")
+    meta["date"] += f"; total time {time.time() - t_start:.0f} s"
+    meta.update({
         "model": f"`benchmarks/common.py` LlamaLM, vocabulary {a.vocab}, weights in {dt}; ranks "
                  + ", ".join(f"{c} {rank_of[c]}" for c in names) + f"; update_proj_gap "
                  f"{UPDATE_PROJ_GAP}, scale 0.25; projected = attention and MLP matrices; svd "
@@ -380,7 +339,7 @@ def main(argv=None) -> int:
                    "the rotary table: " + ", ".join(
                        f"{c} {rope_bytes(get_config(c), esize) / 1e3:.1f} kB" for c in names)
                    + "), **state** = every tensor in `optimizer.state` (shared ones once); what "
-                     "the methods store and how the meta counts are made: docs/benchmarks.md"}
+                     "the methods store and how the meta counts are made: docs/benchmarks.md"})
     print(C.write_report(a.out, "bench_memory: bytes of weights and optimizer state", meta,
                          render(rows, fp32, alt, names, meths)))
     ok = [r["pkg_ok"] for r in list(rows.values()) + list(fp32.values()) + [alt] if r] + \

@@ -1,6 +1,5 @@
-"""Peak memory of ONE REAL training step of a big LLaMA model (peak RSS of a CPU process, or
-``torch.cuda.max_memory_allocated``): one fresh subprocess per METHOD:CONFIG[:SEQ][:ckpt]
-case, the model built block by block. What is measured and how: docs/benchmarks.md.
+"""Peak memory of ONE REAL training step of a big LLaMA model, one fresh process per
+METHOD:CONFIG[:SEQ][:ckpt] case (docs/benchmarks.md).
 
     python benchmarks/bench_peak.py                                 # the issues' cases (hours)
     python benchmarks/bench_peak.py --configs llama_60m             # smoke test (~2 min)
@@ -12,18 +11,7 @@ case, the model built block by block. What is measured and how: docs/benchmarks.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import math
-import os
-import platform
-import re
-import shlex
-import subprocess
-import sys
-import tempfile
-import time
+import datetime, json, os, re, shlex, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -63,7 +51,7 @@ def family(name: str) -> str:
 
 
 def method_args(name: str, rank: int) -> C.MethodArgs:
-    """The papers' 7B/13B scripts' settings (LoQT merges every 100 steps: build_optimizer)."""
+    """The papers' 7B/13B scripts' settings (LoQT merges every 100 steps: run_one)."""
     return C.MethodArgs(rank=rank, **{"qgalore": dict(lr=0.004, update_proj_gap=500, scale=0.25),
                                       "apollo": dict(lr=1e-2, update_proj_gap=200),
                                       "loqt": dict(lr=1e-3, scale=0.5)}[family(name)])
@@ -106,19 +94,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _kb(field: str, path: str = "/proc/meminfo") -> int:
-    try:
-        with open(path) as f:
-            return next((int(ln.split()[1]) for ln in f if ln.startswith(field + ":")), 0)
-    except OSError:
-        return 0
-
-
 # ---- the child: one measurement -----------------------------------------------------------
 class UpdateMeter:
-    """Splits a CPU step's peak at the 8-bit Adam updates of tensors of >= ``min_numel``
-    elements (wraps ``lowrank_optim.functional.adam8bit_``, resetting the high-water mark
-    around each call): the peak during those calls, outside them, and each call's rise."""
+    """Wraps ``lowrank_optim.functional.adam8bit_`` to split a CPU step's peak at the updates
+    of tensors of >= ``min_numel`` elements: during them, outside them, each call's rise."""
 
     def __init__(self, mem, min_numel: int = 1 << 20):
         self.mem, self.min_numel, self.inner = mem, min_numel, lo.functional.adam8bit_
@@ -183,18 +162,7 @@ def build_model(case: Case, rank: int, a, mem):
     with torch.device("meta"):
         model = C.LlamaLM(cfg, checkpointing=case.ckpt)
     model.to(torch.bfloat16)
-    std_res = 0.02 / math.sqrt(2 * cfg.n_layers)
-
-    @torch.no_grad()
-    def materialise(module) -> None:
-        module.to_empty(device=dev)
-        for name, p in module.named_parameters():
-            if p.dim() < 2:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std_res if name.endswith(("o_proj.weight", "down_proj.weight"))
-                          else 0.02)
-
+    materialise = lambda module: C.init_(module.to_empty(device=dev), cfg.n_layers)
     for i, block in enumerate(model.layers):
         materialise(block)
         swap(block, case.method, rank, a)
@@ -209,30 +177,17 @@ def build_model(case: Case, rank: int, a, mem):
     return model, cfg
 
 
-def build_optimizer(model, name: str, rank: int, a):
-    kw = {"qgalore": dict(svd=a.svd, seed=SEED), "apollo": dict(seed=SEED),
-          "loqt": dict(update_proj_gap=100, ec_iters=a.ec_iters)}[family(name)]
-    prep = method(name).setup(model, method_args(name, rank), **kw)
-    return prep.optimizer, prep.hooks
-
-
 def weights_of(model) -> dict:
     """Bytes of the model's tensors, each storage once (on meta too): integer codes, float
     buffers (scales, offsets, absmax), float parameters, the rotary table."""
     w, seen = dict(codes=0, scales=0, float_params=0, rope=0), set()
     for name, kind, t in C.stored_tensors(model):
-        key = (t.untyped_storage()._cdata, t.storage_offset(), t.numel())
+        key = (C.storage_id(t), t.storage_offset(), t.numel())
         if key not in seen:
             seen.add(key)
             w["codes" if not t.is_floating_point() else "rope" if name.startswith("rope_")
               else "scales" if kind == "b" else "float_params"] += C.tensor_bytes(t)
     return dict(w, total=sum(w.values()))
-
-
-def state_of(opt) -> dict:
-    basis = sum(C.tensor_bytes(v) for st in opt.state.values() for k, v in st.items()
-                if k.startswith("proj") and isinstance(v, torch.Tensor))
-    return dict(total=C.state_bytes(opt), basis=basis)
 
 
 def run_one(case: Case, a) -> dict:
@@ -247,7 +202,9 @@ def run_one(case: Case, a) -> dict:
     log(f"{case.key}: building (runtime {mem.what} {runtime / GB:.2f} GB)")
     t0 = time.perf_counter()
     model, cfg = build_model(case, rank, a, mem)
-    opt, hooks = build_optimizer(model, case.method, rank, a)
+    _, opt, hooks = m.build(model, method_args(case.method, rank), True, **{  # LoQT merges at 0
+        "qgalore": dict(svd=a.svd, seed=SEED), "apollo": dict(seed=SEED),
+        "loqt": dict(update_proj_gap=100, ec_iters=a.ec_iters)}[family(case.method)])
     build_peak, build_reserved, build_s = mem.peak(), mem.reserved(), time.perf_counter() - t0
     weights = weights_of(model)
     log(f"{case.key}: built in {build_s:.0f} s; weights {weights['total'] / GB:.2f} GB, "
@@ -260,13 +217,19 @@ def run_one(case: Case, a) -> dict:
         res = dict(case=asdict(case), key=case.key, method=case.method, rank=rank,
                    per_layer=m.per_layer, description=m.description,
                    n_params=sum(p.numel() for p in model.parameters()), runtime=runtime,
-                   build_peak=build_peak, build_s=build_s, weights=weights, state=state_of(opt),
+                   build_peak=build_peak, build_s=build_s, weights=weights, state=dict(
+                       total=C.state_bytes(opt), basis=sum(
+                           C.tensor_bytes(v) for st in opt.state.values() for k, v in st.items()
+                           if k.startswith("proj") and torch.is_tensor(v))),
                    grads=C.grad_bytes(model, m.per_layer), steps=steps,
                    peak=max([build_peak] + [s["peak"] for s in steps]), peak_reset=can_reset,
                    threads=a.threads, svd=a.svd, svd_niter=a.svd_niter, ec_iters=a.ec_iters,
                    batch=BATCH, vocab=VOCAB)
-        if mem.cuda:
-            res.update(device="cuda", env=cuda_env(mem.device), build_reserved=build_reserved,
+        if mem.cuda:  # the GPU and versions, for the table's header
+            gpu = torch.cuda.get_device_properties(mem.device)
+            env = dict(gpu=gpu.name, gpu_memory=gpu.total_memory, cuda=torch.version.cuda,
+                       capability=f"{gpu.major}.{gpu.minor}", versions=C.versions())
+            res.update(device="cuda", env=env, build_reserved=build_reserved,
                        reserved=max([build_reserved] + [s["reserved"] for s in steps]))
         return res
 
@@ -309,27 +272,9 @@ def run_one(case: Case, a) -> dict:
     return result()
 
 
-def cuda_env(device) -> dict:
-    """The GPU and versions the measuring process saw (for a CUDA table's header)."""
-    props = torch.cuda.get_device_properties(device)
-    return dict(gpu=torch.cuda.get_device_name(device), gpu_memory=props.total_memory,
-                capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                torch=torch.__version__, bitsandbytes=bnb_version(),
-                python=platform.python_version())
-
-
-def bnb_version() -> str:
-    try:
-        import bitsandbytes as bnb
-        return bnb.__version__
-    except ImportError:
-        return "not installed"
-
-
 def estimate(case: Case, rank: int, a) -> dict:
-    """A lower bound of the peak from a meta count: weights after the registry's swap on the
-    ``meta`` device (same buffers and dtypes as a real build; no rotary table), optimizer
-    state from ``common.closed_form`` (bf16 parameters), gradients from the swapped model."""
+    """A lower bound of the peak from a meta count (weights, gradients) and the closed form
+    (state), bf16, without the rotary table."""
     cfg = C.get_config(case.config, vocab_size=VOCAB, seq_len=case.seq)
     with torch.device("meta"):
         model = C.LlamaLM(cfg)
@@ -355,8 +300,8 @@ def run_case(case: Case, a, argv: list) -> dict:
         proc = subprocess.Popen(cmd, stdout=fout, cwd=ROOT)
         max_seen, stop = 0, None
         while proc.poll() is None and not stop:
-            rss = _kb("VmRSS", f"/proc/{proc.pid}/status") * 1024
-            avail = _kb("MemAvailable") * 1024
+            rss = (C.proc_kb("VmRSS", f"/proc/{proc.pid}/status") or 0) * 1024
+            avail = (C.proc_kb("MemAvailable", "/proc/meminfo") or 0) * 1024
             max_seen = max(max_seen, rss)
             if a.device == "cpu" and rss > a.max_rss_gb * GB:
                 stop = f"RSS {rss / GB:.2f} GB passed --max-rss-gb {a.max_rss_gb}"
@@ -493,55 +438,27 @@ def render(rows: list, meta: dict, device: str = "cpu", path: str = "") -> str:
     return C.write_report(path, title, meta, body)
 
 
-def read_rows(path) -> list:
-    text = path.read_text() if path.exists() else ""
-    m = re.search(r"<!-- bench_peak rows \(JSON, read by --merge\):\n(.*?)\n-->", text, re.S)
-    return [json.loads(ln) for ln in m.group(1).splitlines() if ln.strip()] if m else []
-
-
 def select_cases(a) -> list:
-    if a.cases:
-        chosen = [Case.parse(c) for c in a.cases.split(",") if c.strip()]
-    else:
-        methods = a.methods.split(",") if a.methods else list(ISSUE_METHODS)
-        bad = [m for m in methods if m not in METHODS]
-        if bad:
-            raise SystemExit(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
-        chosen = ([Case.parse(f"{m}:{c}") for c in a.configs.split(",") for m in methods]
-                  if a.configs else [c for c in map(Case.parse, CASES.split(","))
-                                     if c.method in methods])
+    """``--cases``, else each of ``--methods`` on each of ``--configs``, else the default
+    cases of ``--methods``; ``--seq`` for all."""
+    methods = a.methods.split(",") if a.methods else ISSUE_METHODS
+    if bad := [m for m in methods if m not in METHODS]:
+        raise SystemExit(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    chosen = [Case.parse(c) for c in a.cases.split(",") if c.strip()] if a.cases else \
+        [Case.parse(f"{m}:{c}") for c in a.configs.split(",") for m in methods] if a.configs \
+        else [c for c in map(Case.parse, CASES.split(",")) if c.method in methods]
     for c in chosen:
         c.seq = a.seq or c.seq
     return chosen
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", help=f"METHOD:CONFIG[:SEQ][:ckpt],...; default: {CASES}")
-    p.add_argument("--configs", help="configs (common.CONFIGS) to run --methods on")
-    p.add_argument("--methods", help=f"from {', '.join(METHODS)}; default: {ISSUE_METHODS}")
-    p.add_argument("--seq", type=int, help="sequence length for every case")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2, help="step 0 (bases/merge), 1 (ordinary)")
-    p.add_argument("--rank", type=int, help="instead of the config's (RANKS)")
-    p.add_argument("--svd", choices=("exact", "randomized"), default="randomized")
-    p.add_argument("--svd-niter", type=int, default=0,
-                   help="randomized SVD power iterations (-1: the package's default)")
-    p.add_argument("--ec-iters", type=int, help="LoQT error-compensation rounds (default: 1; "
-                                                "on cuda the package's 5)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--timeout", type=float, default=5400, help="seconds per case")
-    p.add_argument("--jobs", type=int, default=0, help="cases at once (default: 2 if all are "
-                                                       "small, else 1)")
-    p.add_argument("--max-rss-gb", type=float, default=21.5, help="kill a child past this")
-    p.add_argument("--min-free-gb", type=float, default=0.6, help="... or past this free")
-    p.add_argument("--out", help=f"results file (default: {OUT})")
-    p.add_argument("--merge", action="store_true", help="keep --out's rows of other cases")
-    p.add_argument("--estimate-only", metavar="REASON", help="add meta-count rows only")
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    a.ec_iters = a.ec_iters if a.ec_iters is not None else 5 if a.device == "cuda" else 1
+    """The options (docs/benchmarks.md); ``--one CASE``: the child that measures CASE."""
+    a = C.parser(__doc__, cases="", configs="", methods="", seq=0,
+                 threads=1, steps=2, rank=0, svd="randomized", svd_niter=0, ec_iters=-1,
+                 device="cpu", timeout=5400.0, jobs=0, max_rss_gb=21.5, min_free_gb=0.6,
+                 out="", merge=False, estimate_only="", one="").parse_args(argv)
+    a.ec_iters = a.ec_iters if a.ec_iters >= 0 else 5 if a.device == "cuda" else 1
     a.svd_niter = None if a.svd_niter < 0 else a.svd_niter
     a.out = a.out or OUT[a.device]
     return a
@@ -549,23 +466,20 @@ def parse_args(argv=None):
 
 def header(rows: list, a, t0: float, load0: float) -> dict:
     env = next((r["env"] for r in reversed(rows) if r.get("env")), {})  # cuda: the child's
-    cuda = a.device == "cuda"
-    host = f"{os.cpu_count()} CPUs, {_kb('MemTotal') / 2 ** 20:.1f} GiB RAM"
+    host = (f"{C.cpu_name()}, {os.cpu_count()} CPUs, "
+            f"{(C.proc_kb('MemTotal', '/proc/meminfo') or 0) / 2 ** 20:.1f} GiB RAM")
+    gpu = f"{env['gpu']} ({env['gpu_memory'] / GIB:.1f} GiB, compute capability " \
+          f"{env['capability']}, CUDA {env['cuda']})" if env else "?"
     return {
         "command(s)": "; ".join(f"`{c}` ({d})" for c, d in {
             r.get("command", "(not recorded)"): r.get("date", "?") for r in rows}.items()),
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         + f" (this invocation: {time.time() - t0:.0f} s; each row's date is beside its command)",
-        "versions": f"torch {env.get('torch', torch.__version__)}"
-        + (f" (CUDA {env.get('cuda', '?')})" if cuda else "") + ", bitsandbytes "
-        + f"{env.get('bitsandbytes', bnb_version())}, Python "
-          f"{env.get('python', platform.python_version())}, git {C.git_rev()}",
-        "device": ((f"cuda: {env['gpu']} ({env['gpu_memory'] / GIB:.1f} GiB, compute capability "
-                    f"{env['capability']})" if env else "cuda") + f"; host {C.cpu_name()}, "
-                   f"{host}, {a.threads} torch CPU thread(s)" if cuda else
-                   f"cpu ({C.cpu_name()}), {a.threads} torch thread(s), {host}, no GPU; load "
-                   f"average {load0:.2f} / {os.getloadavg()[0]:.2f} at the start / end of the "
-                   "last invocation (a shared machine)"),
+        "versions": env.get("versions") or C.versions(),
+        "device": f"cuda: {gpu}; host {host}, {a.threads} torch CPU thread(s)"
+        if a.device == "cuda" else f"cpu ({host}), {a.threads} torch thread(s), no GPU; load "
+        f"average {load0:.2f} / {os.getloadavg()[0]:.2f} at the start / end of the last "
+        "invocation (a shared machine)",
         "settings": f"vocabulary {VOCAB}, batch {BATCH}, bf16; svd={a.svd}, randomized-SVD power "
                     f"iterations {'package default (1)' if a.svd_niter is None else a.svd_niter}"
                     f", LoQT ec_iters={a.ec_iters} (package default 5), LoQT update_proj_gap 100 "
@@ -588,7 +502,9 @@ def main(argv=None) -> int:
     chosen = select_cases(a)
     t0, load0 = time.time(), os.getloadavg()[0]
     command = shlex.join(["python", "benchmarks/bench_peak.py", *argv])
-    old = read_rows(ROOT / a.out) if a.merge else []
+    text = (ROOT / a.out).read_text() if a.merge and (ROOT / a.out).exists() else ""
+    m = re.search(r"<!-- bench_peak rows \(JSON, read by --merge\):\n(.*?)\n-->", text, re.S)
+    old = [json.loads(ln) for ln in m.group(1).splitlines() if ln.strip()] if m else []
     if any(r.get("device", "cpu") != a.device for r in old):  # RSS and CUDA peaks differ
         log(f"dropping the rows of another device than {a.device}")
         old = [r for r in old if r.get("device", "cpu") == a.device]

@@ -5,12 +5,7 @@
     python benchmarks/bench_step.py --quick                # smoke test, about a minute
     python benchmarks/bench_step.py --optimizers adamw_fused,galore,qgalore --device cuda
 """
-import argparse
-import copy
-import gc
-import os
-import statistics
-import time
+import copy, gc, os, statistics, time
 
 import torch
 from torch import nn
@@ -63,9 +58,9 @@ def build(spec: str, model: nn.Module, a) -> dict:
             proj_type="std"), lr=a.lr)
         label, cls = "galore_torch (GaLoreAdamW 1.0)", "GaLoreAdamW"
     else:
-        prep = C.method(spec).build(model, C.MethodArgs(
+        model, opt, _ = C.method(spec).build(model, C.MethodArgs(
             lr=a.lr, rank=a.rank, update_proj_gap=a.update_proj_gap, scale=a.scale))
-        model, opt, label, cls = prep.model, prep.optimizer, spec, type(prep.optimizer).__name__
+        label, cls = spec, type(opt).__name__
 
     def count():  # basis refreshes so far (galore-torch: at steps 0, T, 2T, ... of a matrix)
         if spec != "galore_torch":
@@ -161,15 +156,11 @@ def tables(rows, shapes, a):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK}")
-    for key, default in dict(hidden=512, intermediate=1376, n_layers=8, n_heads=8, rank=128,
-                             update_proj_gap=200, steps=0, repeats=2, warmup=3, pool=4,
-                             seed=0, threads=0, scale=0.25, lr=1e-3,
-                             device="cuda" if torch.cuda.is_available() else "cpu",
-                             optimizers=DEFAULT, out="benchmarks/results/step.md").items():
-        ap.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default)
+    ap = C.parser(__doc__, quick=False, hidden=512, intermediate=1376, n_layers=8, n_heads=8,
+                  rank=128, update_proj_gap=200, steps=0, repeats=2, warmup=3, pool=4, seed=0,
+                  threads=0, scale=0.25, lr=1e-3,
+                  device="cuda" if torch.cuda.is_available() else "cpu", optimizers=DEFAULT,
+                  out="benchmarks/results/step.md")
     if ap.parse_args(argv).quick:
         ap.set_defaults(**QUICK)
     a = ap.parse_args(argv)
@@ -180,12 +171,10 @@ def main(argv=None):
     rows, shapes = bench(a, dev)
     t_table, s_table = tables(rows, shapes, a)
     load = max(load, os.getloadavg()[0])
-    meta = {"command": f"`{C.command_line('bench_step.py', argv)}`",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": C.versions(),
-            "device": f"{C.device_name(dev)}; load average up to {load:.2f}" + (
-                " (**busy machine: timings are noisy**)" if load > 0.75 * os.cpu_count() else ""),
-            "total time": f"{time.perf_counter() - t0:.0f} s"}
+    meta = C.report_meta("bench_step.py", argv, f"{C.device_name(dev)}; load average up to "
+                         f"{load:.2f}" + (" (**busy machine: timings are noisy**)"
+                                          if load > 0.75 * os.cpu_count() else ""),
+                         **{"total time": f"{time.perf_counter() - t0:.0f} s"})
     body = (f"## Optimizer step time\n\n{len(shapes)} tensors, "
             f"{sum(p.numel() for p in rows[0]['params']) / 1e6:.2f}M parameters "
             f"({sum(pr for *_, pr in shapes)} projected matrices), rank {a.rank}, update_proj_gap "

@@ -5,10 +5,7 @@ subspace overlap, at LLaMA-1B shapes or on real gradients (docs/benchmarks.md).
     python benchmarks/bench_svd.py              # 2048x2048 and 2048x5461, ranks 128, 512
     python benchmarks/bench_svd.py --real llama_60m --ranks 128 --threads 1
 """
-import argparse
-import os
-import statistics
-import time
+import os, statistics, time
 
 import common as C
 
@@ -119,16 +116,11 @@ def synthetic_rows(a, dev: torch.device) -> tuple[str, str]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes and ranks, for smoke tests")
-    for key, default in dict(  # "": the default of the mode (docs/benchmarks.md)
-            shapes="", ranks="", repeats=3, warmup=1, oversample=8, niter=1, decay=1.0,
-            noise=0.05, seed=0, threads=0, real="", real_steps=100, lag=20, niters="0,1,2",
-            batch_size=4, seq_len=0, device="cuda" if torch.cuda.is_available() else "cpu",
-            out="").items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(default), default=default)
-    a = p.parse_args(argv)
+    a = C.parser(  # "": the default of the mode (docs/benchmarks.md)
+        __doc__, quick=False, shapes="", ranks="", repeats=3, warmup=1, oversample=8, niter=1,
+        decay=1.0, noise=0.05, seed=0, threads=0, real="", real_steps=100, lag=20,
+        niters="0,1,2", batch_size=4, seq_len=0,
+        device="cuda" if torch.cuda.is_available() else "cpu", out="").parse_args(argv)
     a.shapes = a.shapes or ("256x256,256x683" if a.quick else "2048x2048,2048x5461")
     a.ranks = [int(r) for r in (a.ranks or ("16,64" if a.quick else "128,512")).split(",")]
     a.out = a.out or os.path.join(C.ROOT, "benchmarks", "results", "svd_real.md" if a.real
@@ -137,12 +129,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(a.threads)
     dev, started, load = torch.device(a.device), time.perf_counter(), os.getloadavg()[0]
     title, body = (real_rows if a.real else synthetic_rows)(a, dev)
-    print(C.write_report(a.out, f"bench_svd: {title}", {
-        "command": f"`{C.command_line('bench_svd.py', argv)}`",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": C.versions(),
-        "device": f"{C.device_name(dev)}; load average {load:.2f} at start, "
-                  f"{os.getloadavg()[0]:.2f} at end",
-        "total time": f"{time.perf_counter() - started:.0f} s"}, body))
+    print(C.write_report(a.out, f"bench_svd: {title}", C.report_meta(
+        "bench_svd.py", argv, f"{C.device_name(dev)}; load average {load:.2f} at start, "
+        f"{os.getloadavg()[0]:.2f} at end",
+        **{"total time": f"{time.perf_counter() - started:.0f} s"}), body))
 
 
 if __name__ == "__main__":

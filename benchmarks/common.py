@@ -6,7 +6,8 @@ Markdown writer (:func:`md_table`, :func:`write_report`).
 """
 from __future__ import annotations
 
-import ast, dataclasses, hashlib, math, os, platform, shlex, subprocess, sys, sysconfig, time
+import argparse, ast, dataclasses, hashlib, math, os, platform, shlex, subprocess, sys, sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -157,15 +158,6 @@ def get_config(name: str, **overrides) -> ModelConfig:
                                                 if v is not None})
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
 def rotary_table(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
@@ -211,8 +203,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
-        self.mlp_norm, self.mlp = RMSNorm(cfg.dim, cfg.norm_eps), MLP(cfg)
+        self.attn_norm, self.attn = nn.RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg)
+        self.mlp_norm, self.mlp = nn.RMSNorm(cfg.dim, cfg.norm_eps), MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -222,23 +214,20 @@ class Block(nn.Module):
 class LlamaLM(nn.Module):
     """LLaMA-style causal LM (RMSNorm, rotary positions, SwiGLU, untied head); attention and
     MLP modules named ``attn`` and ``mlp`` (``param_groups(target_modules=("attn", "mlp"))``
-    picks the papers' matrices). Init normal(0, 0.02), ``o_proj``/``down_proj`` scaled by
-    1/sqrt(2·n_layers). ``checkpointing``: recompute each block in backward."""
+    picks the papers' matrices), initialised by :func:`init_`. ``checkpointing``: recompute
+    each block in backward."""
 
     def __init__(self, cfg: ModelConfig, checkpointing: bool = False):
         super().__init__()
         self.cfg, self.checkpointing = cfg, checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = nn.RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rotary_table(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                residual = name.endswith(("o_proj.weight", "down_proj.weight"))
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers) if residual else 0.02)
+        init_(self, cfg.n_layers)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None):
         t = idx.shape[1]
@@ -255,22 +244,23 @@ class LlamaLM(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+@torch.no_grad()
+def init_(module: nn.Module, n_layers: int) -> None:
+    """LlamaLM's initialisation of ``module``'s parameters, in order: norms 1, matrices
+    normal(0, 0.02), ``o_proj``/``down_proj`` scaled by 1/sqrt(2·n_layers)."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            p.fill_(1.0)
+        else:
+            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+            p.normal_(0.0, 0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 # --- Method registry: name -> how to swap the model's layers and build the optimizer ---
-
-@dataclass
-class Prepared:
-    """A built method: the model to train (possibly converted, e.g. with quantized
-    weights), one optimizer, and the hooks handle when it steps inside backward."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    per_layer: bool = False
-    hooks: object = None       # the handle register_hooks returned, if any
-
 
 @dataclass
 class MethodArgs:
@@ -302,9 +292,8 @@ class Method:
     per_layer: bool = False          # stepped inside backward (opt.register_hooks(model))
     requires: tuple = ()             # importable modules it needs
     default: bool = True             # in the shoot-out's default set (when available)
-    parent: Optional[str] = None     # the method whose update rule this one shares (8-bit
-                                     # moments, per-layer stepping, other storage or options):
-                                     # the shoot-out's --lr-sweep lets it inherit that rate
+    parent: Optional[str] = None     # the method whose update rule it shares (its rate in a
+                                     # shoot-out --lr-sweep)
 
     @property
     def optimizer_class(self) -> Optional[str]:
@@ -320,16 +309,13 @@ class Method:
         """The model with this method's layers (the same object when nothing is swapped)."""
         return self.prepare(model, a, **self.prepare_kwargs) if self.prepare else model
 
-    def build(self, model: nn.Module, a: MethodArgs, **kwargs) -> Prepared:
-        """Swap the model's layers, then :meth:`setup`."""
-        return self.setup(self.swap(model, a), a, **kwargs)
-
-    def setup(self, model: nn.Module, a: MethodArgs, **kwargs) -> Prepared:
-        """The optimizer (and per-layer hooks) for a model already swapped."""
+    def build(self, model: nn.Module, a: MethodArgs, swapped: bool = False, **kwargs) -> tuple:
+        """``(model, optimizer, hooks)``: the model with this method's layers (swapped here
+        unless ``swapped``), its optimizer, the handle of its per-layer hooks (or None)."""
+        model = model if swapped else self.swap(model, a)
         opt = self.optimizer(model, a, **{**self.kwargs, **kwargs})
-        hooks = opt.register_hooks(model, max_grad_norm_per_param=a.max_grad_norm_per_param) \
-            if self.per_layer else None
-        return Prepared(model, opt, self.per_layer, hooks)
+        return model, opt, opt.register_hooks(
+            model, max_grad_norm_per_param=a.max_grad_norm_per_param) if self.per_layer else None
 
 
 def _adamw(model, a, **kw):
@@ -376,13 +362,9 @@ def _loqt_layers(model, a, **kw):
                            scale=a.scale, **{"bits": 4, **kw})
 
 
-# Default learning rates: the best of `--lr-sweep` on the shoot-out's defaults ("tiny", 500
-# steps of 16 x 128 bytes, warmup 10%, cosine to 0.1, gradient clipping at norm 1.0):
-#   python benchmarks/shootout.py --threads 1 --lr-sweep 0.5,1,2 --seeds 0,1,2
-# (benchmarks/results/shootout_3seeds.md, whose sweep table holds the losses). The 8-bit,
-# per-layer and other variants take their parent's rate. Larger models want smaller rates
-# (the papers: AdamW 1e-3, GaLore 1e-2 at 60M-1B): pass --lr.
-# Adding a method is one entry: Method(name, optimizer factory, default lr, description).
+# Default learning rates: the best of the shoot-out's --lr-sweep on its defaults (the sweep
+# table of benchmarks/results/shootout_3seeds.md); variants take their parent's. Larger
+# models want smaller rates: pass --lr. Adding a method is one Method(...) entry.
 BNB = ("bitsandbytes",)
 _GALORE = _lowrank("GaLoreAdamW")
 _LOQT = _lowrank("LoQTAdamW", grouped=False)
@@ -517,17 +499,24 @@ def grad_bytes(model: nn.Module, per_layer: bool = False) -> int:
     return max(sizes, default=0) if per_layer else sum(sizes)
 
 
-def _state_tensors(optimizer: torch.optim.Optimizer):
-    """Every tensor reachable from ``optimizer.state`` through dicts, lists and plain
-    objects, 6 levels deep at most."""
-    def walk(v, depth=0):
+def storage_id(t: Tensor) -> int:
+    """The address of ``t``'s StorageImpl: one per storage, shared by its views, on meta too
+    (where ``data_ptr()`` is 0 for every tensor)."""
+    return t.untyped_storage()._cdata
+
+
+def state_tensors(optimizer: torch.optim.Optimizer):
+    """``(key, tensor)`` for every tensor in ``optimizer.state`` (through dicts, lists and
+    tuples; ``key``: the dict key it sits under)."""
+    def walk(v, key=""):
         if isinstance(v, Tensor):
-            yield v
-            return
-        children = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) \
-            else vars(v).values() if hasattr(v, "__dict__") and not isinstance(v, type) else ()
-        for x in children if depth < 6 else ():
-            yield from walk(x, depth + 1)
+            yield key, v
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                yield from walk(x, str(k))
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                yield from walk(x, key)
     for st in optimizer.state.values():
         yield from walk(st)
 
@@ -536,11 +525,11 @@ def state_bytes(optimizer: torch.optim.Optimizer, held: bool = False) -> int:
     """Bytes of every tensor in ``optimizer.state``, a shared one (bitsandbytes' maps) once.
     ``held=True``: the bytes of the distinct storages behind them, what memory really holds
     (a view keeps its whole base alive)."""
+    ts = [t for _, t in state_tensors(optimizer)]
     if held:
-        return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
-                    for t in _state_tensors(optimizer)}.values())
-    return sum({(t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()):
-                tensor_bytes(t) for t in _state_tensors(optimizer)}.values())
+        return sum({storage_id(t): t.untyped_storage().nbytes() for t in ts}.values())
+    return sum({(storage_id(t), t.storage_offset(), t.numel()): tensor_bytes(t)
+                for t in ts}.values())
 
 
 _cdiv = lambda a, b: -(-a // b)   # ceil(a / b)
@@ -614,11 +603,11 @@ def closed_form(optimizer: str, shapes, rank: int, esize: int) -> tuple[int, int
     return w, s
 
 
-def _proc_status_kb(field: str) -> Optional[int]:
+def proc_kb(field: str, path: str = "/proc/self/status") -> Optional[int]:
+    """A ``FIELD: N kB`` line of a /proc file (None when absent)."""
     try:
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")),
-                        None)
+        with open(path) as f:
+            return next((int(ln.split()[1]) for ln in f if ln.startswith(field + ":")), None)
     except OSError:
         return None
 
@@ -651,7 +640,7 @@ class MemoryMeter:
     def current(self) -> int:
         self.sync()
         return torch.cuda.memory_allocated(self.device) if self.cuda else \
-            (_proc_status_kb("VmRSS") or 0) * 1024
+            (proc_kb("VmRSS") or 0) * 1024
 
     def reset(self) -> bool:
         """Restart the peak here; False when the kernel refused (the CPU peak then counts
@@ -675,7 +664,7 @@ class MemoryMeter:
         self.sync()
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device)
-        kb = _proc_status_kb("VmHWM")
+        kb = proc_kb("VmHWM")
         return None if kb is None else kb * 1024
 
     def reserved(self) -> Optional[int]:
@@ -715,6 +704,15 @@ class Timer:
         sync(self.device)
         self.total += time.perf_counter() - self._t0
         self.count += 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows) -> float:
+    """Mean loss over ``windows``' batches, in eval mode (the model is left training)."""
+    model.eval()
+    losses = [model(x, y).item() for x, y in windows]
+    model.train()
+    return sum(losses) / len(losses)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
@@ -780,6 +778,13 @@ def md_table(header: list, rows) -> str:
     return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
+def report_meta(script: str, argv, device: str, **more) -> dict:
+    """The first lines of a results file: command, date, versions, ``device``, ``more``."""
+    return {"command": f"`{command_line(script, argv)}`",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
+            "device": device, **more}
+
+
 def write_report(path, title: str, meta: dict, body: str) -> str:
     """``# title``, a ``- key: value`` line per ``meta`` entry, then ``body``; written to
     ``path`` (relative: to the repository root; folders created) unless it is empty, and
@@ -791,3 +796,28 @@ def write_report(path, title: str, meta: dict, body: str) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return text
+
+
+def parser(doc: str, **defaults) -> argparse.ArgumentParser:
+    """A script's parser: ``doc``'s first paragraph, then one ``--key-name`` option per
+    keyword, of its default's type (a ``False`` default: a flag)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, default in defaults.items():
+        flag = "--" + key.replace("_", "-")
+        if default is False:
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+    return p
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None (and a message) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)

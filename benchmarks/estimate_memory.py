@@ -1,18 +1,13 @@
-"""Training-memory estimate per method for the LLaMA configs (60M ... 13B), in GB: weights and
-optimizer state (``common.closed_form``), gradients, the activations saved for backward
-(counted on the meta device), their sum, and a model of the step's peak
-(:func:`peak_model`). The ``--check`` configs also run for real on the CPU: their gradient
-and saved-activation bytes must equal the estimate. Details: docs/benchmarks.md.
+"""Training-memory estimate per method for the LLaMA configs (60M ... 13B): weights, state,
+gradients, saved activations, their sum and a model of the step's peak; ``--check`` configs
+also run for real and must match (docs/benchmarks.md).
 
     python benchmarks/estimate_memory.py                 # estimate.md + .png, 60m checked
     python benchmarks/estimate_memory.py --seq 256 --batch 1 --checkpointing
 """
 from __future__ import annotations
 
-import argparse
-import functools
-import math
-import sys
+import contextlib, functools, math, sys
 from unittest import mock
 
 from _paths import ROOT
@@ -40,29 +35,19 @@ DEFAULT_METHODS = ("adamw,adamw8bit,galore,galore8bit_per_layer,qgalore_per_laye
 def _grads(method: str, cfg, rank: int, esize: int) -> list[tuple[str, tuple, bool, int]]:
     """(name, shape, projected, gradient bytes) of every parameter, in model order: float32
     for an INT8 weight, only B's for a LoQT layer."""
-    out = []
-    for name, shape, proj in bm.shapes_of(cfg):
-        b = (4 * math.prod(shape) if proj and method == "QGaLoreAdamW8bit" else
-             esize * max(shape) * min(rank, *shape) if proj and method in bm.LOQT else
-             esize * math.prod(shape))
-        out.append((name, shape, proj, b))
-    return out
-
-
-def grad_bytes(method: str, per_layer: bool, cfg, rank: int, esize: int) -> int:
-    """Bytes of the gradients alive at the optimizer step (all, or the largest one)."""
-    sizes = [b for *_, b in _grads(method, cfg, rank, esize)]
-    return max(sizes) if per_layer else sum(sizes)
+    return [(name, shape, proj, 4 * math.prod(shape) if proj and method == "QGaLoreAdamW8bit"
+             else esize * max(shape) * min(rank, *shape) if proj and method in bm.LOQT
+             else esize * math.prod(shape)) for name, shape, proj in bm.shapes_of(cfg)]
 
 
 def _saved(model, run):
     """(bytes of the storages autograd saves while ``run()`` runs, each once, the model's
     own parameters and buffers not counted; what ``run()`` returned)."""
-    seen, total = {bm._storage_id(t) for _, _, t in stored_tensors(model)}, [0]
+    seen, total = {C.storage_id(t) for _, _, t in stored_tensors(model)}, [0]
 
     def pack(t):
-        if bm._storage_id(t) not in seen:
-            seen.add(bm._storage_id(t))
+        if C.storage_id(t) not in seen:
+            seen.add(C.storage_id(t))
             total[0] += t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -71,9 +56,8 @@ def _saved(model, run):
 
 
 class _FlashSaved(torch.autograd.Function):
-    """What the CPU/GPU flash-attention kernels save for backward (q, k, v, output and a
-    float32 logsumexp per query); on meta, SDPA takes the math path, which would save the
-    t×t attention matrix instead. Forward only: meta graphs are never backpropagated."""
+    """What flash attention saves for backward (q, k, v, output, a float32 logsumexp per
+    query), not the math path's t×t matrix that meta would take. Forward only."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -85,23 +69,22 @@ class _FlashSaved(torch.autograd.Function):
 _SDPA = F.scaled_dot_product_attention
 
 
+@contextlib.contextmanager
 def _meta_model(cfg, dt, checkpointing: bool = False):
+    """LlamaLM on meta, its attention saving what flash attention saves (:class:`_FlashSaved`)."""
     with torch.device("meta"):
-        return LlamaLM(cfg, checkpointing=checkpointing).to(dt)
-
-
-def _flash_on_meta():
-    return mock.patch.object(F, "scaled_dot_product_attention",
-                             lambda q, k, v, is_causal=True: _FlashSaved.apply(q, k, v))
+        model = LlamaLM(cfg, checkpointing=checkpointing).to(dt)
+    with mock.patch.object(F, "scaled_dot_product_attention",
+                           lambda q, k, v, is_causal=True: _FlashSaved.apply(q, k, v)):
+        yield model
 
 
 @functools.lru_cache(maxsize=None)  # the same count is asked for once per method
 def activation_bytes(cfg, batch: int, seq: int, dt, checkpointing: bool) -> int:
     """Saved-for-backward bytes of one forward, counted on the meta device; with
     checkpointing, plus one block's (backward recomputes one block at a time)."""
-    model = _meta_model(cfg, dt, checkpointing)
     idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with _flash_on_meta():
+    with _meta_model(cfg, dt, checkpointing) as model:
         total = _saved(model, lambda: model(idx, idx))[0]
     return total + (block_bytes(cfg, batch, seq, dt) if checkpointing else 0)
 
@@ -109,9 +92,8 @@ def activation_bytes(cfg, batch: int, seq: int, dt, checkpointing: bool) -> int:
 @functools.lru_cache(maxsize=None)
 def block_bytes(cfg, batch: int, seq: int, dt) -> int:
     """Saved-for-backward bytes of one block's forward, counted as :func:`activation_bytes`."""
-    model = _meta_model(cfg, dt)
     x = torch.zeros(batch, seq, cfg.dim, dtype=dt, device="meta", requires_grad=True)
-    with _flash_on_meta():
+    with _meta_model(cfg, dt) as model:
         return _saved(model, lambda: model.layers[0](x, model.rope_cos[:seq],
                                                      model.rope_sin[:seq]))[0]
 
@@ -121,7 +103,8 @@ def estimate(name: str, cfg, rank: int, dt, activations: int) -> dict:
     method, per_layer = METHODS[name]
     esize = torch.empty((), dtype=dt).element_size()
     w, s = bm.closed_form_package(method, cfg, rank, esize)
-    return dict(weights=w, grads=grad_bytes(method, per_layer, cfg, rank, esize), state=s,
+    sizes = [b for *_, b in _grads(method, cfg, rank, esize)]  # alive at the optimizer step
+    return dict(weights=w, grads=max(sizes) if per_layer else sum(sizes), state=s,
                 activations=activations)
 
 
@@ -233,22 +216,11 @@ def check(name: str, cfg, rank: int, dt, batch: int, seq: int, activations: int)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", default=CONFIGS)
-    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"from {', '.join(METHODS)}")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(bm.DTYPES))
-    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                    help="whose update temporaries the peak model counts")
-    ap.add_argument("--check", default="60m", help="configs to check for real ('' for none)")
-    ap.add_argument("--out", default="benchmarks/results/estimate.md")
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
+    a = C.parser(__doc__, configs=CONFIGS, methods=DEFAULT_METHODS, batch=1, seq=256,
+                 vocab=32000, dtype="bfloat16", checkpointing=False, device="cpu", check="60m",
+                 out="benchmarks/results/estimate.md", threads=1).parse_args(argv)
     torch.set_num_threads(a.threads)
-    dt = bm.DTYPES[a.dtype]
+    dt = getattr(torch, a.dtype)
     names, meths = bm.names_of(a.configs), [m.strip() for m in a.methods.split(",") if m.strip()]
     rows, peaks, checks = {}, {}, []
     for c in names:
@@ -300,12 +272,7 @@ def main(argv=None) -> int:
 
 
 def _plot(rows, names, meths, path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart")
+    if not (plt := C.pyplot()):
         return
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 4), squeeze=False)
     for ax, c in zip(axes[0], names):

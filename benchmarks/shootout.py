@@ -9,8 +9,7 @@ loss, time per step, exact bytes and peak memory. What it measures and how: the
 """
 from __future__ import annotations
 
-import argparse, dataclasses, datetime, gc, json, math, os, statistics, subprocess, sys, time
-import traceback
+import argparse, dataclasses, gc, json, math, os, statistics, subprocess, sys, time, traceback
 from pathlib import Path
 
 from _paths import HERE, ROOT
@@ -23,32 +22,13 @@ MIN_LR_RATIO = 0.1   # the cosine decay ends at this fraction of the peak rate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="shootout.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--methods", help=f"comma list of {', '.join(C.METHODS)}, each optionally NAME+key="
-        "value+... (optimizer keywords); default: the registry's defaults that are installed")
-    add("--config", default="tiny", help=f"model size: {', '.join(C.CONFIGS)}")
-    for flag, default in (("--steps", 500), ("--batch-size", 16), ("--vocab-size", 256),
-                          ("--update-proj-gap", 200), ("--scale", 0.25), ("--clip", 1.0),
-                          ("--weight-decay", 0.0), ("--eval-every", 50), ("--eval-batches", 8),
-                          ("--seed", 0)):
-        add(flag, type=type(default), default=default)
-    for flag in ("--seq-len", "--rank", "--warmup", "--threads"):   # default: see the docs
-        add(flag, type=int)
-    add("--lr", help="peak lr for all (3e-3) or per method (adamw=3e-3,galore=1e-2)")
-    add("--lr-sweep", metavar="GRID", help="tune the rates on the first seed: multipliers "
-        "(0.5,1,2) and/or METHOD=LR:LR:...; variants whose parent runs take its rate")
-    add("--seeds", help="comma list (0,1,2): one run per seed, the table gives the means")
-    add("--device", default="auto")
-    add("--dtype", default="float32", choices=("float32", "bfloat16"))
-    add("--data", help="text file or folder (default: the Python stdlib's .py files)")
-    add("--out", help="results folder (default: runs/shootout-<time>)")
-    for flag in ("--in-process", "--malloc-default", "--no-plot", "--quiet"):
-        add(flag, action="store_true")
-    add("--resume", metavar="PARTIAL_JSON", help="reuse the runs in a run cut short's "
-        "partial.json (arguments alike but --out, --resume, --methods, the --lr-sweep grid)")
-    add("--_worker", help=argparse.SUPPRESS)
+    """The options (docs/benchmarks.md; 0, -1 or "": a default that depends on the others)."""
+    p = C.parser(__doc__, methods="", config="tiny", steps=500, batch_size=16, vocab_size=256,
+                 update_proj_gap=200, scale=0.25, clip=1.0, weight_decay=0.0, eval_every=50,
+                 eval_batches=8, seed=0, seq_len=0, rank=0, warmup=-1, threads=0, lr="",
+                 lr_sweep="", seeds="", device="auto", dtype="float32", data="", out="",
+                 in_process=False, malloc_default=False, no_plot=False, quiet=False, resume="")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if min(a.steps, a.batch_size, a.eval_every, a.eval_batches) < 1 or a.vocab_size < 256 \
             or not a.clip >= 0:
@@ -74,7 +54,7 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
                    if not m.available()]:
         raise SystemExit(f"not available here: {', '.join(missing)}")
     a.seq_len, a.rank, a.method_list = a.seq_len or cfg.seq_len, a.rank or cfg.dim // 4, names
-    a.warmup = max(1, a.steps // 10) if a.warmup is None else a.warmup
+    a.warmup = max(1, a.steps // 10) if a.warmup < 0 else a.warmup
     try:
         a.seed_list = [int(x) for x in a.seeds.split(",") if x.strip()] if a.seeds else [a.seed]
         if not a.seed_list or len(set(a.seed_list)) != len(a.seed_list):
@@ -124,39 +104,29 @@ def parse_sweep(spec: str, names: list[str], lrs: dict) -> tuple[dict, dict]:
 
 # --- One method's run ---
 
-@torch.no_grad()
-def evaluate(model, windows) -> float:
-    """Mean loss over ``windows``' batches, in eval mode (the model is left training)."""
-    model.eval()
-    losses = [model(x, y).item() for x, y in windows]
-    model.train()
-    return sum(losses) / len(losses)
-
-
 def _warm_up(method: C.Method, args: argparse.Namespace, device: torch.device) -> None:
     """Two steps of the method on a throwaway small model, before memory is measured: the
     kernels' code pages and CUDA's context then sit in the baseline, not in the peak."""
     cfg = C.get_config("tiny", vocab_size=args.vocab_size, seq_len=32)
-    model = C.LlamaLM(cfg).to(device=device, dtype=getattr(torch, args.dtype))
-    prep = method.build(model, C.MethodArgs(lr=1e-4, rank=min(args.rank, cfg.dim // 4)))
+    model, opt, hooks = method.build(C.LlamaLM(cfg).to(device=device, dtype=getattr(
+        torch, args.dtype)), C.MethodArgs(lr=1e-4, rank=min(args.rank, cfg.dim // 4)))
     idx = torch.randint(0, 256, (2, 33), device=device)
     for _ in range(2):
-        prep.model(idx[:, :-1], idx[:, 1:]).backward()
-        if not prep.per_layer:
-            prep.optimizer.step()
-            prep.optimizer.zero_grad(set_to_none=True)
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        if not method.per_layer:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-        prep.model(idx[:, :-1], idx[:, 1:])
-    if prep.hooks is not None:
-        prep.hooks.remove()
-    del model, prep
+        model(idx[:, :-1], idx[:, 1:])
+    if hooks is not None:
+        hooks.remove()
+    del model, opt, hooks
     gc.collect()
     C.release_memory(device)
 
 
 def model_config(args: argparse.Namespace) -> C.ModelConfig:
-    """The run's model: ``args.config`` with its vocabulary and a rotary table long enough
-    for ``--seq-len``."""
+    """``args.config`` with its vocabulary and a rotary table long enough for ``--seq-len``."""
     seq_len = max(args.seq_len, C.get_config(args.config).seq_len)
     return C.get_config(args.config, vocab_size=args.vocab_size, seq_len=seq_len)
 
@@ -164,7 +134,7 @@ def model_config(args: argparse.Namespace) -> C.ModelConfig:
 def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = None) -> dict:
     """Train ``args.config`` with method ``name``; return the measurements as a dict."""
     device = torch.device(args.device)
-    corpus = corpus if corpus is not None else C.load_corpus(args.data)
+    corpus = corpus if corpus is not None else C.load_corpus(args.data or None)
     method, clip = C.method(name), args.clip
     _warm_up(method, args, device)
     meter = C.MemoryMeter(device)
@@ -172,16 +142,16 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
 
     torch.manual_seed(args.seed)
     model = C.LlamaLM(model_config(args)).to(device=device, dtype=getattr(torch, args.dtype))
-    prep = method.build(model, C.MethodArgs(
+    model, opt, hooks = method.build(model, C.MethodArgs(
         lr=args.lrs[name], rank=args.rank, update_proj_gap=args.update_proj_gap,
         scale=args.scale, weight_decay=args.weight_decay, max_grad_norm_per_param=clip or None))
-    model, opt, per_layer = prep.model, prep.optimizer, prep.per_layer
+    per_layer = method.per_layer
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, C.lr_lambda(args.warmup, args.steps, MIN_LR_RATIO))
     batches = C.Batches(corpus, args.batch_size, args.seq_len, args.seed, args.eval_batches,
                         device)
     t_fwd, t_bwd, t_opt, t_all = (C.Timer(device) for _ in range(4))
-    curve, train_loss, grad_norms, diverged = [(0, evaluate(model, batches.val))], [], [], None
+    curve, train_loss, grad_norms, diverged = [(0, C.evaluate(model, batches.val))], [], [], None
     every = max(1, args.steps // 10)
     for step in range(1, args.steps + 1):
         with t_all:
@@ -205,20 +175,20 @@ def run_method(name: str, args: argparse.Namespace, corpus: C.Corpus | None = No
         train_loss.append(loss_v)
         diverged = None if math.isfinite(loss_v) else step
         if step % args.eval_every == 0 or step == args.steps or diverged:
-            curve.append((step, evaluate(model, batches.val)))
+            curve.append((step, C.evaluate(model, batches.val)))
         if not args.quiet and (step % every == 0 or step == args.steps):
             print(f"  {name}: step {step}/{args.steps}  train {loss_v:.4f}  "
                   f"val {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
         if diverged:
             break
 
-    select = evaluate(model, batches.select) if getattr(args, "select_eval", False) else None
+    select = C.evaluate(model, batches.select) if getattr(args, "select_eval", False) else None
     ms = lambda t: 1000 * t.total / t.count if t.count else None
     peak, weights = meter.peak(), C.weight_bytes(model)
     grads, state = C.grad_bytes(model, per_layer=per_layer), C.state_bytes(opt)
     above = None if peak is None else peak - meter.baseline
-    if prep.hooks is not None:
-        prep.hooks.remove()
+    if hooks is not None:
+        hooks.remove()
     return dict(
         method=name, description=method.description, lr=args.lrs[name], per_layer=per_layer,
         params=C.count_params(model), val_loss=curve[-1][1], curve=curve, diverged_at=diverged,
@@ -247,31 +217,22 @@ def _run_guarded(name: str, args: argparse.Namespace, corpus=None) -> dict:
         return dict(method=name, error=f"{type(e).__name__}: {e}")
 
 
-def _worker(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    args = argparse.Namespace(**spec["args"])     # the parent's resolved arguments
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    Path(spec["result"]).write_text(json.dumps(_run_guarded(spec["method"], args)))
-    return 0
-
-
-def _run_subprocess(name: str, args: argparse.Namespace, tmp: Path) -> dict:
-    """One run in its own process (files ``tmp``.*), so that peak memories do not mix. On
-    CPU the worker gets glibc's ``MALLOC_MMAP_THRESHOLD_=131072``: freed tensors go back to
-    the system and peak RSS follows live memory, not heap fragmentation."""
-    spec, res = Path(f"{tmp}.spec.json"), Path(f"{tmp}.result.json")
-    spec.write_text(json.dumps(dict(args=vars(args), method=name, result=str(res))))
+def _run_subprocess(name: str, args: argparse.Namespace) -> dict:
+    """One run in its own process (``--_worker``: the resolved arguments in, the result out
+    as the last line of its stdout), so that peak memories do not mix. On CPU it gets
+    glibc's ``MALLOC_MMAP_THRESHOLD_=131072``: freed tensors go back to the system and peak
+    RSS follows live memory, not heap fragmentation."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [str(ROOT), str(HERE), os.environ.get("PYTHONPATH")])))
     if args.device == "cpu" and not args.malloc_default:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec)],
-                          env=env)
-    r = json.loads(res.read_text()) if res.exists() else dict(
-        method=name, error=f"worker exited with status {proc.returncode}")
-    for f in (spec, res):
-        f.unlink(missing_ok=True)
-    return r
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_worker",
+                           json.dumps(dict(vars(args), _worker=name))],
+                          env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        return json.loads(proc.stdout.splitlines()[-1])
+    except (IndexError, ValueError):
+        return dict(method=name, error=f"worker exited with status {proc.returncode}")
 
 
 # --- Seeds, estimates and targets ---
@@ -312,9 +273,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def add_estimates(results: list[dict], args: argparse.Namespace) -> None:
-    """Set each result's ``estimate_b`` (weights + grads + state + saved activations, the
-    papers' sum) and ``peak_model_b`` from ``estimate_memory.py``; None for a method it
-    does not model."""
+    """Each result's ``estimate_b`` (the papers' sum) and ``peak_model_b`` from
+    ``estimate_memory.py`` (None for a method it does not model)."""
     import estimate_memory as E
     cfg, dt, dev = model_config(args), getattr(torch, args.dtype), args.device.split(":")[0]
     todo = [r for r in results if not r.get("error") and r["method"] in E.METHODS]
@@ -418,23 +378,8 @@ def _loss_cell(r: dict) -> str:
     return f"{r['val_loss']:.4f}{div}"
 
 
-def _clip_row(r: dict) -> list:
-    frac = r.get("clipped_frac")
-    return [r["method"], _clip_cell(r), "—" if _clip_cell(r) == "none" else
-            f"all {r['trained_params']} trained tensors",
-            "—" if frac is None else f"{100 * frac:.0f}%", num(r.get("grad_norm_mean"), ".3f")]
-
-
-def _sweep_row(r: dict, chosen: dict) -> list:
-    cells = [f"failed: {r['error']}", "", ""] if r.get("error") else [
-        num(r.get("select_loss"), ".4f"), _loss_cell(r), f"{r['val_ppl']:.3f}"]
-    return [r["method"], f"{r['lr']:g}", *cells,
-            "**best**" if chosen.get(r["method"]) == r["lr"] else ""]
-
-
 def sections(results: list[dict], args, sweep: list[dict]) -> list[str]:
-    """The report after the tables: perplexity per seed, gradient clipping, the
-    learning-rate sweep, the targets."""
+    """Perplexity per seed, gradient clipping, the learning-rate sweep, the targets."""
     ok, out = [r for r in results if not r.get("error")], []
     if seeded := [r for r in results if "val_ppl_seeds" in r]:
         rest = args.seed_list[1:] if sweep else []   # the seeds that did not choose the rate
@@ -450,7 +395,12 @@ def sections(results: list[dict], args, sweep: list[dict]) -> list[str]:
                 "(`clip_grad_norm_(model.parameters(), clip)`); per-layer mode (¹) each gradient "
                 "on its own (`register_hooks(model, max_grad_norm_per_param=clip)`).", "",
                 C.md_table(["method", "clipping", "gradients it covers", "steps clipped",
-                            "mean grad norm (before clipping)"], map(_clip_row, ok))]
+                            "mean grad norm (before clipping)"], [
+                    [r["method"], _clip_cell(r), "—" if _clip_cell(r) == "none" else
+                     f"all {r['trained_params']} trained tensors",
+                     "—" if (f := r.get("clipped_frac")) is None else f"{100 * f:.0f}%",
+                     num(r.get("grad_norm_mean"), ".3f")]
+                    for r in ok])]
     if sweep:
         chosen = {r["method"]: r.get("lr") for r in results}
         overlap = not all(r.get("select_disjoint") for r in sweep if not r.get("error"))
@@ -461,8 +411,11 @@ def sections(results: list[dict], args, sweep: list[dict]) -> list[str]:
         if args.inherits:
             out += ["Not swept: " + ", ".join(f"{n} takes {p}'s rate"
                                               for n, p in args.inherits.items()) + ".", ""]
-        out.append(C.md_table(["method", "lr", "select loss", "val loss", "val ppl", ""],
-                              [_sweep_row(r, chosen) for r in sweep]))
+        out.append(C.md_table(["method", "lr", "select loss", "val loss", "val ppl", ""], [
+            [r["method"], f"{r['lr']:g}"] + ([f"failed: {r['error']}", "", ""] if r.get("error")
+                                              else [num(r.get("select_loss"), ".4f"),
+                                                    _loss_cell(r), f"{r['val_ppl']:.3f}"])
+            + ["**best**" if chosen.get(r["method"]) == r["lr"] else ""] for r in sweep]))
     if targets := target_table(results):
         out += ["", "## Targets (issue #7)", "", "Perplexities and tokens/s are the means over "
                 "the seeds above; the peak is above each process's baseline.", "", targets]
@@ -480,13 +433,11 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float,
                if args.resumed else "")
     lrs = "the best of `--lr-sweep` per method (see Learning-rate sweep)" if sweep else \
         "each method's default (common.METHODS)" + (f" or `--lr {args.lr}`" if args.lr else "")
-    meta = {
-        "command": f"`{C.command_line('shootout.py', argv)}`",
-        "date": f"{datetime.datetime.now().isoformat(timespec='seconds')}; total wall time "
-                f"{wall_s:.0f} s{resumed}",
-        "versions": C.versions(),
-        "device": f"{first.get('device_name', args.device)}; parameters {args.dtype}",
-        "corpus": f"{first.get('corpus', '?')} (byte tokens)",
+    meta = C.report_meta("shootout.py", argv,
+                         f"{first.get('device_name', args.device)}; parameters {args.dtype}",
+                         corpus=f"{first.get('corpus', '?')} (byte tokens)")
+    meta["date"] += f"; total wall time {wall_s:.0f} s{resumed}"
+    meta.update({
         "model": f"`{args.config}` {dataclasses.asdict(cfg)}"
                  + (f", {first['params'] / 1e6:.3f}M parameters" if ok else ""),
         "budget": f"{args.steps} steps x {args.batch_size} x {args.seq_len} = "
@@ -507,22 +458,14 @@ def make_report(results: list[dict], args, argv: list[str], wall_s: float,
             else ", each method in its own process")
         + (f"; baseline {mib(first['baseline_b'])} MiB" if first.get("baseline_b") else "")
         + (f"; MALLOC_MMAP_THRESHOLD_={first['malloc_mmap_threshold']}"
-           if first.get("malloc_mmap_threshold") else "")}
+           if first.get("malloc_mmap_threshold") else "")})
     body = [make_table(results), "", NOTES, *sections(results, args, sweep)]
     return C.write_report(None, "Optimizer shoot-out", meta, "\n".join(body))
 
 
 def make_plot(results: list[dict], args, path: Path) -> bool:
-    """Validation-loss curves, and peak memory above baseline split into weights,
-    gradients, optimizer state and activations+other (labels: the peak and tokens/s)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        return False
-    if not (ok := [r for r in results if not r.get("error")]):
+    """Validation-loss curves, and peak memory above baseline split by kind."""
+    if not (ok := [r for r in results if not r.get("error")]) or not (plt := C.pyplot()):
         return False
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(17, 6.5))
     for r in ok:
@@ -562,12 +505,14 @@ def make_plot(results: list[dict], args, path: Path) -> bool:
 # --- Driver: sweep, seeds, --resume ---
 
 def main(argv=None) -> dict:
-    """Run the shoot-out; returns ``{"results", "runs", "sweep", "table", "out", "files",
-    "wall_s", "args"}``."""
+    """Run the shoot-out; returns its results, runs, sweep, table, files and arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, threads = parse_args(argv), torch.get_num_threads()
-    if args._worker:
-        raise SystemExit(_worker(args._worker))
+    if args._worker:   # one run of _run_subprocess: the parent's resolved arguments
+        args = argparse.Namespace(**json.loads(args._worker))
+        torch.set_num_threads(args.threads or threads)
+        print(json.dumps(_run_guarded(args._worker, args)))
+        raise SystemExit(0)
     torch.set_num_threads(args.threads or threads)
     try:
         return _main(resolve(args), argv)
@@ -581,7 +526,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
     t0, log = time.perf_counter(), lambda msg: print(msg, file=sys.stderr, flush=True)
     log(f"shoot-out: {', '.join(args.method_list)} on {args.config}, {args.steps} steps x "
         f"{args.batch_size} x {args.seq_len}, device {args.device} -> {out}")
-    corpus = C.load_corpus(args.data) if args.in_process else None
+    corpus = C.load_corpus(args.data or None) if args.in_process else None
     args.select_eval = bool(args.sweep_grid)
     sweep, runs, pool = [], [], load_resume(args.resume, argv) if args.resume else []
     args.resumed, args.resumed_s = [], 0.0   # (method, seed, lr) taken from --resume
@@ -599,7 +544,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
         run_args = argparse.Namespace(**{**vars(args), "seed": seed, "lrs": {**args.lrs, name: lr}})
         t = time.perf_counter()
         r = _run_guarded(name, run_args, corpus) if args.in_process else \
-            _run_subprocess(name, run_args, out / f"{name}.{seed}")
+            _run_subprocess(name, run_args)
         gc.collect()
         r.update(seed=seed, lr=lr, wall_s=time.perf_counter() - t)
         into.append(r)
@@ -620,9 +565,19 @@ def _main(args: argparse.Namespace, argv: list[str]) -> dict:
         run(name, seed, args.lrs[name], runs)
     runs.sort(key=lambda r: (args.method_list.index(r["method"]),
                              args.seed_list.index(r["seed"])))
-    written = _write(runs, args, argv, time.perf_counter() - t0 + args.resumed_s, out, sweep)
+    results, wall = aggregate(runs), time.perf_counter() - t0 + args.resumed_s
+    add_estimates(results, args)
+    report = make_report(results, args, argv, wall, sweep)
+    files = {"table": out / "results.md", "json": out / "results.json"}
+    files["table"].write_text(report)
+    files["json"].write_text(json.dumps(dict(argv=argv, args=vars(args), wall_s=wall,
+                                             results=results, runs=runs, sweep=sweep), indent=1))
+    if not args.no_plot and make_plot(results, args, out / "shootout.png"):
+        files["plot"] = out / "shootout.png"
+    print("\n" + report + "".join(f"\n{k}: {v}" for k, v in files.items()))
     (out / "partial.json").unlink(missing_ok=True)  # only now: a failed report keeps the runs
-    return written
+    return dict(results=results, runs=runs, table=report, out=out, files=files, wall_s=wall,
+                args=args, sweep=sweep)
 
 
 # the arguments two runs may differ in when one reuses the other's measurements (--resume)
@@ -630,8 +585,8 @@ _FREE = ("methods", "lr_sweep", "seed", "seeds", "out", "no_plot", "quiet", "res
 
 
 def load_resume(path: str, argv: list[str]) -> list[dict]:
-    """The completed runs (sweep and seeds) of ``path`` (a ``partial.json``), after
-    checking that its arguments agree with ``argv``'s on everything that shapes a run."""
+    """The completed runs of ``path`` (a ``partial.json``) whose arguments shape runs as
+    ``argv``'s do."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -653,23 +608,6 @@ def best_rate(sweep: list[dict], name: str) -> float:
         v = None if r.get("error") or r.get("diverged_at") else r.get("select_loss")
         return (v if v is not None and math.isfinite(v) else math.inf), r["lr"]
     return min((r for r in sweep if r["method"] == name), key=key)["lr"]
-
-
-def _write(runs: list[dict], args: argparse.Namespace, argv: list[str], wall: float,
-           out: Path, sweep: list[dict]) -> dict:
-    """Aggregate the runs over seeds, then write results.md, results.json and the plot."""
-    results = aggregate(runs)
-    add_estimates(results, args)
-    report = make_report(results, args, argv, wall, sweep)
-    files = {"table": out / "results.md", "json": out / "results.json"}
-    files["table"].write_text(report)
-    files["json"].write_text(json.dumps(dict(argv=argv, args=vars(args), wall_s=wall,
-                                             results=results, runs=runs, sweep=sweep), indent=1))
-    if not args.no_plot and make_plot(results, args, out / "shootout.png"):
-        files["plot"] = out / "shootout.png"
-    print("\n" + report + "".join(f"\n{k}: {v}" for k, v in files.items()))
-    return dict(results=results, runs=runs, table=report, out=out, files=files, wall_s=wall,
-                args=args, sweep=sweep)
 
 
 if __name__ == "__main__":
