@@ -339,9 +339,14 @@ def _lowrank(cls: str, grouped: bool = True, **group):
     and scale √128) instead of taking ``--rank``/``--scale``."""
     def make(model, a, **kw):
         import lowrank_optim as lo
-        params = lo.param_groups(model, target_modules=a.target_modules, **{
-            "rank": a.rank, "update_proj_gap": a.update_proj_gap, "scale": a.scale,
-            **group}) if grouped else model.parameters()
+        if grouped:
+            # a spec's keyword (NAME+scale=2) that names a projected-group option overrides
+            # it there: as a constructor default it would lose to the group's own value
+            fixed = {"rank": a.rank, "update_proj_gap": a.update_proj_gap, "scale": a.scale,
+                     **group}
+            fixed.update({k: kw.pop(k) for k in list(kw) if k in fixed})
+        params = lo.param_groups(model, target_modules=a.target_modules, **fixed) \
+            if grouped else model.parameters()
         return getattr(lo, cls)(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay,
                                 **kw)
     make.cls = cls

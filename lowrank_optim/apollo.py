@@ -168,7 +168,17 @@ is unused (the base's checks want one).
 
 * **APOLLO-Mini**: ``rank=1, scale_type="tensor", scale=sqrt(128)`` (the paper's
   :math:`\alpha = \sqrt{128}` makes up for the rank-1 estimate's smaller norm ratio),
-  :class:`APOLLOMini`.
+  :class:`APOLLOMini`. ``scale`` here is :math:`\alpha` itself. Published configs
+  elsewhere (Hugging Face ``optim_args``: APOLLO-Mini ``scale=128``, with the tip "set
+  scale to n/r", against the paper's :math:`\sqrt{128}`) seem to follow another
+  convention: ``scale=128`` here would be :math:`\sqrt{128}\times` the paper's
+  :math:`\alpha`.
+* **Choosing** :math:`\alpha`: with :math:`P_{ij} \sim \mathcal{N}(0, 1/r)`, the ratio
+  :math:`s_j` is about :math:`\sqrt{r/d}` times Adam's own (:math:`d` the compressed
+  dimension) for ``"channel"`` and :math:`\sqrt{1/d}` for rank-1 ``"tensor"``, so
+  :math:`\alpha = \sqrt{d/r}` (resp. :math:`\sqrt{d}`) gives updates of Adam's size. The
+  parameters that are not projected take ``lr`` alone, so :math:`\alpha` also sets the
+  ratio of the two groups' effective rates and is worth tuning next to ``lr``.
 * **8-bit moments**: :class:`APOLLOAdamW8bit`.
 * **INT8 weights** (the paper's Q-APOLLO): :func:`lowrank_optim.quantize_weights` first;
   the weights are updated through their float32 value and stored back with stochastic

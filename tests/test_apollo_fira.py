@@ -222,3 +222,24 @@ def test_unknown_keyword_raises():
     mini = lo.APOLLOMini([nn.Parameter(torch.zeros(2, 2))])
     assert (mini.defaults["rank"], mini.defaults["scale_type"]) == (1, "tensor")
     assert mini.defaults["scale"] == math.sqrt(128)
+
+
+def test_method_spec_scale_reaches_the_projected_group():
+    """``apollo+scale=2`` (the shoot-out's method specs) sets the projected group's α: the
+    registry fixes ``scale`` in that group, so as a constructor default it would be
+    overridden there and the run would silently be the registry's α."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+
+    a = common.MethodArgs(lr=1e-2, rank=8)
+    for spec, want in [("apollo", 1.0), ("apollo+scale=2", 2.0),
+                       ("apollo_mini", math.sqrt(128)), ("apollo_mini+scale=22.63", 22.63),
+                       ("apollo_mini+scale=5+rank=2", 5.0), ("galore+scale=0.5", 0.5)]:
+        model = common.LlamaLM(common.get_config("micro"))
+        opt = common.method(spec).build(model, a).optimizer
+        projected = [g for g in opt.param_groups if g["rank"] is not None]
+        assert [g["scale"] for g in projected] == [want], spec
+        if spec.startswith("apollo_mini"):
+            assert projected[0]["rank"] == (2 if "rank=2" in spec else 1)
