@@ -807,13 +807,15 @@ def parser(doc: str, **defaults) -> argparse.ArgumentParser:
     """A script's parser: ``doc``'s first paragraph, then one ``--key-name`` option per
     keyword, of its default's type (a ``False`` default: a flag)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="What each option means: docs/benchmarks.md.")
     for key, default in defaults.items():
         flag = "--" + key.replace("_", "-")
         if default is False:
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action="store_true", help="a flag")
         else:
-            p.add_argument(flag, type=type(default), default=default)
+            p.add_argument(flag, type=type(default), default=default,
+                           help=f"default {default!r}")
     return p
 
 

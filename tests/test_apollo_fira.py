@@ -238,7 +238,7 @@ def test_method_spec_scale_reaches_the_projected_group():
                        ("apollo_mini", math.sqrt(128)), ("apollo_mini+scale=22.63", 22.63),
                        ("apollo_mini+scale=5+rank=2", 5.0), ("galore+scale=0.5", 0.5)]:
         model = common.LlamaLM(common.get_config("micro"))
-        opt = common.method(spec).build(model, a).optimizer
+        _, opt, _ = common.method(spec).build(model, a)
         projected = [g for g in opt.param_groups if g["rank"] is not None]
         assert [g["scale"] for g in projected] == [want], spec
         if spec.startswith("apollo_mini"):
