@@ -281,17 +281,17 @@ class LowRankOptimizer(Optimizer):
         low = g if proj is None or target is not p else proj.project(state, g)
         d = self.rule.update(state, low, state["step"] + 1, group, low_rank=proj is not None)
         state["step"] += 1
-        del low
         if not self.needs_full_grad:
-            g = None
+            g = low = None
             if self._hooks is not None:
                 # per-layer mode frees the gradient after this step anyway; freeing it
                 # before the write means a stored-quantized weight's float copy never meets it
                 p.grad = None
-        self._apply(target, d, group, state, proj, g)
+        self._apply(target, d, group, state, proj, g, low)
 
     def _apply(self, p: Tensor, d: Tensor, group: dict, state: dict,
-               proj: Optional[Projector], g: Optional[Tensor] = None) -> None:
+               proj: Optional[Projector], g: Optional[Tensor] = None,
+               low: Optional[Tensor] = None) -> None:
         """Write the update of direction ``d`` into ``p`` (:meth:`_put_back_`).
 
         A parameter stored in another form (a tensor subclass with ``dequantize()`` and
@@ -304,9 +304,9 @@ class LowRankOptimizer(Optimizer):
         its step, so a resumed run, and every DDP replica, draws the same noise.
         """
         if not hasattr(p, "requantize_"):
-            return self._put_back_(p, d, group, state, proj, g)
+            return self._put_back_(p, d, group, state, proj, g, low)
         w = p.dequantize()
-        self._put_back_(w, d, group, state, proj, g)
+        self._put_back_(w, d, group, state, proj, g, low)
         gen = None
         if group.get("stochastic_round", True):
             if "sr_index" not in state:
@@ -318,14 +318,16 @@ class LowRankOptimizer(Optimizer):
         p.requantize_(w, stochastic=gen is not None, generator=gen)
 
     def _put_back_(self, w: Tensor, d: Tensor, group: dict, state: dict,
-                   proj: Optional[Projector], g: Optional[Tensor]) -> None:
+                   proj: Optional[Projector], g: Optional[Tensor],
+                   low: Optional[Tensor] = None) -> None:
         """The update put back together in full space, written into ``w``:
         ``w ← w·(1 − lr·wd) − lr·u``, ``u = scale·project_back(d)`` (``proj`` set) or
         ``u = d``: decoupled weight decay and the step, as torch.optim.AdamW.
 
         Override to change how the update is assembled (Fira: plus a scaled residual
-        ``g − project_back(project(g))``; APOLLO: a channel-wise scale of ``g``); ``g``,
-        the full gradient, is given when the class sets ``needs_full_grad``, else None.
+        ``g − project_back(project(g))``; APOLLO: a channel-wise scale of ``g``). When
+        the class sets ``needs_full_grad``, ``g`` is the full gradient and ``low`` what the
+        rule was given (``project(g)``, or ``g`` when not projected); else both are None.
         """
         lr, wd = group["lr"], group["weight_decay"]
         if wd:

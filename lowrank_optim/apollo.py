@@ -102,13 +102,12 @@ class APOLLOAdamW(ScaledResidualMixin, LowRankOptimizer):
         return RandomProjector(group["rank"], group["proj_type"], seed=group["seed"])
 
     def _put_back_(self, w: Tensor, d: Tensor, group: dict, state: dict,
-                   proj: Optional[Projector], g: Optional[Tensor]) -> None:
+                   proj: Optional[Projector], g: Optional[Tensor],
+                   low: Optional[Tensor] = None) -> None:
         if proj is None:
-            return super()._put_back_(w, d, group, state, proj, g)
+            return super()._put_back_(w, d, group, state, proj, g, low)
         side = state["proj_side"]
-        low = proj.project(state, g)  # R again (the base has freed it): one m·n·r product
         s = channel_ratio(d, low, side if group["scale_type"] == "channel" else None)
-        del low
         if s.dim():  # ||G diag(s)||² = Σ_j s_j² ||G_j||², without forming G diag(s)
             norm = torch.linalg.vector_norm(
                 s * torch.linalg.vector_norm(g, dim=0 if side == LEFT else 1, keepdim=True,
@@ -162,8 +161,8 @@ refused, a random basis is not orthonormal); the basis seed depends on the group
 limiter skips the first step and any step after a zero update; ``stagger`` is off by
 default (a random draw costs nothing to spread out). The scaling factors include Adam's
 bias correction. :math:`\epsilon` in the ratio (:math:`10^{-8}`) is Fira's. Cost per step:
-two products of :math:`G` with :math:`P` (the base's projection and one here, as the base
-frees it) and a draw of :math:`P`; no full-size temporary. The param groups' ``svd`` entry
+one product of :math:`G` with :math:`P` (the base's projection, handed to ``_put_back_``)
+and a draw of :math:`P`; no full-size temporary. The param groups' ``svd`` entry
 is unused (the base's checks want one).
 
 * **APOLLO-Mini**: ``rank=1, scale_type="tensor", scale=sqrt(128)`` (the paper's

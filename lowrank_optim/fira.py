@@ -95,14 +95,13 @@ class FiraAdamW(ScaledResidualMixin, LowRankOptimizer):
             stagger, maximize, betas=betas, eps=eps, norm_growth_limit=norm_growth_limit))
 
     def _put_back_(self, w: Tensor, d: Tensor, group: dict, state: dict,
-                   proj: Optional[Projector], g: Optional[Tensor]) -> None:
-        super()._put_back_(w, d, group, state, proj, g)  # decay, then -lr·scale·back(d)
+                   proj: Optional[Projector], g: Optional[Tensor],
+                   low: Optional[Tensor] = None) -> None:
+        super()._put_back_(w, d, group, state, proj, g, low)  # decay, then -lr·scale·back(d)
         if proj is None:
             return
-        low = proj.project(state, g)  # R again (the base has freed it): one m·n·r product
         residual = proj.project_back(state, low, g).neg_().add_(g)  # g − P Pᵀ g
         residual.mul_(channel_ratio(d, low, state["proj_side"]))
-        del low
         residual.mul_(limit_growth(state, torch.linalg.vector_norm(residual),
                                    group["norm_growth_limit"]))
         F.add_(w, residual, alpha=-group["lr"])

@@ -73,11 +73,12 @@ def test_put_back_is_the_one_step_a_method_overrides():
     class Residual(lo.GaLoreAdamW):
         needs_full_grad = True
 
-        def _put_back_(self, w, d, group, state, proj, g):
-            super()._put_back_(w, d, group, state, proj, g)
-            if proj is not None:
+        def _put_back_(self, w, d, group, state, proj, g, low=None):
+            super()._put_back_(w, d, group, state, proj, g, low)
+            if proj is not None:  # low: the projected gradient the rule was given
+                torch.testing.assert_close(low, proj.project(state, g), rtol=0, atol=0)
                 back = torch.zeros_like(w)
-                proj.add_back_(state, back, proj.project(state, g), alpha=1.0)
+                proj.add_back_(state, back, low, alpha=1.0)
                 w.add_(g - back, alpha=-group["lr"])
 
     torch.manual_seed(0)
