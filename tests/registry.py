@@ -310,6 +310,17 @@ def loss_fn(model: nn.Module, batch, sign: float = 1.0) -> torch.Tensor:
     return sign * (model(tok, x.to(dtype)).float() - y).square().mean()
 
 
+def backward_compiled_and_eager(compiled: nn.Module, eager: nn.Module, step: int, batch) -> None:
+    """One backward of a ``torch.compile``-d model (nothing may compile again after its first
+    step) and of its eager twin on ``batch``; their losses agree."""
+    with torch._dynamo.config.patch(error_on_recompile=step > 0):
+        l2 = loss_fn(compiled, batch)
+        l2.backward()
+    l1 = loss_fn(eager, batch)
+    l1.backward()
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+
+
 def train(model, opt, batches, *, scheduler=None, accumulate: int = 1, sign: float = 1.0,
           hooks: bool = False) -> list[float]:
     """Normal stepping (``hooks=False``: backward ``accumulate`` times, then ``opt.step()``)
