@@ -17,8 +17,8 @@ setup-bench: setup
 test: setup
 	$(PY) -m pytest -q
 
-# 300 steps keep the default run near 13 minutes (10 methods: 13 min 1 s measured from a clean
-# clone on 2 CPU cores, 2026-12-04); 500, the script's default and the README's 3-seed
+# 300 steps keep the default run near 13 minutes (10 methods: 13 min 37 s measured from a clean
+# clone on 2 CPU cores with set-up, 2026-12-05); 500, the script's default and the README's 3-seed
 # results: ARGS="--steps 500")
 bench: setup-bench
 	$(PY) benchmarks/shootout.py --steps 300 $(ARGS)
