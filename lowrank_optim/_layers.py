@@ -2,12 +2,33 @@
 float32 tensors float32 in a cast model, and going back to plain ``nn.Linear``."""
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["swap_linears", "Float32Tensors", "to_plain"]
+__all__ = ["swap_linears", "Float32Tensors", "to_plain", "register_layer", "layer_by_key"]
+
+# Every live layer whose backward runs one of the package's custom ops (LoQTLinear,
+# GaLoreLinear), by its key: the op is given the key (an int, which torch.compile passes
+# as a constant) and finds its layer here.
+_LAYERS: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def register_layer(layer: nn.Module) -> int:
+    """A new key for ``layer`` in the registry :func:`layer_by_key` reads; a copy of a
+    layer (deepcopy, unpickling) registers again, for a key of its own."""
+    key = next(_KEYS)
+    _LAYERS[key] = layer
+    return key
+
+
+def layer_by_key(key: int) -> nn.Module:
+    """The live layer registered under ``key`` (:func:`register_layer`)."""
+    return _LAYERS[key]
 
 
 def swap_linears(model: nn.Module, target_modules: Optional[Iterable[str]], make) -> nn.Module:

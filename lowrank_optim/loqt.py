@@ -1,16 +1,15 @@
 """LoQT: low-rank adapters for quantized training (Loeschcke et al., NeurIPS 2024)."""
 from __future__ import annotations
 
-import itertools
 import warnings
-import weakref
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed, quant, rules
-from ._layers import Float32Tensors, plain_linear, swap_linears
+from ._layers import (Float32Tensors, layer_by_key, plain_linear, register_layer,
+                      swap_linears)
 from ._base import STATE_POLICIES, LowRankOptimizer
 from ._checks import check as _check, is_int
 from .projector import RIGHT, Projector, choose_side
@@ -239,11 +238,6 @@ least ``min_8bit_size`` elements (as :class:`GaLoreAdamW8bit`)."""
 # ---- the layer ------------------------------------------------------------------------
 
 
-# Every live LoQTLinear by its key: the backward's custom op (below) finds its layer here.
-_LAYERS: "weakref.WeakValueDictionary[int, LoQTLinear]" = weakref.WeakValueDictionary()
-_KEYS = itertools.count()
-
-
 class _Spec(NamedTuple):
     """What the autograd function needs besides tensors (static per layer, so
     ``torch.compile`` specializes on it)."""
@@ -259,7 +253,7 @@ class _Spec(NamedTuple):
     proj_bits: Optional[int]  # None: a float basis
     proj_group_size: int
     names: tuple              # the buffers holding Q and P, in the order they are passed
-    key: int                  # the layer's key in _LAYERS
+    key: int                  # the layer's key (_layers.register_layer)
 
     def base_weight(self, bufs: tuple, dtype: torch.dtype) -> Tensor:
         """``deq(Q)``, ``out × in``, from the buffers named ``names``."""
@@ -291,7 +285,7 @@ def _grad_b(d2: Tensor, x2: Tensor, p: Tensor, key: int) -> Tensor:
     every call, so it is tagged unsafe for CUDA graphs (``mode="reduce-overhead"``
     leaves it out of the graphs it records, rather than replaying a capture that never
     runs)."""
-    layer = _LAYERS[key]
+    layer = layer_by_key(key)
     new = layer._capture(d2, x2)
     if new is not None:
         p = new.to(p.dtype)
@@ -474,10 +468,9 @@ class LoQTLinear(Float32Tensors):
         self._register()
 
     def _register(self) -> None:
-        """A key of its own in ``_LAYERS`` (the backward's custom op looks the layer up
-        there), and the link from ``B`` to this layer (how the optimizer finds it)."""
-        self._key = next(_KEYS)
-        _LAYERS[self._key] = self
+        """A key of its own (``_layers.register_layer``: the backward's custom op looks the
+        layer up there), and the link from ``B`` to this layer (how the optimizer finds it)."""
+        self._key = register_layer(self)
         self.B.loqt_owner = self
 
     def __setstate__(self, state):

@@ -86,7 +86,6 @@ made over it.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import weakref
 from typing import Iterable, Optional
@@ -95,15 +94,12 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from ._layers import plain_linear, swap_linears
+from ._layers import layer_by_key, plain_linear, register_layer, swap_linears
 from .projector import BOTH, LEFT, PROJ_TYPES, RIGHT, choose_side
 
 __all__ = ["GaLoreLinear", "prepare_galore", "bind"]
 
 _ZEROS: dict = {}  # (device, dtype) -> the shared zeros the weight_lowrank values view
-# Every live GaLoreLinear by its key: the backward's custom op (below) finds its layer here.
-_LAYERS: "weakref.WeakValueDictionary[int, GaLoreLinear]" = weakref.WeakValueDictionary()
-_KEYS = itertools.count()
 
 
 def _zeros(shape, device, dtype) -> Tensor:
@@ -134,7 +130,7 @@ def _grad_lowrank(d2: Tensor, x2: Tensor, lowrank: Tensor, key: int, projected: 
     unsafe for CUDA graphs (as LoQT's ``loqt_grad_b``). Its fake depends on its inputs
     only (``lowrank``'s shape and dtype), never on the layer's state: compiled graphs and
     inductor's caches stay valid for any layer of that shape."""
-    return _LAYERS[key]._projected_grad(d2, x2, projected).contiguous()
+    return layer_by_key(key)._projected_grad(d2, x2, projected).contiguous()
 
 
 @_grad_lowrank.register_fake
@@ -213,10 +209,9 @@ class GaLoreLinear(nn.Linear):
         self._link()
 
     def _register(self) -> None:
-        """A key of its own in ``_LAYERS`` (the backward's custom op looks the layer up
-        there); a copy (deepcopy, unpickling) gets its own."""
-        self._key = next(_KEYS)
-        _LAYERS[self._key] = self
+        """A key of its own (``_layers.register_layer``: the backward's custom op looks the
+        layer up there); a copy (deepcopy, unpickling) gets its own."""
+        self._key = register_layer(self)
 
     def _link(self) -> None:
         # the parameter names its layer (the optimizer finds the weight through it);
