@@ -9,6 +9,7 @@ memory, bytes all-reduced under DDP, and the cost of a refresh. What each part d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -22,8 +23,8 @@ from _paths import HERE  # puts the checkout's package first on sys.path
 
 import torch
 
-from common import (LlamaLM, MemoryMeter, command_line, device_name, get_config, md_table,
-                    release_memory, sync, versions, write_report)
+from common import (LlamaLM, MemoryMeter, MethodArgs, command_line, device_name, get_config,
+                    md_table, method, release_memory, sync, versions, write_report)
 
 TIME_METHODS = ("adamw", "adamw_fused", "galore", "lowrank")
 MEM_METHODS = ("adamw", "galore", "galore_per_layer", "lowrank", "lowrank_per_layer")
@@ -31,21 +32,23 @@ DDP_METHODS = ("adamw", "galore", "lowrank")
 TARGETS = ("attn", "mlp")  # GaLore projects these; embedding, norms and head are plain Adam
 
 
-def build(method: str, args, device):
-    """(model, optimizer, hooks handle) of ``method``, seeded identically."""
-    import lowrank_optim as lo
+# this benchmark's methods as specs of the one registry (common.METHODS); every GaLore
+# refreshes all its bases at the same steps (no stagger), so a refresh step is measurable
+SPECS = {"adamw": "adamw", "adamw_fused": "adamw_fused", "galore": "galore+stagger=False",
+         "galore_per_layer": "galore_per_layer+stagger=False",
+         "lowrank": "galore_lowrank+stagger=False",
+         "lowrank_per_layer": "galore_lowrank+stagger=False"}
 
+
+def build(name: str, args, device):
+    """(model, optimizer, hooks handle) of ``name`` (:data:`SPECS`), seeded identically."""
+    m = method(SPECS[name])
+    if name.endswith("per_layer"):
+        m = dataclasses.replace(m, per_layer=True)
     torch.manual_seed(0)
     model = LlamaLM(get_config(args.config, vocab_size=args.vocab, seq_len=args.seq)).to(device)
-    if method.startswith("adamw"):
-        fused = {"fused": True} if method == "adamw_fused" else {}
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, **fused), None
-    if method.startswith("lowrank"):
-        lo.prepare_galore(model, rank=args.rank, target_modules=TARGETS)
-    groups = lo.param_groups(model, rank=args.rank, target_modules=TARGETS,
-                             update_proj_gap=args.gap, scale=0.25)
-    opt = lo.GaLoreAdamW(groups, lr=1e-2, stagger=False)
-    return model, opt, opt.register_hooks(model) if method.endswith("per_layer") else None
+    return m.build(model, MethodArgs(lr=m.lr, rank=args.rank, update_proj_gap=args.gap,
+                                     target_modules=TARGETS))
 
 
 def batch(args, device, gen):
