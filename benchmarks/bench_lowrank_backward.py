@@ -23,8 +23,8 @@ from _paths import HERE  # puts the checkout's package first on sys.path
 
 import torch
 
-from common import (LlamaLM, MemoryMeter, MethodArgs, command_line, device_name, get_config,
-                    md_table, method, release_memory, sync, versions, write_report)
+from common import (LlamaLM, MemoryMeter, MethodArgs, device_name, get_config, md_table,
+                    method, parser, release_memory, report_meta, sync, write_report)
 
 TIME_METHODS = ("adamw", "adamw_fused", "galore", "lowrank")
 MEM_METHODS = ("adamw", "galore", "galore_per_layer", "lowrank", "lowrank_per_layer")
@@ -260,15 +260,10 @@ def part_refresh_cost(args) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in (("config", "60m"), ("vocab", 32000), ("batch", 2), ("seq", 256),
-                          ("rank", 128), ("gap", 200), ("rounds", 8), ("mem-steps", 3),
-                          ("threads", 1), ("device", "cpu"), ("note", ""), ("out", None),
-                          ("child", None)):
-        p.add_argument(f"--{name}", default=default, type=type(default) if default else None)
-    for flag in ("skip-time", "skip-memory", "skip-ddp", "refresh-cost", "quick"):
-        p.add_argument(f"--{flag}", action="store_true")
-    args = p.parse_args()
+    args = parser(__doc__, config="60m", vocab=32000, batch=2, seq=256, rank=128, gap=200,
+                  rounds=8, mem_steps=3, threads=1, device="cpu", note="", out="", child="",
+                  skip_time=False, skip_memory=False, skip_ddp=False, refresh_cost=False,
+                  quick=False).parse_args()
     if args.quick:
         args.config, args.vocab, args.seq, args.rank, args.rounds = "micro", 256, 64, 16, 3
     torch.set_num_threads(args.threads)
@@ -282,12 +277,10 @@ def main() -> None:
              ("Refresh: dense gradient vs sketch from activations", args.refresh_cost,
               lambda: part_refresh_cost(args))]
     body = "".join(f"\n## {title}\n\n{run()}" for title, on, run in parts if on)
-    meta = {"command": f"`{command_line('bench_lowrank_backward.py')}`",
-            "versions": versions(), "device": device_name(device),
-            "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            "setup": f"LlamaLM {args.config}, vocabulary {args.vocab}, batch "
-                     f"{args.batch}x{args.seq} tokens, rank {args.rank}, gap {args.gap}, "
-                     f"GaLore on {', '.join(TARGETS)}"}
+    meta = report_meta("bench_lowrank_backward.py", None, device_name(device),
+                       setup=f"LlamaLM {args.config}, vocabulary {args.vocab}, batch "
+                             f"{args.batch}x{args.seq} tokens, rank {args.rank}, gap "
+                             f"{args.gap}, GaLore on {', '.join(TARGETS)}")
     if args.note:
         meta["note"] = args.note
     out = args.out or HERE / "results" / f"lowrank_backward{'_quick' if args.quick else ''}.md"
